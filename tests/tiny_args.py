@@ -1,0 +1,14 @@
+"""Tiny but real flags per script: small widths, resolutions, batches and step counts that still
+reach every branch (sampling, checkpointing, resume). Used by the in-process tests and by
+tests/test_standalone.py, which runs each script alone in a temp folder."""
+
+TINY = {
+    # One entry per training script; each owner edits only its own line. No --out-dir here: the
+    # tests add their own. fid.py has its own standalone test in tests/test_fid.py.
+    "wgan_gp.py": None,
+    "sngan.py": None,
+    "projection.py": None,
+    "gd_stable.py": None,
+    "dp_gan.py": None,
+    "avb.py": None,
+}
