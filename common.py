@@ -97,7 +97,12 @@ class ShapesDataset(Dataset):
         colors = rng.choice(len(_COLOR_NAMES), size=n_shapes, replace=False)
         # shape 0 is the main one: large and drawn last (front-most); the others are small
         radii = np.concatenate([rng.uniform(0.22, 0.32, 1), rng.uniform(0.10, 0.16, n_shapes - 1)])
-        centres = rng.uniform(radii[:, None], 1 - radii[:, None], size=(n_shapes, 2))
+        centres = np.empty((n_shapes, 2))
+        for k in range(n_shapes):        # keep every shape visible: the farthest of 8 candidate spots
+            cand = rng.uniform(radii[k], 1 - radii[k], size=(8, 2))
+            gap = np.full(8, np.inf) if k == 0 else (np.linalg.norm(
+                cand[:, None] - centres[None, :k], axis=2) - radii[:k] - radii[k]).min(1)
+            centres[k] = cand[np.argmax(gap >= 0)] if (gap >= 0).any() else cand[np.argmax(gap)]
         label_map = np.zeros((s, s), np.int64)
         instance_map = np.zeros((s, s), np.int64)
         for k in range(n_shapes - 1, -1, -1):

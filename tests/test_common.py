@@ -1,0 +1,217 @@
+"""common.py: loaders on data the tests write, the shapes generator, resumable batches, checkpoints."""
+import itertools
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import common
+
+
+# ---- shapes ----
+def test_shapes_is_a_pure_function_of_seed_and_index():
+    a, b = common.ShapesDataset(100, 32), common.ShapesDataset(100, 32)
+    for i in (0, 7, 99):
+        assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
+    assert not torch.equal(a[0][0], a[1][0])
+    assert not torch.equal(a[3][0], common.ShapesDataset(100, 32, seed=1)[3][0])
+    x, y = a[5]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    assert common.ShapesDataset(10, 48)[2][0].shape == (3, 48, 48)
+
+
+def test_shapes_labels_cover_every_kind_and_extras_agree():
+    ds = common.ShapesDataset(300, 32, extras=("label_map", "instance_map", "caption"))
+    labels = set()
+    for i in range(300):
+        x, y = ds[i]
+        labels.add(y["label"])
+        lm, im = y["label_map"], y["instance_map"]
+        assert lm.shape == im.shape == (32, 32) and lm.dtype == torch.int64
+        assert ((lm == 0) == (im == 0)).all()                   # background agrees in both maps
+        assert (lm[im == 1] == 1 + y["label"]).all()            # instance 1 is the main shape
+        assert (im == 1).sum() >= 20                            # the main shape is large and on top
+        kind = common.SHAPE_KINDS[y["label"]]
+        assert y["caption"].startswith("a large ") and y["caption"].split(" ")[3] == kind
+        assert (im > 1).any() == (" small " in y["caption"])
+    assert labels == set(range(len(common.SHAPE_KINDS)))
+    # no extras: y is a plain int and the dataset does not compute captions
+    assert isinstance(common.ShapesDataset(5)[0][1], int)
+    with pytest.raises(ValueError, match="unknown shapes extras"):
+        common.ShapesDataset(5, extras=("depth",))
+
+
+def test_shapes_is_learnable_structure_not_noise():
+    x = torch.stack([common.ShapesDataset(64, 32)[i][0] for i in range(64)])
+    # neighbouring pixels are nearly always equal (flat colour regions), unlike noise
+    same = (x[..., 1:] - x[..., :-1]).abs().lt(0.05).float().mean()
+    assert same > 0.85
+    # the main shape's colour is one of the palette colours
+    img, info = common.ShapesDataset(1, 32).sample(0)
+    ys, xs = np.nonzero(info["instance_map"] == 1)
+    assert tuple(img[ys[0], xs[0]]) in {tuple(v) for v in common.COLORS.values()}
+
+
+def test_caption_relation_follows_positions():
+    ds = common.ShapesDataset(1, 32)
+    info = {"kinds": [0, 1], "colors": [0, 2], "centres": np.array([[0.5, 0.2], [0.5, 0.8]])}
+    assert ds.caption(info) == "a large red circle above a small blue square"
+    info["centres"] = np.array([[0.8, 0.5], [0.2, 0.5]])
+    assert ds.caption(info) == "a large red circle to the right of a small blue square"
+
+
+# ---- batches ----
+def test_infinite_batches_resume_matches_uninterrupted_stream_across_epochs():
+    ds = common.ShapesDataset(50, 8)
+    full = [y for _, y in itertools.islice(common.infinite_batches(ds, 16, 3, 0, 0), 10)]
+    late = [y for _, y in itertools.islice(common.infinite_batches(ds, 16, 3, 4, 0), 6)]
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], late))
+    # 50 // 16 = 3 batches per epoch; each epoch draws distinct items, epochs are shuffled differently
+    e0, e1 = torch.cat(full[:3]), torch.cat(full[3:6])
+    idx0 = [b for b in common._EpochBatches(50, 16, 3, 0).__iter__().__next__()]
+    assert len(set(idx0)) == 16
+    assert not torch.equal(e0, e1)
+
+
+def test_infinite_batches_rejects_a_dataset_smaller_than_a_batch():
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        next(common.infinite_batches(common.ShapesDataset(4, 8), 8, 0, 0, 0))
+
+
+# ---- real loaders on data written here ----
+def _write_cifar10(root, n=20):
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, n).tolist()}
+        with open(d / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return batch
+
+
+def test_cifar10_pickle_loads_in_range(tmp_path, monkeypatch):
+    last = _write_cifar10(tmp_path)
+    # the files are ours, so torchvision's md5 check of the real archive would refuse them
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    ds = common.load_dataset("cifar10", str(tmp_path), train=False, download=False)
+    assert len(ds) == 20
+    x, y = ds[3]
+    assert x.shape == (3, 32, 32) and y == last["labels"][3]
+    expect = torch.tensor(last["data"][3], dtype=torch.float32).view(3, 32, 32) / 127.5 - 1
+    assert torch.allclose(x, expect, atol=1e-5)                 # pixel p -> p / 127.5 - 1
+    assert len(common.load_dataset("cifar10", str(tmp_path), img_size=16, download=False)) == 100
+    assert common.load_dataset("cifar10", str(tmp_path), img_size=16, download=False)[0][0].shape == (3, 16, 16)
+
+
+def test_missing_torchvision_dataset_gives_an_actionable_error(tmp_path):
+    with pytest.raises(RuntimeError, match="could not load 'cifar10'.*data-root"):
+        common.load_dataset("cifar10", str(tmp_path), download=False)
+
+
+def _png(path, colour, size=(12, 10)):
+    img = torch.zeros(3, size[1], size[0], dtype=torch.uint8)
+    img[:] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
+    torchvision.io.write_png(img, str(path))
+
+
+def test_image_folder_with_classes_and_flat(tmp_path):
+    for c, colour in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
+        (tmp_path / "cls" / c).mkdir(parents=True)
+        for i in range(3):
+            _png(tmp_path / "cls" / c / f"{i}.png", colour)
+    ds = common.load_dataset(f"folder:{tmp_path / 'cls'}", img_size=8)
+    assert ds.classes == ["cats", "dogs"] and len(ds) == 6
+    x, y = ds[4]
+    assert x.shape == (3, 8, 8) and y == 1 and torch.allclose(x[2], torch.ones(8, 8)) and (x[0] == -1).all()
+    (tmp_path / "flat").mkdir()
+    for i in range(2):
+        _png(tmp_path / "flat" / f"{i}.PNG", (0, 255, 0))
+    flat = common.load_dataset(f"folder:{tmp_path / 'flat'}")
+    assert len(flat) == 2 and flat[1][1] == 0 and flat[1][0].shape == (3, 10, 12)
+
+
+def test_bad_folders_and_files_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found: .*nowhere"):
+        common.load_dataset(f"folder:{tmp_path / 'nowhere'}")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="no images .*empty"):
+        common.load_dataset(f"folder:{tmp_path / 'empty'}")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    ds = common.load_dataset(f"folder:{tmp_path / 'bad'}")
+    with pytest.raises(OSError, match="cannot read image .*broken.jpg"):
+        ds[0]
+
+
+def test_unknown_and_manual_datasets_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="valid: cifar10, cifar100, stl10.*shapes"):
+        common.load_dataset("imagenet")
+    with pytest.raises(FileNotFoundError, match="lmdb.*bedroom_train.*folder:"):
+        common.load_dataset("lsun-bedroom", str(tmp_path))
+    (tmp_path / "lsun" / "bedroom_train").mkdir(parents=True)
+    _png(tmp_path / "lsun" / "bedroom_train" / "a.png", (1, 2, 3))
+    assert len(common.load_dataset("lsun-bedroom", str(tmp_path))) == 1
+    with pytest.raises(RuntimeError, match="CelebA could not be loaded.*img_align_celeba.zip"):
+        common.load_dataset("celeba", str(tmp_path), download=False)
+    with pytest.raises(ValueError, match="only available for 'shapes'"):
+        common.load_dataset("mnist", str(tmp_path), extras=("caption",))
+
+
+# ---- checkpoints ----
+def test_checkpoint_roundtrip_is_weights_only_and_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    state = {"step": 3, "w": torch.arange(4.0), "args": {"dim": 8}, "rng": common.rng_state()}
+    common.save_checkpoint(path, state)
+    back = common.load_checkpoint(path)
+    assert back["step"] == 3 and torch.equal(back["w"], state["w"])
+    torch.load(path, weights_only=True)                         # loadable without pickle code
+
+    def dies_midway(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"step": 4})
+    monkeypatch.undo()
+    assert common.load_checkpoint(path)["step"] == 3            # the old file is intact
+    assert os.listdir(tmp_path) == ["ckpt.pt"]                  # and no temp file is left
+
+
+def test_checkpoint_flag_mismatch_names_the_flags(tmp_path, capsys):
+    import argparse
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"args": {"dim_g": 128, "lr": 1e-4, "seed": 0}})
+    now = argparse.Namespace(dim_g=64, lr=2e-4, seed=0)
+    with pytest.raises(ValueError, match="--dim-g 128 \\(now 64\\)"):
+        common.load_checkpoint(path, args=now, shape_flags=("dim_g",))
+    common.load_checkpoint(path, args=now, shape_flags=("seed",))   # only non-shape flags differ: fine
+    assert "--lr was 0.0001 in the checkpoint, now 0.0002" in capsys.readouterr().out
+
+
+def test_prepare_run_refuses_to_overwrite(tmp_path):
+    assert common.prepare_run(str(tmp_path / "r"), resume=False) is None
+    with pytest.raises(FileNotFoundError, match="--resume given"):
+        common.prepare_run(str(tmp_path / "r"), resume=True)
+    (tmp_path / "r" / "ckpt.pt").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        common.prepare_run(str(tmp_path / "r"), resume=False)
+    assert common.prepare_run(str(tmp_path / "r"), resume=True).endswith("ckpt.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        common.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    common.save_checkpoint(str(tmp_path / "c.pt"), {"rng": common.rng_state()})
+    first = (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn())
+    common.set_rng_state(common.load_checkpoint(str(tmp_path / "c.pt"))["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == first
