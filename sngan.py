@@ -1,0 +1,599 @@
+"""SN-GAN: Spectral Normalization for Generative Adversarial Networks.
+Miyato, Kataoka, Koyama, Yoshida. ICLR 2018. arXiv:1802.05957 (v1)
+Official code: pfnet-research/sngan_projection (ResNet), pfnet-research/chainer-gan-lib (CNN)
+
+Paper -> code
+  Eq. (8)        W_SN = W / sigma(W) on every D layer ......... spectral_norm()
+  App. A, Alg. 1 one power iteration per forward, u recycled .. _SpectralNormHook
+  Eq. (9)-(12)   gradient through sigma = u^T W v ............. _SpectralNormHook.normalized_weight
+  App. E Eq. 32  optional learnable scale gamma * W_SN ........ spectral_norm(gamma=True)
+  Eq. (15)       standard loss, non-saturating G loss ......... standard_loss_D(), standard_loss_G()
+  Eq. (16)-(17)  hinge loss for D and G ....................... hinge_loss_D(), hinge_loss_G()
+  Tab. 1         Adam settings A-F and the ResNet setting ..... SETTINGS
+  Tab. 3         standard CNN G and D ......................... CNNGenerator, CNNDiscriminator
+  Fig. 8         ResBlocks of G and D ......................... GBlock, DBlock, OptimizedDBlock
+  Tab. 4 / 5     ResNet G and D, 32x32 / 48x48 ................ Generator, Discriminator
+  official       updater.py: G step, then n_dis D steps ....... train_step()
+  official       LinearShift lr decay to 0 .................... lr_factor()
+  Fig. 9         sigma(W_SN) of every D layer by exact SVD .... d_spectral_norms()
+Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
+  1. PAPER-VS-CODE  ResNet CIFAR-10: 50K G iterations, lr decayed linearly to 0 from step 0
+     (official configs/sn_cifar10_unconditional.yml); the text says 100K updates (--steps 100000).
+  2. PAPER-VS-CODE  CNN D widths 64,128,128,256,256,512,512 (official net.py, which the maintainers
+     name for the 7.42 row) vs Tab. 3's 64,64,128,128,256,256,512 (--table3-literal); leaky ReLU
+     slope 0.1 (Tab. 3) vs Chainer's default 0.2 in the code (--lrelu-slope 0.2).
+  3. PAPER-VS-CODE  CNN G has BN + ReLU after the dense layer (official net.py, not in Tab. 3).
+  4. PAPER-VS-CODE  z ~ N(0, I) (paper); chainer-gan-lib draws U[-1, 1] (--z-dist uniform).
+  5. PAPER-VS-CODE  ResNet 32x32 reals get the official loader's dequantization
+     x_uint8/128 - 1 + U(0, 1/128) (datasets/cifar10.py; not in the paper; --no-dequant).
+  6. PAPER-VS-CODE  the official SNLinear also advances u in eval mode; here only training-mode
+     forwards do (PyTorch's behaviour). D is never run in eval mode while training.
+  7. DEVIATION  STL-10 comes from common.load_dataset, split "train+unlabeled" (105K images) resized
+     96 -> 48, not the 100K unlabeled split of Mimicry and the card (the paper is silent).
+  8. DEVIATION  scope: no ImageNet 128x128 nets (Tab. 6), no conditional (concat) SN-GAN (the
+     projection D is projection.py), no WGAN-GP baseline (wgan_gp.py; App. E's gamma is here).
+Run
+  python sngan.py --dataset cifar10                       # ResNet, hinge (IS 8.22, FID 21.7)
+  python sngan.py --dataset cifar10 --arch cnn            # CNN, setting C, standard loss (7.42)
+  python sngan.py --dataset cifar10 --arch cnn --loss hinge            # Tab. 2 "Eq.(17)" row (7.58)
+  python sngan.py --dataset cifar10 --arch cnn --setting D             # Tab. 1 settings A-F
+  python sngan.py --dataset stl10                         # ResNet 48x48, Tab. 5 (9.10 / 40.1)
+  python sngan.py --dataset stl10 --arch cnn              # CNN M=48, setting B (8.28 / 53.1)
+  python sngan.py --dataset stl10 --arch cnn --steps 200000            # "2x updates" (8.69 / 47.5)
+  python sngan.py --dataset cifar10 --gamma-reparam       # App. E reparametrization gamma * W_SN
+  python sngan.py --dataset shapes                        # benchmark: paper config, prints steps/s
+  python sngan.py --dataset shapes --device cpu --steps 2              # smoke test, offline
+Paper reports: CIFAR-10 IS 8.22 +- .05, FID 21.7 +- .21 (ResNet, hinge; Tab. 2; FID of 5K generated
+vs 10K real, App. B.1). IS is not computed here; FID comes from fid.py. Our numbers: README.
+"""
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import re
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import common
+
+# Tab. 1: setting -> (alpha, beta1, beta2, n_dis); "resnet" is App. B.2 (Gulrajani et al.)
+SETTINGS = {"A": (1e-4, 0.5, 0.9, 5), "B": (1e-4, 0.5, 0.999, 1), "C": (2e-4, 0.5, 0.999, 1),
+            "D": (1e-3, 0.5, 0.9, 5), "E": (1e-3, 0.5, 0.999, 5), "F": (1e-3, 0.9, 0.999, 5),
+            "resnet": (2e-4, 0.0, 0.9, 5)}
+
+
+# ==== Args ====
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("paper (None: resolved from --arch and --img-size, see args.json)")
+    g.add_argument("--arch", choices=["resnet", "cnn"], default="resnet",
+                   help="ResNet (Tab. 4/5) or standard CNN (Tab. 3) [Sec. 4]")
+    g.add_argument("--loss", choices=["hinge", "standard"], help="hinge for resnet, standard for "
+                   "cnn [Eq. 15-17]")
+    g.add_argument("--setting", choices=list(SETTINGS), help="Adam lr, betas and n_dis: resnet "
+                   "for resnet, C for cnn, B for cnn at 48x48 (STL-10) [Tab. 1, App. B.2]")
+    g.add_argument("--steps", type=int, help="generator iterations: 50000 for resnet 32x32 (text: "
+                   "100K, PAPER-VS-CODE), else 100000 [Sec. 4.1, official configs]")
+    g.add_argument("--lr-decay", choices=["linear", "none"], help="linear to 0 for resnet, none "
+                   "for cnn [official configs; STL: UNSPECIFIED: Mimicry]")
+    g.add_argument("--batch-size", type=int, default=64, help="D batch per D step [App. B]")
+    g.add_argument("--g-batch-size", type=int, help="G-step batch: 2x batch for resnet, = batch "
+                   "for cnn [UNSPECIFIED: official n_gen_samples, chainer-gan-lib]")
+    g.add_argument("--z-dim", type=int, default=128, help="latent size d_z [Sec. 4]")
+    g.add_argument("--z-dist", choices=["normal", "uniform"], default="normal",
+                   help="N(0, I) (paper) or U[-1, 1] (chainer-gan-lib) [Sec. 4, official net.py]")
+    g.add_argument("--n-power-iterations", type=int, default=1,
+                   help="power iterations per training-mode D forward [App. A, Alg. 1]")
+    g.add_argument("--gamma-reparam", action="store_true",
+                   help="learnable scalar gamma * W_SN in every D layer [App. E, Eq. 32]")
+    g.add_argument("--img-size", type=int, help="48 for stl10, else 32 [Sec. 4]")
+    g.add_argument("--g-ch", type=int, help="widest G layer: 256 resnet 32x32, 512 resnet 48x48, "
+                   "512 cnn [Tab. 3-5]")
+    g.add_argument("--d-ch", type=int, help="widest D layer: 128 resnet 32x32, 1024 resnet 48x48, "
+                   "512 cnn [Tab. 3-5]")
+    g.add_argument("--table3-literal", action="store_true",
+                   help="CNN D widths of Tab. 3, not of the official code [Tab. 3: PAPER-VS-CODE]")
+    g.add_argument("--lrelu-slope", type=float, default=0.1,
+                   help="CNN D leaky ReLU slope [Tab. 3; official 0.2: PAPER-VS-CODE]")
+    g.add_argument("--dequant", action=argparse.BooleanOptionalAction, help="reals x/128 - 1 + "
+                   "U(0, 1/128), on for resnet 32x32 [official datasets/cifar10.py]")
+    r = p.add_argument_group("run")
+    r.add_argument("--dataset", default="cifar10", help="a common.load_dataset name [run]")
+    r.add_argument("--data-root", type=str, default="data", help="dataset folder [run]")
+    r.add_argument("--out-dir", type=str, help="default runs/sngan-<dataset>-s<seed> [run]")
+    r.add_argument("--seed", type=int, default=0, help="random seed [run]")
+    r.add_argument("--device", default="cuda", help="torch device [run]")
+    r.add_argument("--num-workers", type=int, default=4, help="data loader workers [run]")
+    r.add_argument("--log-every", type=int, default=100, help="log every N iterations [run]")
+    r.add_argument("--sigma-every", type=int, default=1000,
+                   help="log exact sigma(W_SN) of every D layer every N its, 0 = off [Fig. 9]")
+    r.add_argument("--sample-every", type=int, default=1000, help="8x8 grid every N its [run]")
+    r.add_argument("--ckpt-every", type=int, default=5000, help="checkpoint every N its [run]")
+    r.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
+    r.add_argument("--deterministic", action="store_true", help="deterministic kernels, no "
+                   "cudnn.benchmark; on CUDA sets CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
+    r.add_argument("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast [run]")
+    r.add_argument("--export-samples", type=int, default=0,
+                   help="write samples_N.npz (uint8 NHWC) at the end, 0 = off [run]")
+    r.add_argument("--fid-every", type=int, default=0, help="FID via fid.py every K its [run]")
+    r.add_argument("--fid-samples", type=int, default=5000,
+                   help="generated images per FID [App. B.1: 5K generated vs 10K real]")
+    r.add_argument("--fid-weights", type=str, help="Inception weights for fid.py [run]")
+    args = p.parse_args(argv)
+
+    # Values that depend on architecture and resolution (the card's defaults table), in one place
+    args.img_size = args.img_size or (48 if args.dataset == "stl10" else 32)
+    resnet, res32 = args.arch == "resnet", args.img_size == 32
+    if (resnet and args.img_size not in (32, 48)) or args.img_size % 8:
+        p.error("--img-size must be 32 (Tab. 4) or 48 (Tab. 5) for resnet, k*8 for cnn")
+    args.setting = args.setting or ("resnet" if resnet else ("B" if args.img_size == 48 else "C"))
+    args.lr, beta1, beta2, args.n_dis = SETTINGS[args.setting]
+    args.betas = [beta1, beta2]
+    args.loss = args.loss or ("hinge" if resnet else "standard")
+    args.lr_decay = args.lr_decay or ("linear" if resnet else "none")
+    args.steps = args.steps or (50_000 if resnet and res32 else 100_000)
+    args.g_batch_size = args.g_batch_size or (2 if resnet else 1) * args.batch_size
+    args.g_ch = args.g_ch or (256 if resnet and res32 else 512)
+    args.d_ch = args.d_ch or ((128 if res32 else 1024) if resnet else 512)
+    args.dequant = resnet and res32 if args.dequant is None else args.dequant
+    if args.out_dir is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.dataset)
+        args.out_dir = os.path.join("runs", f"sngan-{name}-s{args.seed}")
+    return args
+
+
+# ==== Data ====
+def dequantize(x):
+    """Official datasets/cifar10.py: x_uint8 / 128 - 1 + U(0, 1/128), from x in [-1, 1]."""
+    return ((x + 1) * 127.5).round() / 128.0 - 1.0 + torch.rand_like(x) / 128.0
+
+
+def sample_z(n, z_dim, dist, device, generator=None):
+    """z ~ N(0, I) (Sec. 4) or U[-1, 1] (chainer-gan-lib make_hidden)."""
+    if dist == "normal":
+        return torch.randn(n, z_dim, device=device, generator=generator)
+    return torch.rand(n, z_dim, device=device, generator=generator) * 2 - 1
+
+
+# ==== Models ====
+def _l2normalize(x, eps):
+    return x / (x.norm() + eps)                     # official max_sv.py: x / (||x|| + eps)
+
+
+class _SpectralNormHook:
+    """Forward pre-hook: sets module.weight = W / sigma(W) (Eq. 8) before every forward."""
+
+    def __init__(self, n_power_iterations, eps):
+        self.n_power_iterations, self.eps = n_power_iterations, eps
+
+    def normalized_weight(self, module, update):
+        w = module.weight_orig
+        with torch.autocast(w.device.type, enabled=False):     # sigma in fp32, also under --amp
+            w_mat = w.reshape(w.shape[0], -1)       # (d_out, d_in*kh*kw), Sec. 4 and footnote 3
+            u, v = module.weight_u, module.weight_v
+            if update:                              # Alg. 1: start from the u of the last step
+                with torch.no_grad():
+                    for _ in range(self.n_power_iterations):
+                        v = _l2normalize(w_mat.t() @ u, self.eps)    # Eq. (20): v <- W^T u / ||.||
+                        u = _l2normalize(w_mat @ v, self.eps)        # Eq. (21): u <- W v / ||.||
+                    module.weight_u.copy_(u)
+                    module.weight_v.copy_(v)
+            # u, v are constants for autodiff (the clones survive the next in-place update); W is
+            # not detached, so dW gets the -lambda u1 v1^T term of Eq. (12).
+            u, v = u.clone(), v.clone()
+            sigma = torch.dot(u, w_mat @ v)         # Eq. (22): sigma(W) ~ u^T W v
+            w_sn = w / sigma                        # Eq. (8)
+            if hasattr(module, "gamma"):
+                w_sn = module.gamma * w_sn          # App. E, Eq. (32)
+        return w_sn
+
+    def __call__(self, module, inputs):
+        module.weight = self.normalized_weight(module, update=module.training)
+
+
+def spectral_norm(module, n_power_iterations=1, eps=1e-12, gamma=False):
+    """Spectrally normalizes a Conv2d / Linear / Embedding in place (Eq. 8, App. A). The raw weight
+    becomes parameter `weight_orig`; buffers `weight_u` (d_out) and `weight_v` (d_in*k*k) are in
+    the state_dict; after a forward, `module.weight` is the W / sigma that forward used. gamma=True
+    adds a learnable scale initialised to sigma(W) (App. E; official sn_convolution_2d.py)."""
+    if not isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
+        raise TypeError(f"spectral_norm: Conv2d, Linear or Embedding, not {type(module).__name__}")
+    if n_power_iterations < 1:
+        raise ValueError("n_power_iterations must be >= 1")
+    w = module.weight
+    del module._parameters["weight"]
+    module.register_parameter("weight_orig", w)
+    w_mat = w.detach().reshape(w.shape[0], -1)      # (d_out, d_in*kh*kw)
+    u = _l2normalize(torch.randn(w.shape[0], device=w.device, dtype=w.dtype), eps)  # isotropic
+    module.register_buffer("weight_u", u)
+    module.register_buffer("weight_v", _l2normalize(w_mat.t() @ u, eps))
+    if gamma:
+        module.register_parameter("gamma", nn.Parameter(torch.linalg.matrix_norm(w_mat, ord=2)))
+    hook = _SpectralNormHook(n_power_iterations, eps)
+    with torch.no_grad():
+        module.weight = hook.normalized_weight(module, update=False)
+    module.register_forward_pre_hook(hook)
+    return module
+
+
+def d_spectral_norms(D):
+    """Fig. 9: exact top singular value (SVD) of the normalized weight each D layer last used."""
+    return {f"sigma/{name}": torch.linalg.matrix_norm(m.weight.detach().flatten(1).float(), ord=2)
+            for name, m in D.named_modules() if hasattr(m, "weight_u")}
+
+
+def glorot_(layer, gain):
+    """Official ResNet init: GlorotUniform(gain), zero bias (resblocks.py)."""
+    nn.init.xavier_uniform_(layer.weight, gain=gain)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def bn(c):
+    return nn.BatchNorm2d(c, eps=2e-5, momentum=0.1)   # Chainer defaults: eps 2e-5, decay 0.9
+
+
+def up(x):
+    return F.interpolate(x, scale_factor=2, mode="nearest")  # official unpooling_2d = nearest
+
+
+class GBlock(nn.Module):
+    """Fig. 8 (a): BN-ReLU-up-conv3x3-BN-ReLU-conv3x3, shortcut up-conv1x1."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.b1, self.b2 = bn(c_in), bn(c_out)
+        self.c1 = glorot_(nn.Conv2d(c_in, c_out, 3, padding=1), math.sqrt(2))
+        self.c2 = glorot_(nn.Conv2d(c_out, c_out, 3, padding=1), math.sqrt(2))
+        self.c_sc = glorot_(nn.Conv2d(c_in, c_out, 1), 1.0)   # always learnable: it upsamples
+
+    def forward(self, x):
+        h = self.c2(F.relu(self.b2(self.c1(up(F.relu(self.b1(x)))))))
+        return h + self.c_sc(up(x))
+
+
+class DBlock(nn.Module):
+    """Fig. 8 (b): ReLU-conv3x3(in->in)-ReLU-conv3x3(in->out)-[avgpool], shortcut conv1x1-[avgpool]
+    when in != out or downsampling, else identity. The ReLU is out of place: the shortcut sees x."""
+
+    def __init__(self, c_in, c_out, downsample, sn):
+        super().__init__()
+        self.downsample = downsample
+        self.c1 = sn(glorot_(nn.Conv2d(c_in, c_in, 3, padding=1), math.sqrt(2)))  # hidden = in
+        self.c2 = sn(glorot_(nn.Conv2d(c_in, c_out, 3, padding=1), math.sqrt(2)))
+        learn_sc = c_in != c_out or downsample
+        self.c_sc = sn(glorot_(nn.Conv2d(c_in, c_out, 1), 1.0)) if learn_sc else None
+
+    def forward(self, x):
+        h = self.c2(F.relu(self.c1(F.relu(x))))
+        sc = self.c_sc(x) if self.c_sc is not None else x
+        if self.downsample:
+            h, sc = F.avg_pool2d(h, 2), F.avg_pool2d(sc, 2)
+        return h + sc
+
+
+class OptimizedDBlock(nn.Module):
+    """First D block (official OptimizedBlock): conv-ReLU-conv-pool + pool-conv1x1, no ReLU."""
+
+    def __init__(self, c_in, c_out, sn):
+        super().__init__()
+        self.c1 = sn(glorot_(nn.Conv2d(c_in, c_out, 3, padding=1), math.sqrt(2)))
+        self.c2 = sn(glorot_(nn.Conv2d(c_out, c_out, 3, padding=1), math.sqrt(2)))
+        self.c_sc = sn(glorot_(nn.Conv2d(c_in, c_out, 1), 1.0))
+
+    def forward(self, x):
+        return F.avg_pool2d(self.c2(F.relu(self.c1(x))), 2) + self.c_sc(F.avg_pool2d(x, 2))
+
+
+class Generator(nn.Module):
+    """ResNet G, no SN (Sec. 4). Tab. 4: Linear -> ch x 4 x 4, three up-blocks at ch;
+    Tab. 5: Linear -> ch x 6 x 6, up-blocks ch -> ch/2 -> ch/4 -> ch/8. Then BN-ReLU-conv-tanh."""
+
+    def __init__(self, z_dim=128, ch=256, img_size=32, out_ch=3):
+        super().__init__()
+        widths = [ch] * 4 if img_size == 32 else [ch, ch // 2, ch // 4, ch // 8]
+        self.bottom, self.ch = img_size // 8, ch
+        self.l1 = glorot_(nn.Linear(z_dim, self.bottom ** 2 * ch), 1.0)   # no BN/ReLU (official)
+        self.blocks = nn.Sequential(*[GBlock(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        self.b_out = bn(widths[-1])
+        self.c_out = glorot_(nn.Conv2d(widths[-1], out_ch, 3, padding=1), 1.0)
+
+    def forward(self, z):
+        h = self.l1(z).view(-1, self.ch, self.bottom, self.bottom)   # (B, ch, M/8, M/8)
+        h = self.blocks(h)                                            # (B, ch', M, M)
+        return torch.tanh(self.c_out(F.relu(self.b_out(h))))         # (B, C, M, M)
+
+
+class Discriminator(nn.Module):
+    """ResNet D, SN on every layer, no BN (Sec. 4). Tab. 4: opt-block 3->ch, down block, 2 plain
+    blocks. Tab. 5: ch/16 .. ch/2 with 3 downs, then a plain block to ch. Then ReLU, global SUM
+    pool (official snresnet_32.py F.sum), SN-Linear(ch, 1, no bias)."""
+
+    def __init__(self, ch=128, img_size=32, in_ch=3, n_power_iterations=1, gamma=False):
+        super().__init__()
+        sn = lambda m: spectral_norm(m, n_power_iterations, gamma=gamma)   # noqa: E731
+        if img_size == 32:
+            blocks = [OptimizedDBlock(in_ch, ch, sn), DBlock(ch, ch, True, sn),
+                      DBlock(ch, ch, False, sn), DBlock(ch, ch, False, sn)]
+        else:
+            w = [ch // 16, ch // 8, ch // 4, ch // 2, ch]
+            blocks = [OptimizedDBlock(in_ch, w[0], sn)] + [
+                DBlock(a, b, down, sn) for a, b, down in zip(w[:-1], w[1:], [True] * 3 + [False])]
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = sn(glorot_(nn.Linear(ch, 1, bias=False), 1.0))
+
+    def forward(self, x):
+        h = F.relu(self.blocks(x))                  # (B, ch, 8, 8) at 32x32, (B, ch, 3, 3) at 48x48
+        return self.fc(h.sum(dim=(2, 3)))           # sum pool (B, ch) -> (B, 1)
+
+
+def normal_init_(m):
+    """Official chainer-gan-lib net.py: weights N(0, 0.02^2), biases 0."""
+    nn.init.normal_(m.weight, 0.0, 0.02)
+    nn.init.zeros_(m.bias)
+    return m
+
+
+class CNNGenerator(nn.Module):
+    """Tab. 3 (official DCGANGenerator): dense -> ch x M_g x M_g, three 4x4 s2 deconvs, conv3x3."""
+
+    def __init__(self, z_dim=128, ch=512, img_size=32, out_ch=3):
+        super().__init__()
+        self.mg, self.ch = img_size // 8, ch                     # M_g = 4 (CIFAR) or 6 (STL)
+        self.l0 = normal_init_(nn.Linear(z_dim, self.mg ** 2 * ch))
+        self.bn0 = nn.BatchNorm1d(self.mg ** 2 * ch, eps=2e-5)   # PAPER-VS-CODE: BN+ReLU (code)
+        layers = []
+        for c in (ch, ch // 2, ch // 4):                         # 512 -> 256 -> 128 -> 64
+            layers += [normal_init_(nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1)),
+                       bn(c // 2), nn.ReLU()]
+        self.ups = nn.Sequential(*layers)
+        self.out = normal_init_(nn.Conv2d(ch // 8, out_ch, 3, padding=1))
+
+    def forward(self, z):
+        h = F.relu(self.bn0(self.l0(z))).view(-1, self.ch, self.mg, self.mg)   # (B, ch, M_g, M_g)
+        return torch.tanh(self.out(self.ups(h)))                               # (B, C, M, M)
+
+
+class CNNDiscriminator(nn.Module):
+    """Tab. 3 (official SNDCGANDiscriminator): SN convs 3x3 s1 / 4x4 s2, padding 1, leaky ReLU after
+    each, SN dense (M/8)^2 * 512 -> 1."""
+
+    def __init__(self, ch=512, img_size=32, in_ch=3, slope=0.1, table3_literal=False,
+                 n_power_iterations=1, gamma=False):
+        super().__init__()
+        sn = lambda m: spectral_norm(m, n_power_iterations, gamma=gamma)   # noqa: E731
+        # PAPER-VS-CODE: widths 64,128,128,256,256,512,512 (code); 64,64,128,128,256,256,512 Tab. 3
+        w = ([ch // 8, ch // 8, ch // 4, ch // 4, ch // 2, ch // 2, ch] if table3_literal
+             else [ch // 8, ch // 4, ch // 4, ch // 2, ch // 2, ch, ch])
+        kernels = [(3, 1), (4, 2), (3, 1), (4, 2), (3, 1), (4, 2), (3, 1)]   # (k, stride)
+        layers = []
+        for a, b, (k, s) in zip([in_ch] + w[:-1], w, kernels):
+            conv = sn(normal_init_(nn.Conv2d(a, b, k, stride=s, padding=1)))
+            layers += [conv, nn.LeakyReLU(slope)]
+        self.convs = nn.Sequential(*layers)
+        self.fc = sn(normal_init_(nn.Linear((img_size // 8) ** 2 * w[-1], 1)))
+
+    def forward(self, x):
+        return self.fc(self.convs(x).flatten(1))    # (B, 512, M/8, M/8) -> (B, (M/8)^2 * 512)
+
+
+# ==== Losses ====
+def hinge_loss_D(d_real, d_fake):
+    """Eq. (16): D minimizes E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]."""
+    return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+
+
+def hinge_loss_G(d_fake):
+    """Eq. (17): G minimizes -E[D(G(z))]."""
+    return -d_fake.mean()
+
+
+def standard_loss_D(d_real, d_fake):
+    """Eq. (15) with D = sigmoid(f): -E[log D(x)] - E[log(1 - D(G(z)))], softplus form."""
+    return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+
+
+def standard_loss_G(d_fake):
+    """Sec. 4: the non-saturating G loss -E[log D(G(z))]."""
+    return F.softplus(-d_fake).mean()
+
+
+# ==== Train step ====
+def lr_factor(step, args):
+    """Official LinearShift from iteration 0: lr = lr_0 (1 - t / T) after t of T G iterations."""
+    return max(0.0, 1.0 - step / args.steps) if args.lr_decay == "linear" else 1.0
+
+
+def train_step(G, D, opt_G, opt_D, batches, args, device, autocast):
+    """One generator iteration of the official updater.py: one G step, then n_dis D steps.
+    UNSPECIFIED: D sees real and fake in separate forwards (official); every training-mode D
+    forward, the one in the G step included, advances the power iteration once (official, torch)."""
+    D.requires_grad_(False)                         # G step: no D weight gradients needed
+    z = sample_z(args.g_batch_size, args.z_dim, args.z_dist, device)   # 2x D batch (official)
+    with autocast():
+        d_gen = D(G(z)).float()
+        loss_G = standard_loss_G(d_gen) if args.loss == "standard" else hinge_loss_G(d_gen)
+    opt_G.zero_grad(set_to_none=True)
+    loss_G.backward()
+    opt_G.step()
+    D.requires_grad_(True)
+    out = {"loss_G": loss_G.detach()}
+    for _ in range(args.n_dis):                     # fresh reals and z per D step; G in train mode
+        x_real = next(batches)[0].to(device, non_blocking=True)
+        if args.dequant:
+            x_real = dequantize(x_real)
+        z = sample_z(args.batch_size, args.z_dim, args.z_dist, device)
+        with autocast():
+            with torch.no_grad():
+                x_fake = G(z)
+            d_real, d_fake = D(x_real).float(), D(x_fake).float()
+            loss_D = (hinge_loss_D if args.loss == "hinge" else standard_loss_D)(d_real, d_fake)
+        opt_D.zero_grad(set_to_none=True)
+        loss_D.backward()
+        opt_D.step()
+    out.update(loss_D=loss_D.detach(), D_real=d_real.detach().mean(), D_fake=d_fake.detach().mean())
+    return out
+
+
+# ==== Eval ====
+@torch.no_grad()
+def generate(G, z, batch=500):
+    """G in eval mode (BN running averages, as the official evaluation); D is not touched."""
+    G.eval()
+    x = torch.cat([G(z[i:i + batch]).float() for i in range(0, z.shape[0], batch)])
+    G.train()
+    return x
+
+
+def sample_grid(G, fixed_z, path):
+    torchvision.utils.save_image(generate(G, fixed_z), path, nrow=8, normalize=True,
+                                 value_range=(-1, 1))
+
+
+def export_samples(G, args, device):
+    """out_dir/samples_N.npz: N samples, uint8 NHWC under key "images", for `python fid.py`."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    x = generate(G, sample_z(args.export_samples, args.z_dim, args.z_dist, device, gen))
+    x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (N, H, W, C)
+    path = os.path.join(args.out_dir, f"samples_{args.export_samples}.npz")
+    np.savez(path, images=x.cpu().numpy())
+
+
+def evaluate_fid(G, args, device):
+    import fid  # evaluation only: a copy of this script without fid.py still trains
+
+    print(f"FID: {args.fid_samples} generated images vs fid.py's reference statistics of "
+          f"{args.dataset} (paper, App. B.1: 5K generated vs 10K real)", flush=True)
+    return fid.fid_for_training(lambda n: generate(G, sample_z(n, args.z_dim, args.z_dist, device)),
+                                args.dataset, args.data_root, args.img_size, args.fid_samples,
+                                device, weights=args.fid_weights)
+
+
+# ==== Main ====
+def main(argv=None):
+    args = parse_args(argv)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("CUDA not available; pass --device cpu")
+    if args.deterministic and args.device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.use_deterministic_algorithms(args.deterministic)
+    device = torch.device(args.device)
+    ckpt_path = common.prepare_run(args.out_dir, args.resume)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
+                else contextlib.nullcontext)
+
+    dataset = common.load_dataset(args.dataset, args.data_root, img_size=args.img_size)
+    n_ch = dataset[0][0].shape[0]                   # 3, or 1 for MNIST-like sets
+    sn_kw = dict(n_power_iterations=args.n_power_iterations, gamma=args.gamma_reparam)
+    if args.arch == "resnet":
+        G = Generator(args.z_dim, args.g_ch, args.img_size, n_ch).to(device)
+        D = Discriminator(args.d_ch, args.img_size, n_ch, **sn_kw).to(device)
+    else:
+        G = CNNGenerator(args.z_dim, args.g_ch, args.img_size, n_ch).to(device)
+        D = CNNDiscriminator(args.d_ch, args.img_size, n_ch, args.lrelu_slope, args.table3_literal,
+                             **sn_kw).to(device)
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=tuple(args.betas))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=tuple(args.betas))
+    fixed_z = sample_z(64, args.z_dim, args.z_dist, "cpu", torch.Generator().manual_seed(args.seed))
+    fixed_z, step = fixed_z.to(device), 0
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if ckpt_path:
+        state = common.load_checkpoint(ckpt_path, device, args, shape_flags=(
+            "arch", "img_size", "g_ch", "d_ch", "z_dim", "table3_literal", "gamma_reparam"))
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])               # weight_orig, weight_u, weight_v (+ gamma)
+        opt_G.load_state_dict(state["opt_G"])
+        opt_D.load_state_dict(state["opt_D"])
+        fixed_z, step = state["fixed_z"].to(device), state["step"]
+        common.set_rng_state(state["rng"])
+        if os.path.exists(metrics_path):            # drop lines written after the checkpoint
+            with open(metrics_path) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+
+    print("args:", json.dumps(vars(args), sort_keys=True), flush=True)
+    n_G, n_D = (sum(p.numel() for p in m.parameters()) for m in (G, D))
+    print(f"device {device} | torch {torch.__version__} | G {n_G:,} params | D {n_D:,} params | "
+          f"SN layers in D {sum(hasattr(m, 'weight_u') for m in D.modules())}", flush=True)
+    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    if step == 0:
+        reals = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))])
+        torchvision.utils.save_image(reals, os.path.join(args.out_dir, "reals.png"), nrow=8,
+                                     normalize=True, value_range=(-1, 1))
+
+    # every D step draws one batch, so a resumed stream starts at batch step * n_dis
+    batches = common.infinite_batches(dataset, args.batch_size, args.seed,
+                                      start_step=step * args.n_dis, num_workers=args.num_workers)
+    rng = torch.get_rng_state()     # the loader draws its seed from the global RNG at its first
+    batches = itertools.chain([next(batches)], batches)   # batch; keep resumed == uninterrupted
+    torch.set_rng_state(rng)
+    metrics, start_step, t0 = {"step": step}, step, time.time()
+    t_log, step_log = t0, step
+    while step < args.steps:
+        for opt in (opt_G, opt_D):
+            for group in opt.param_groups:
+                group["lr"] = args.lr * lr_factor(step, args)   # by G iterations done (official)
+        out = train_step(G, D, opt_G, opt_D, batches, args, device, autocast)
+        step += 1
+
+        sigma_now = args.sigma_every > 0 and step % args.sigma_every == 0
+        fid_now = args.fid_every > 0 and (step % args.fid_every == 0 or step == args.steps)
+        if step % args.log_every == 0 or step == args.steps or sigma_now or fid_now:
+            it_s = (step - step_log) / max(time.time() - t_log, 1e-9)
+            metrics = {"step": step, **{k: float(v) for k, v in out.items()},
+                       "lr": args.lr * lr_factor(step, args), "it_s": it_s,
+                       "eta_s": (args.steps - step) / it_s}
+            line = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            if sigma_now:
+                sig = {k: float(v) for k, v in d_spectral_norms(D).items()}
+                metrics.update(sig)
+                line += f" | sigma(W_SN) min {min(sig.values()):.4f} max {max(sig.values()):.4f}"
+            if fid_now:
+                metrics["fid"] = float(evaluate_fid(G, args, device))
+                line += f" | FID {metrics['fid']:.3f}"
+            print(line, flush=True)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            t_log, step_log = time.time(), step     # sigma / FID time stays out of it/s
+        if step % args.sample_every == 0 or step == args.steps:
+            sample_grid(G, fixed_z, os.path.join(args.out_dir, "samples", f"{step:07d}.png"))
+        if step % args.ckpt_every == 0 or step == args.steps:
+            common.save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
+                "step": step, "args": vars(args), "G": G.state_dict(), "D": D.state_dict(),
+                "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+                "fixed_z": fixed_z.cpu(), "rng": common.rng_state()})
+
+    if args.export_samples > 0:
+        export_samples(G, args, device)
+    elapsed = time.time() - t0
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max_memory_allocated)"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (maxrss)"
+    rate = (step - start_step) / max(elapsed, 1e-9)
+    print(f"done: {step - start_step} iterations in {elapsed:.1f}s = {rate:.3f} steps/s | "
+          f"peak memory {peak}", flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
