@@ -11,6 +11,6 @@ TINY = {
                  "--sample-every", "2", "--ckpt-every", "1", "--deterministic"],
     "projection.py": ["--dataset", "shapes", "--device", "cpu", "--steps", "2", "--g-ch", "16", "--d-ch", "16", "--batch-size", "8", "--g-batch-size", "16", "--n-dis", "2", "--num-workers", "0", "--log-every", "1", "--sample-every", "1", "--ckpt-every", "1", "--deterministic", "--export-samples", "12", "--morph", "0", "1"],
     "gd_stable.py": None,
-    "dp_gan.py": None,
+    "dp_gan.py": ["--device", "cpu", "--n-train", "64", "--n-test", "32", "--sample-rate", "0.25", "--epochs", "2", "--width", "0.0625", "--tstr-samples", "64", "--clf-steps", "20", "--select-picks", "2", "--log-every", "2", "--sample-every", "4", "--ckpt-every", "3", "--deterministic"],
     "avb.py": None,
 }
