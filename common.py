@@ -250,8 +250,7 @@ class _EpochBatches:
         while True:
             g = torch.Generator().manual_seed(self.seed + epoch)
             perm = torch.randperm(self.n, generator=g)[: per_epoch * self.b].view(per_epoch, self.b)
-            for row in perm[offset:]:
-                yield row.tolist()
+            yield from perm[offset:].tolist()
             epoch, offset = epoch + 1, 0
 
 
@@ -260,7 +259,8 @@ def infinite_batches(dataset, batch_size, seed, start_step=0, num_workers=4):
     or at start_step <= k, so a resumed run sees the batches an uninterrupted one would."""
     loader = DataLoader(dataset, batch_sampler=_EpochBatches(len(dataset), batch_size, seed, start_step),
                         num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))  # never draws from the global RNG
     yield from loader
 
 

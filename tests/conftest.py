@@ -4,7 +4,7 @@ import pytest
 import torch
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # the CPU suite never touches a GPU
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)   # tiny models: one thread is fastest and never oversubscribes
 
 
 def pytest_collection_modifyitems(config, items):
