@@ -78,7 +78,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("paper (None: resolved from --arch and --img-size, see args.json)")
     g.add_argument("--arch", choices=["resnet", "cnn"], default="resnet",
-                   help="ResNet (Tab. 4/5) or standard CNN (Tab. 3) [Sec. 4]")
+                   help="ResNet (Tab. 4/5) or CNN (Tab. 3); DEVIATION: no Tab. 6 nets [Sec. 4]")
     g.add_argument("--loss", choices=["hinge", "standard"], help="hinge for resnet, standard for "
                    "cnn [Eq. 15-17]")
     g.add_argument("--setting", choices=list(SETTINGS), help="Adam lr, betas and n_dis: resnet "
@@ -155,12 +155,12 @@ def parse_args(argv=None):
 
 # ==== Data ====
 def dequantize(x):
-    """Official datasets/cifar10.py: x_uint8 / 128 - 1 + U(0, 1/128), from x in [-1, 1]."""
+    """PAPER-VS-CODE: official datasets/cifar10.py x_uint8/128 - 1 + U(0, 1/128); not in paper."""
     return ((x + 1) * 127.5).round() / 128.0 - 1.0 + torch.rand_like(x) / 128.0
 
 
 def sample_z(n, z_dim, dist, device, generator=None):
-    """z ~ N(0, I) (Sec. 4) or U[-1, 1] (chainer-gan-lib make_hidden)."""
+    """z ~ N(0, I) (Sec. 4); PAPER-VS-CODE: chainer-gan-lib make_hidden draws U[-1, 1]."""
     if dist == "normal":
         return torch.randn(n, z_dim, device=device, generator=generator)
     return torch.rand(n, z_dim, device=device, generator=generator) * 2 - 1
@@ -182,7 +182,7 @@ class _SpectralNormHook:
         with torch.autocast(w.device.type, enabled=False):     # sigma in fp32, also under --amp
             w_mat = w.reshape(w.shape[0], -1)       # (d_out, d_in*kh*kw), Sec. 4 and footnote 3
             u, v = module.weight_u, module.weight_v
-            if update:                              # Alg. 1: start from the u of the last step
+            if update:  # Alg. 1, u of the last step; PAPER-VS-CODE: never in eval (official: also)
                 with torch.no_grad():
                     for _ in range(self.n_power_iterations):
                         v = _l2normalize(w_mat.t() @ u, self.eps)    # Eq. (20): v <- W^T u / ||.||
@@ -207,10 +207,9 @@ def spectral_norm(module, n_power_iterations=1, eps=1e-12, gamma=False):
     becomes parameter `weight_orig`; buffers `weight_u` (d_out) and `weight_v` (d_in*k*k) are in
     the state_dict; after a forward, `module.weight` is the W / sigma that forward used. gamma=True
     adds a learnable scale initialised to sigma(W) (App. E; official sn_convolution_2d.py)."""
-    if not isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
-        raise TypeError(f"spectral_norm: Conv2d, Linear or Embedding, not {type(module).__name__}")
-    if n_power_iterations < 1:
-        raise ValueError("n_power_iterations must be >= 1")
+    if not isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)) or n_power_iterations < 1:
+        raise ValueError(f"spectral_norm: needs Conv2d, Linear or Embedding and n_power_iterations"
+                         f" >= 1, got {type(module).__name__} and {n_power_iterations}")
     w = module.weight
     del module._parameters["weight"]
     module.register_parameter("weight_orig", w)
@@ -450,7 +449,7 @@ def train_step(G, D, opt_G, opt_D, batches, args, device, autocast):
 # ==== Eval ====
 @torch.no_grad()
 def generate(G, z, batch=500):
-    """G in eval mode (BN running averages, as the official evaluation); D is not touched."""
+    """UNSPECIFIED: G in eval mode (BN running averages, official evaluation); D untouched."""
     G.eval()
     x = torch.cat([G(z[i:i + batch]).float() for i in range(0, z.shape[0], batch)])
     G.train()
@@ -476,9 +475,10 @@ def evaluate_fid(G, args, device):
 
     print(f"FID: {args.fid_samples} generated images vs fid.py's reference statistics of "
           f"{args.dataset} (paper, App. B.1: 5K generated vs 10K real)", flush=True)
-    return fid.fid_for_training(lambda n: generate(G, sample_z(n, args.z_dim, args.z_dist, device)),
-                                args.dataset, args.data_root, args.img_size, args.fid_samples,
-                                device, weights=args.fid_weights)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)   # training RNG untouched
+    sample_fn = lambda n: generate(G, sample_z(n, args.z_dim, args.z_dist, device, gen))  # noqa
+    return fid.fid_for_training(sample_fn, args.dataset, args.data_root, args.img_size,
+                                args.fid_samples, device, weights=args.fid_weights)
 
 
 # ==== Main ====
@@ -499,7 +499,7 @@ def main(argv=None):
                 else contextlib.nullcontext)
 
     dataset = common.load_dataset(args.dataset, args.data_root, img_size=args.img_size)
-    n_ch = dataset[0][0].shape[0]                   # 3, or 1 for MNIST-like sets
+    n_ch = dataset[0][0].shape[0]   # 3 or 1; DEVIATION: stl10 = common's train+unlabeled split
     sn_kw = dict(n_power_iterations=args.n_power_iterations, gamma=args.gamma_reparam)
     if args.arch == "resnet":
         G = Generator(args.z_dim, args.g_ch, args.img_size, n_ch).to(device)
