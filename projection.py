@@ -1,5 +1,6 @@
 """cGANs with Projection Discriminator.
-Miyato, Koyama. ICLR 2018. arXiv:1802.05637 (equation numbers: OpenReview text ByS1VpgRZ)
+Miyato, Koyama. ICLR 2018. arXiv:1802.05637 (Eq. numbers of the OpenReview text ByS1VpgRZ; the final
+version's numbering is unverified)
 Official code: pfnet-research/sngan_projection (Chainer; shared with SN-GAN)
 
 Paper -> code
@@ -76,7 +77,8 @@ def parse_args(argv=None):
     g.add_argument("--disc", default="projection", choices=["projection", "concat"],
                    help="projection D or the concat baseline [Eq. 3, Sec. 5.1; official snresnet.py]")
     g.add_argument("--steps", type=int, default=None,
-                   help="generator iterations; 50K at 32 px, 450K at 128 px [official sn_cifar10.yml, Sec. 5.1]")
+                   help="generator iterations; 50K at 32 px, 450K at 128 px "
+                        "[official sn_cifar10.yml, Sec. 5.1]")
     g.add_argument("--decay-start", type=int, default=None,
                    help="iteration where the linear lr decay to 0 starts; 0 at 32 px, 400K at 128 px "
                         "[official sn_cifar10.yml, Sec. 5.1]")
@@ -88,8 +90,10 @@ def parse_args(argv=None):
     g.add_argument("--g-batch-size", type=int, default=128,
                    help="G-update batch [UNSPECIFIED: official n_gen_samples 128; 32 x 4 GPUs at 128 px]")
     g.add_argument("--z-dim", type=int, default=128, help="z ~ N(0, I) size [Sec. 5; official configs]")
-    g.add_argument("--g-ch", type=int, default=None, help="G width: 256 at 32 px, 64 at 128 px [official configs]")
-    g.add_argument("--d-ch", type=int, default=None, help="D width: 128 at 32 px, 64 at 128 px [official configs]")
+    g.add_argument("--g-ch", type=int, default=None,
+                   help="G width: 256 at 32 px, 64 at 128 px [official configs]")
+    g.add_argument("--d-ch", type=int, default=None,
+                   help="D width: 128 at 32 px, 64 at 128 px [official configs]")
     g.add_argument("--concat-dim", type=int, default=128,
                    help="label-embedding size of --disc concat [official snresnet.py dim_emb]")
     g.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=True,
@@ -114,10 +118,12 @@ def parse_args(argv=None):
     r.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch [run]")
     r.add_argument("--device", default="cuda", help="cuda or cpu; no silent fallback [run]")
     r.add_argument("--num-workers", type=int, default=4, help="DataLoader workers [run]")
-    r.add_argument("--log-every", type=int, default=100, help="iterations between log lines [official display_interval]")
+    r.add_argument("--log-every", type=int, default=100,
+                   help="iterations between log lines [official display_interval]")
     r.add_argument("--sample-every", type=int, default=1000,
                    help="iterations between sample grids, 0 = off [official evaluation_interval]")
-    r.add_argument("--ckpt-every", type=int, default=10_000, help="iterations between checkpoints [official snapshot_interval]")
+    r.add_argument("--ckpt-every", type=int, default=10_000,
+                   help="iterations between checkpoints [official snapshot_interval]")
     r.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels, cudnn.benchmark off; on CUDA also set "
@@ -135,6 +141,7 @@ def derive_defaults(args):
     big = args.img_size == 128
     args.g_ch = args.g_ch or (64 if big else 256)                     # resnet.py ch=64 / resnet_32.py ch=256
     args.d_ch = args.d_ch or (64 if big else 128)                     # snresnet.py ch=64 / snresnet_32.py 128
+    # PAPER-VS-CODE: the CIFAR budget (50K, decay from iteration 0) is only in official sn_cifar10.yml
     args.steps = args.steps or (450_000 if big else 50_000)           # sn_projection.yml / sn_cifar10.yml
     if args.decay_start is None:
         args.decay_start = 400_000 if big else 0                       # Sec. 5.1 / sn_cifar10.yml
@@ -146,6 +153,7 @@ def derive_defaults(args):
 # ==== Data ====
 def dequantize(x):
     """Official loader: x = pixel/128 - 1 + U(0, 1/128); common.load_dataset gives pixel/127.5 - 1."""
+    # UNSPECIFIED: the paper does not mention dequantisation; the official CIFAR and ImageNet loaders do it
     pixels = torch.round((x + 1) * 127.5)                              # back to the 8-bit values
     return pixels / 128 - 1 + torch.rand_like(x) / 128
 
@@ -178,6 +186,7 @@ def sn(layer):
     """Spectral normalisation (Miyato et al. 2018, the SN-GAN paper) is not this paper's contribution,
     so torch's built-in is used (STYLE 2.1): one power iteration per training forward, persistent u as
     a buffer. dim 0 = rows, so for the embedding V (K x C) u has length K, as official SNEmbedID."""
+    # DEVIATION: torch starts u with 15 power iterations; official SN links start from a random u
     return spectral_norm(layer, n_power_iterations=1, eps=1e-12, dim=0)
 
 
@@ -298,14 +307,15 @@ class ProjectionDiscriminator(nn.Module):
         # PAPER-VS-CODE: psi has no bias at 32 px (snresnet_32.py nobias=True), a bias at 128 px
         self.psi = sn(init_(nn.Linear(chans[-1], 1, bias=img_size != 32), 1.0))
         # Sec. 5: V is spectrally normalised like every other D weight (card pitfall 1)
-        self.embed = sn(init_(nn.Embedding(num_classes, chans[-1] if disc == "projection" else concat_dim), 1.0))
+        emb_dim = chans[-1] if disc == "projection" else concat_dim
+        self.embed = sn(init_(nn.Embedding(num_classes, emb_dim), 1.0))
 
     def phi(self, x, y):
         h = x
         for i, block in enumerate(self.blocks):
             if self.disc == "concat" and i == 3:
                 e = self.embed(y)[:, :, None, None].expand(-1, -1, h.size(2), h.size(3))  # (N, E, H, W)
-                h = torch.cat([h, e], dim=1)                                              # (N, C+E, H, W)
+                h = torch.cat([h, e], dim=1)                                  # (N, C + E, H, W)
             h = block(h)
         return sum_pool(h)
 
@@ -343,6 +353,8 @@ def sample_zy(n, z_dim, num_classes, device):
 
 def train_step(G, D, opt_G, opt_D, real_batches, args, num_classes, amp):
     """One iteration = one G update, then n_dis D updates [official updater.py, conditional=True]."""
+    # DEVIATION: one device. The ImageNet run split each batch over 4 GPUs (16 real, 32 G per GPU), so
+    # G's BN statistics spanned a quarter of the batch; here they span all of it
     device = next(G.parameters()).device
     # G update on a fresh batch; the same y goes to G and to D (card pitfall 2)
     D.requires_grad_(False)                                            # no D weight gradients here
@@ -374,7 +386,8 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, num_classes, amp):
 
 
 # ==== Eval ====
-# Sampling uses eval-mode BN (running averages), as official evaluation.py (train=False).
+# UNSPECIFIED: the paper does not say which BN statistics sampling uses; we sample in eval mode
+# (running averages), as official evaluation.py does (chainer.using_config('train', False)).
 @torch.no_grad()
 def generate(G, y, gen, z_dim, chunk=250):
     """G(z, y) in eval mode for labels (or class weights) y, z from the CPU generator `gen`."""
@@ -391,7 +404,8 @@ def generate(G, y, gen, z_dim, chunk=250):
 
 @torch.no_grad()
 def sample_grid(G, fixed_z, grid_classes, path):
-    """One class per row, the same 8 fixed z in every row [official sample_generate_conditional]."""
+    """One class per row, the same fixed z in every column [ours; official sample_generate_conditional
+    shows 10 classes spread over K]."""
     was_training, device = G.training, next(G.parameters()).device
     G.eval()
     z = fixed_z.to(device).repeat(len(grid_classes), 1)                # (rows * 8, z_dim)
@@ -426,6 +440,7 @@ def evaluate_fid(G, args, num_classes, device):
     """FID with uniform labels; intra-FID = mean over classes of the per-class FID (official issue #34,
     calc_intra_FID.py: each class's samples against that class's training images)."""
     import fid  # evaluation only: a copy of this script without fid.py still trains
+    # DEVIATION: fid.py's Inception and reference statistics, not the paper's TF Inception (issue #34)
     gen = torch.Generator().manual_seed(args.seed + 3)                 # eval never touches training RNG
 
     def sampler(c):
@@ -459,6 +474,8 @@ def main(argv=None):
     torch.use_deterministic_algorithms(args.deterministic)
     ckpt_path = common.prepare_run(args.out_dir, args.resume)
 
+    # DEVIATION: ImageNet through common's folder loader (short-side resize + centre crop to 128); the
+    # official preprocess.sh also drops images under 256 px and resizes bilinearly
     ds = common.load_dataset(args.dataset, args.data_root, args.img_size)
     args.num_classes = num_classes_of(args.dataset, ds)               # derived: printed, in args.json
     args.img_channels = int(ds[0][0].shape[0])

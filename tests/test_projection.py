@@ -59,6 +59,12 @@ def test_concat_baseline_runs(tmp_path):
     assert m["step"] == 1 and math.isfinite(m["loss_D"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_no_silent_cpu_fallback(tmp_path):
+    with pytest.raises(RuntimeError, match="pass --device cpu"):
+        _run(tmp_path, "cuda", "--device", "cuda")
+
+
 # ---- projection discriminator (Eq. 3) -----------------------------------------------------------
 def _tiny_D(K=5, **kw):
     torch.manual_seed(0)
