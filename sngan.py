@@ -25,7 +25,7 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   3. PAPER-VS-CODE  CNN G has BN + ReLU after the dense layer (official net.py, not in Tab. 3).
   4. PAPER-VS-CODE  z ~ N(0, I) (paper); chainer-gan-lib draws U[-1, 1] (--z-dist uniform).
   5. PAPER-VS-CODE  ResNet 32x32 reals get the official loader's dequantization
-     x_uint8/128 - 1 + U(0, 1/128) (datasets/cifar10.py; not in the paper; --no-dequant).
+     x_uint8/128 - 1 + U(0, 1/128) (datasets/cifar10.py; not in the paper; --no-dequantize).
   6. PAPER-VS-CODE  the official SNLinear also advances u in eval mode; here only training-mode
      forwards do (PyTorch's behaviour). D is never run in eval mode while training.
   7. DEVIATION  STL-10 comes from common.load_dataset, split "train+unlabeled" (105K images) resized
@@ -49,7 +49,6 @@ vs 10K real, App. B.1). IS is not computed here; FID comes from fid.py. Our numb
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -85,8 +84,8 @@ def parse_args(argv=None):
                    "for resnet, C for cnn, B for cnn at 48x48 (STL-10) [Tab. 1, App. B.2]")
     g.add_argument("--steps", type=int, help="generator iterations: 50000 for resnet 32x32 (text: "
                    "100K, PAPER-VS-CODE), else 100000 [Sec. 4.1, official configs]")
-    g.add_argument("--lr-decay", choices=["linear", "none"], help="linear to 0 for resnet, none "
-                   "for cnn [official configs; STL: UNSPECIFIED: Mimicry]")
+    g.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, help="linear decay to 0: "
+                   "on for resnet, off for cnn [official configs; STL: UNSPECIFIED: Mimicry]")
     g.add_argument("--batch-size", type=int, default=64, help="D batch per D step [App. B]")
     g.add_argument("--g-batch-size", type=int, help="G-step batch: 2x batch for resnet, = batch "
                    "for cnn [UNSPECIFIED: official n_gen_samples, chainer-gan-lib]")
@@ -106,7 +105,7 @@ def parse_args(argv=None):
                    help="CNN D widths of Tab. 3, not of the official code [Tab. 3: PAPER-VS-CODE]")
     g.add_argument("--lrelu-slope", type=float, default=0.1,
                    help="CNN D leaky ReLU slope [Tab. 3; official 0.2: PAPER-VS-CODE]")
-    g.add_argument("--dequant", action=argparse.BooleanOptionalAction, help="reals x/128 - 1 + "
+    g.add_argument("--dequantize", action=argparse.BooleanOptionalAction, help="reals x/128 - 1 + "
                    "U(0, 1/128), on for resnet 32x32 [official datasets/cifar10.py]")
     r = p.add_argument_group("run")
     r.add_argument("--dataset", default="cifar10", help="a common.load_dataset name [run]")
@@ -141,12 +140,12 @@ def parse_args(argv=None):
     args.lr, beta1, beta2, args.n_dis = SETTINGS[args.setting]
     args.betas = [beta1, beta2]
     args.loss = args.loss or ("hinge" if resnet else "standard")
-    args.lr_decay = args.lr_decay or ("linear" if resnet else "none")
+    args.lr_decay = resnet if args.lr_decay is None else args.lr_decay
     args.steps = args.steps or (50_000 if resnet and res32 else 100_000)
     args.g_batch_size = args.g_batch_size or (2 if resnet else 1) * args.batch_size
     args.g_ch = args.g_ch or (256 if resnet and res32 else 512)
     args.d_ch = args.d_ch or ((128 if res32 else 1024) if resnet else 512)
-    args.dequant = resnet and res32 if args.dequant is None else args.dequant
+    args.dequantize = resnet and res32 if args.dequantize is None else args.dequantize
     if args.out_dir is None:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.dataset)
         args.out_dir = os.path.join("runs", f"sngan-{name}-s{args.seed}")
@@ -412,7 +411,7 @@ def standard_loss_G(d_fake):
 # ==== Train step ====
 def lr_factor(step, args):
     """Official LinearShift from iteration 0: lr = lr_0 (1 - t / T) after t of T G iterations."""
-    return max(0.0, 1.0 - step / args.steps) if args.lr_decay == "linear" else 1.0
+    return max(0.0, 1.0 - step / args.steps) if args.lr_decay else 1.0
 
 
 def train_step(G, D, opt_G, opt_D, batches, args, device, autocast):
@@ -431,7 +430,7 @@ def train_step(G, D, opt_G, opt_D, batches, args, device, autocast):
     out = {"loss_G": loss_G.detach()}
     for _ in range(args.n_dis):                     # fresh reals and z per D step; G in train mode
         x_real = next(batches)[0].to(device, non_blocking=True)
-        if args.dequant:
+        if args.dequantize:
             x_real = dequantize(x_real)
         z = sample_z(args.batch_size, args.z_dim, args.z_dist, device)
         with autocast():
@@ -543,9 +542,6 @@ def main(argv=None):
     # every D step draws one batch, so a resumed stream starts at batch step * n_dis
     batches = common.infinite_batches(dataset, args.batch_size, args.seed,
                                       start_step=step * args.n_dis, num_workers=args.num_workers)
-    rng = torch.get_rng_state()     # the loader draws its seed from the global RNG at its first
-    batches = itertools.chain([next(batches)], batches)   # batch; keep resumed == uninterrupted
-    torch.set_rng_state(rng)
     metrics, start_step, t0 = {"step": step}, step, time.time()
     t_log, step_log = t0, step
     while step < args.steps:

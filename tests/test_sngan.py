@@ -243,17 +243,18 @@ def test_defaults_table_and_settings():
                               "E": (1e-3, 0.5, 0.999, 5), "F": (1e-3, 0.9, 0.999, 5),
                               "resnet": (2e-4, 0.0, 0.9, 5)}
     a = vars(sngan.parse_args([]))
-    assert {k: a[k] for k in ("lr", "betas", "n_dis", "batch_size", "g_batch_size", "lr_decay",
-                              "steps", "loss", "g_ch", "d_ch", "img_size", "z_dim", "dequant")} == {
+    keys = ("lr", "betas", "n_dis", "batch_size", "g_batch_size", "lr_decay", "steps", "loss",
+            "g_ch", "d_ch", "img_size", "z_dim", "dequantize")
+    assert {k: a[k] for k in keys} == {
         "lr": 2e-4, "betas": [0.0, 0.9], "n_dis": 5, "batch_size": 64, "g_batch_size": 128,
-        "lr_decay": "linear", "steps": 50_000, "loss": "hinge", "g_ch": 256, "d_ch": 128,
-        "img_size": 32, "z_dim": 128, "dequant": True}
+        "lr_decay": True, "steps": 50_000, "loss": "hinge", "g_ch": 256, "d_ch": 128,
+        "img_size": 32, "z_dim": 128, "dequantize": True}
     c = vars(sngan.parse_args(["--arch", "cnn"]))
     assert (c["setting"], c["loss"], c["n_dis"], c["g_batch_size"], c["lr_decay"], c["steps"]) == (
-        "C", "standard", 1, 64, "none", 100_000)
+        "C", "standard", 1, 64, False, 100_000)
     s = vars(sngan.parse_args(["--dataset", "stl10"]))
     assert (s["img_size"], s["g_ch"], s["d_ch"], s["steps"], s["lr_decay"]) == (
-        48, 512, 1024, 100_000, "linear")
+        48, 512, 1024, 100_000, True)
     assert sngan.parse_args(["--dataset", "stl10", "--arch", "cnn"]).setting == "B"
 
 
@@ -322,7 +323,7 @@ def test_smoke_cnn_48_standard_loss_gamma_export(tmp_path):
 
 
 def test_resume_equals_uninterrupted_and_runs_are_deterministic(tmp_path):
-    flags = ["--lr-decay", "none"]                 # the linear schedule depends on --steps itself
+    flags = ["--no-lr-decay"]                        # the linear schedule depends on --steps itself
     full = run(tmp_path / "a", "--steps", "3", *flags)
     run(tmp_path / "b", "--steps", "2", *flags)
     drop = lambda m: {k: v for k, v in m.items() if k not in ("it_s", "eta_s")}   # noqa: E731
