@@ -196,8 +196,8 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
         if name in ("cifar10", "cifar100"):
             cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
             return cls(root, train=train, download=download, transform=tf)
-        if name == "stl10":  # unlabelled images count too (label -1), as in SN-GAN's STL-10 runs
-            return tv.STL10(root, split="train+unlabeled" if train else "test", download=download,
+        if name == "stl10":  # the 100k unlabelled images (label -1), as in SN-GAN's STL-10 runs
+            return tv.STL10(root, split="unlabeled" if train else "test", download=download,
                             transform=tf)
         if name in ("mnist", "fashion-mnist"):
             cls = tv.MNIST if name == "mnist" else tv.FashionMNIST

@@ -17,7 +17,7 @@ SCRIPTS = [s for s, argv in TINY.items() if argv is not None and (ROOT / s).exis
 def test_script_runs_alone(script, tmp_path):
     for f in (script, "common.py"):
         shutil.copy(ROOT / f, tmp_path / f)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ""}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
     run = dict(cwd=tmp_path, env=env, check=True, timeout=240, capture_output=True, text=True)
     out = subprocess.run([sys.executable, script, "--help"], **run).stdout
     assert "usage:" in out
