@@ -28,9 +28,7 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
      x_uint8/128 - 1 + U(0, 1/128) (datasets/cifar10.py; not in the paper; --no-dequantize).
   6. PAPER-VS-CODE  the official SNLinear also advances u in eval mode; here only training-mode
      forwards do (PyTorch's behaviour). D is never run in eval mode while training.
-  7. DEVIATION  STL-10 comes from common.load_dataset, split "train+unlabeled" (105K images) resized
-     96 -> 48, not the 100K unlabeled split of Mimicry and the card (the paper is silent).
-  8. DEVIATION  scope: no ImageNet 128x128 nets (Tab. 6), no conditional (concat) SN-GAN (the
+  7. DEVIATION  scope: no ImageNet 128x128 nets (Tab. 6), no conditional (concat) SN-GAN (the
      projection D is projection.py), no WGAN-GP baseline (wgan_gp.py; App. E's gamma is here).
 Run
   python sngan.py --dataset cifar10                       # ResNet, hinge (IS 8.22, FID 21.7)
@@ -498,7 +496,7 @@ def main(argv=None):
                 else contextlib.nullcontext)
 
     dataset = common.load_dataset(args.dataset, args.data_root, img_size=args.img_size)
-    n_ch = dataset[0][0].shape[0]   # 3 or 1; DEVIATION: stl10 = common's train+unlabeled split
+    n_ch = dataset[0][0].shape[0]   # 3 or 1; stl10 = the 100K unlabeled images, resized 96 -> 48
     sn_kw = dict(n_power_iterations=args.n_power_iterations, gamma=args.gamma_reparam)
     if args.arch == "resnet":
         G = Generator(args.z_dim, args.g_ch, args.img_size, n_ch).to(device)
