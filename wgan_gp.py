@@ -152,8 +152,8 @@ def derive_defaults(args):
         raise ValueError(f"--arch {a} generates {64 if big else 32}x{64 if big else 32} images, not --img-size {args.img_size}")
     if args.fixed_generator and not toy:
         raise ValueError("--fixed-generator is the toy experiment of Fig. 1a; use a toy --dataset")
-    if args.conditional and (toy or args.mode != "wgan-gp"):
-        raise ValueError("--conditional is the AC-WGAN-GP image configuration (Tab. 3)")
+    if args.conditional and (a != "resnet" or args.mode != "wgan-gp"):
+        raise ValueError("--conditional is the AC-WGAN-GP CIFAR ResNet configuration (Tab. 3): --arch resnet")
     return args
 
 
