@@ -5,17 +5,17 @@ Cardiovasc Qual Outcomes 12(7):e005122 (2019). An AC-GAN whose discriminator is 
 Official code: greenelab/SPRINT_gan (dp_gan.py, custom_keras/noisy_optimizers.py, Analysis.ipynb)
 
 Paper -> code
-  AC-GAN L_S + L_C, per real/fake pair (Odena Sec. 3) ... pair_loss(), generator_loss()
-  Alg. 1 l.3    Poisson lot, rate q .......................... poisson_lot(), PoissonLots
-  Alg. 1 l.4-5  per-example gradients, clip to norm C ........ per_example_grads(), privatize()
-  Alg. 1 l.6    sum + N(0, sigma^2 C^2 I), then / qN ......... privatize(), dp_sgd_step()
-  official loop D step, accountant event, G step ............. train_step(), generator_step()
-  RDP of the sampled Gaussian (Mironov et al. 2019) .......... rdp_sgm(), _log_a_int(), _log_a_frac()
-  eps(delta): Balle et al. 2020 Thm. 21 / Mironov Prop. 3 .... rdp_to_epsilon(), compute_epsilon()
-  official dp_gan.py SPRINT G and D (3x12 records) ........... TableGenerator, TableDiscriminator
-  Keras mnist_acgan.py G and D (public stand-in) ............. ImageGenerator, ImageDiscriminator
-  PredictGroup / Analysis.ipynb: epoch scores, private epoch selection, TSTR, correlation structure
-                                                               transfer_score(), report_noisy_max(), evaluate()
+  AC-GAN L_S + L_C per real/fake pair (Odena Sec. 3) ... pair_loss(), generator_loss()
+  Alg. 1 l.3    Poisson lot, rate q ......................... poisson_lot()
+  Alg. 1 l.4-5  per-example gradients, clip to norm C ....... per_example_grads(), privatize()
+  Alg. 1 l.6    sum + N(0, sigma^2 C^2 I), then / qN ........ privatize(), dp_sgd_step()
+  official loop D step, accountant event, G step ............ train_step(), generator_step()
+  RDP of the sampled Gaussian (Mironov et al. 2019) ......... rdp_sgm(), _log_a_int(), _log_a_frac()
+  eps(delta): Balle et al. 2020 Thm. 21 / Mironov Prop. 3 ... rdp_to_epsilon(), compute_epsilon()
+  official dp_gan.py SPRINT G and D (3x12 records) .......... TableGenerator, TableDiscriminator
+  Keras mnist_acgan.py G and D (public stand-in) ............ ImageGenerator, ImageDiscriminator
+  PredictGroup/Analysis.ipynb: epoch scores, private epoch selection, TSTR, correlation structure
+                                                              transfer_score(), report_noisy_max(), evaluate()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. PAPER-VS-CODE  Poisson lots of expected size qN instead of the official uniform draws with
      replacement (batch 1), which the Poisson-subsampled accountant does not describe.
@@ -27,14 +27,14 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
      has sensitivity 1/N) instead of the notebook's 1/(eps_pick * remaining epochs).
 Covered by (eps, delta): the weights of D and G, samples, exported samples, the selected epochs.
 NOT covered (computed on real records, for the data holder only): loss_D, clip_frac and the epoch
-transfer scores in the logs, and the real-data baseline. The noise comes from torch's seeded PRNG
+transfer scores in the logs and ckpt.pt, and the real-data baseline. The noise comes from torch's seeded PRNG
 (no CSPRNG, no floating-point hardening, Mironov 2012): use a secret --seed for a real release.
 Run
   python dp_gan.py --dataset sprint_synth     # official: q=1/6000, sigma=1, C=1e-4, lr 2e-5, 500 epochs
   python dp_gan.py --dataset mnist            # sigma=1, C=1, q=64/60000, 20 epochs: eps 0.9415
   python dp_gan.py --dataset sprint_synth --noise-multiplier 0 --max-grad-norm 0 --sample-rate 0.0166667 --lr-d 2e-4 --lr-g 2e-4   # non-private ac_gan.py
   python dp_gan.py --dataset csv:my.csv --label-column arm --table-shape 3 12 --target-epsilon 1
-  python dp_gan.py --dataset shapes --img-size 28 --steps 200 --tstr-samples 0 --bench-d-steps 50   # benchmark
+  python dp_gan.py --dataset mnist --steps 300 --tstr-samples 0 --bench-d-steps 100   # benchmark
 Paper reports (figures only): SPRINT TSTR accuracy, private ~0.875 vs real ~0.93 (Fig. 4); eps 1.597
 (RDP, delta 1e-5) after 500 epochs, plus 0.5 for the epoch selection. Our numbers: README.
 """
@@ -76,8 +76,7 @@ def parse_args(argv=None):
     a("--noise-multiplier", type=float, default=1.0, help="sigma; 0 = NON-PRIVATE baseline [README --noise 1]")
     a("--max-grad-norm", type=float, default=None, help="per-example clip C, 0 = none; 1e-4 tables, 1 images [README]")
     a("--delta", type=float, default=1e-5, help="target delta [Fig. 5 'Delta Max']")
-    a("--target-epsilon", type=float, default=None, help="fit training eps into this, see --calibrate [ours: issue 7]")
-    a("--calibrate", choices=["steps", "noise"], default="steps", help="stop early, or raise sigma [ours]")
+    a("--target-epsilon", type=float, default=None, help="stop at the last step with training eps <= this [ours: issue 7]")
     a("--conversion", choices=["balle", "classic"], default="balle", help="RDP -> eps: Opacus>=0.14 | Prop. 3 [card 2.8]")
     a("--lr-d", type=float, default=None, help="Adam lr of D; 2e-5 tables, 2e-4 images [README; Keras example]")
     a("--lr-g", type=float, default=None, help="Adam lr of G; same defaults [official dp_gan.py]")
@@ -103,7 +102,6 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="training seed; secret for a release [official: 123]")
     a("--device", default="cuda", help="cuda | cpu [run]")
     a("--steps", type=int, default=None, help="total D steps; default epochs * round(1/q) [run]")
-    a("--num-workers", type=int, default=4, help="image loader workers [run]")
     a("--log-every", type=int, default=500, help="D steps between log lines [run]")
     a("--sample-every", type=int, default=5000, help="D steps between sample files [run]")
     a("--ckpt-every", type=int, default=5000, help="D steps between checkpoints [run]")
@@ -120,6 +118,8 @@ def parse_args(argv=None):
     args.lr_d, args.lr_g = args.lr_d or (2e-5 if table else 2e-4), args.lr_g or (2e-5 if table else 2e-4)
     if args.noise_multiplier > 0 and args.max_grad_norm == 0:
         p.error("--max-grad-norm 0 (no clipping) only goes with --noise-multiplier 0")
+    if args.noise_multiplier == 0 and args.target_epsilon is not None:
+        p.error("--target-epsilon needs --noise-multiplier > 0: a non-private run has eps = inf")
     return args
 
 
@@ -135,14 +135,23 @@ def sprint_synth(n, seed):
     sbp = tau + (b[:, None] - tau) * d + o[:, None] * (1 - d) + e_sbp
     sbp[:, 0] = b
     dbp = 0.45 * sbp + 14 + e_dbp
-    add = np.where(y == 1, 1.0, 0.2)[:, None]
-    meds = np.clip(np.round(m0[:, None] + add * (1 - np.exp(-m / 2)) + e_med), 0, 7)
+    meds = np.clip(np.round(m0[:, None] + np.where(y == 1, 1.0, 0.2)[:, None] * (1 - np.exp(-m / 2)) + e_med), 0, 7)
     x = np.stack([np.round(sbp), np.round(dbp), meds], 1)              # (n, 3, 12), raw units
     return torch.from_numpy(x).float(), torch.from_numpy(y)
 
 
+def _cell(text, where):
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: non-numeric cell {text!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{where}: {text!r} (NaN/inf) is not a value")
+    return v
+
+
 def load_csv_table(path, label_column, table_shape=None):
-    """A table of numeric features plus one label column -> x (N, H, W), y (N,), class names."""
+    """Numeric features plus one label column -> x (N, H, W), y (N,), sorted class names."""
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r]
     head = [h.strip() for h in rows[0]] if rows else []
@@ -152,15 +161,7 @@ def load_csv_table(path, label_column, table_shape=None):
     for ln, row in enumerate(rows[1:], start=2):
         if len(row) != len(head):
             raise ValueError(f"{path!r} line {ln}: {len(row)} cells, the header has {len(head)}")
-        for j, cell in enumerate(row):
-            try:
-                v = float(cell)
-            except ValueError:
-                v = None
-            if j != li and (v is None or not math.isfinite(v)):
-                kind = "non-numeric" if v is None else "NaN/inf"
-                raise ValueError(f"{path!r} line {ln}, column {head[j]!r}: {kind} cell {cell!r}")
-        feats.append([float(c) for j, c in enumerate(row) if j != li])
+        feats.append([_cell(c, f"{path!r} line {ln}, column {head[j]!r}") for j, c in enumerate(row) if j != li])
         labels.append(row[li].strip())
     if not feats:
         raise ValueError(f"{path!r}: no records")
@@ -173,24 +174,9 @@ def load_csv_table(path, label_column, table_shape=None):
 
 def poisson_lot(n, q, seed, step):
     """Alg. 1 l.3, Poisson sampling: each of n records joins lot `step` independently w.p. q. The
-    draw depends on (seed, step) only, never on the data, so a resumed run sees the same lots."""
+    draw depends on (seed, step) only, never on the data; a resumed run sees the same lots."""
     g = torch.Generator().manual_seed((seed << 32) + step)
     return torch.nonzero(torch.rand(n, generator=g) < q).flatten()
-
-
-class PoissonLots:
-    """Batch sampler of Poisson lots for a torch DataLoader (image datasets)."""
-
-    def __init__(self, n, q, seed, start_step):
-        self.n, self.q, self.seed, self.start = n, q, seed, start_step
-
-    def __iter__(self):
-        for step in range(self.start, 2**62):
-            yield poisson_lot(self.n, self.q, self.seed, step).tolist()
-
-
-def collate_lot(batch):
-    return torch.utils.data.default_collate(batch) if batch else None   # empty lots are legal
 
 
 # ==== Models ====
@@ -209,8 +195,8 @@ def keras_init(module, normal=()):
 
 
 class SameConv2d(nn.Conv2d):
-    """Keras padding='same': total pad max((ceil(n/s) - 1) s + k - n, 0), the odd pixel after
-    (card 2.4: on 3x12 with k=3, s=2 that is H (1, 1), W (0, 1); PyTorch padding=1 shifts W)."""
+    """Keras 'same': pad max((ceil(n/s) - 1) s + k - n, 0) in total, the odd pixel after (card 2.4:
+    3x3 stride 2 on 3x12 pads H (1, 1), W (0, 1); PyTorch padding=1 would shift W by one)."""
 
     def forward(self, x):
         (k, _), (s, _), pads = self.kernel_size, self.stride, []
@@ -222,7 +208,7 @@ class SameConv2d(nn.Conv2d):
 
 class TableGenerator(nn.Module):
     """Official SPRINT G: h = z * E[c] -> 256 -> 384 = (32, 3, 4) -> up (2, 6) -> conv5 256 ->
-    conv4 s2, linear -> (1, 3, 12). Other H x W: start at (32, H, ceil(W/3)), crop the end."""
+    conv4 s2, linear -> (1, 3, 12). Other H x W start at (32, H, ceil(W/3)) and crop the end."""
 
     def __init__(self, n_classes, shape=(3, 12), latent=100, width=1.0):
         super().__init__()
@@ -231,7 +217,7 @@ class TableGenerator(nn.Module):
         self.fc = nn.Sequential(nn.Linear(latent, ch(256, width)), nn.ReLU(),
                                 nn.Linear(ch(256, width), self.c0 * shape[0] * self.w0), nn.ReLU())
         self.conv1 = nn.Conv2d(self.c0, ch(256, width), 5, padding=2)   # 'same', stride 1
-        self.conv2 = nn.Conv2d(ch(256, width), 1, 4, stride=2, padding=1)   # 'same' here = pad 1 each side
+        self.conv2 = nn.Conv2d(ch(256, width), 1, 4, stride=2, padding=1)   # 'same' = pad 1 on each side here
         keras_init(self, normal=(self.embed, self.conv1, self.conv2))
 
     def forward(self, z, c):
@@ -249,8 +235,7 @@ class TableDiscriminator(nn.Module):
         c1, c2, hid = ch(32, width), ch(64, width), ch(1024, width)
         self.trunk = nn.Sequential(
             SameConv2d(1, c1, 3, stride=2), nn.LeakyReLU(0.3), nn.Dropout(dropout),
-            SameConv2d(c1, c2, 3), nn.LeakyReLU(0.3), nn.Dropout(dropout),
-            nn.Flatten(),                                                # (B, 64 * 2 * 6 = 768)
+            SameConv2d(c1, c2, 3), nn.LeakyReLU(0.3), nn.Dropout(dropout), nn.Flatten(),   # (B, 64*2*6 = 768)
             nn.Linear(c2 * math.ceil(shape[0] / 2) * math.ceil(shape[1] / 2), hid), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(hid, hid), nn.ReLU())
         self.source, self.classes = nn.Linear(hid, 1), nn.Linear(hid, n_classes)
@@ -264,7 +249,7 @@ class TableDiscriminator(nn.Module):
 class ImageGenerator(nn.Module):
     """Keras mnist_acgan.py G: h = z * E[c] -> ReLU dense 384 x s0 x s0 -> convT5 192 'valid' ->
     convT5 96 s2 -> convT5 C s2, tanh; s0 = size/4 - 4 (3 for MNIST). Stride-2 'same' transposed
-    convs as the card gives them in PyTorch (padding 2, output_padding 1)."""
+    convs in the card's PyTorch form (padding 2, output_padding 1)."""
 
     def __init__(self, n_classes, channels=1, size=28, latent=100, width=1.0):
         super().__init__()
@@ -301,21 +286,20 @@ class ImageDiscriminator(nn.Module):
 
 
 def check_no_batch_coupling(D):
-    """Card 6.2: BatchNorm couples the examples of a lot (per-example clipping then bounds nothing)
-    and its running statistics see raw records without noise. Refuse it."""
+    """Card 6.2: refuse layers that couple the examples of a lot (BatchNorm, tracked InstanceNorm)."""
     for name, m in D.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
                 isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats):
             raise ValueError(f"DP-SGD refuses {type(m).__name__} at D.{name}: it couples the examples of a "
-                             "lot and its running statistics see raw records without noise. Use GroupNorm, "
-                             "LayerNorm or no normalisation in the private discriminator.")
+                             "lot (per-example clipping then bounds nothing) and its running statistics see raw "
+                             "records without noise. Use GroupNorm, LayerNorm or no normalisation in D.")
 
 
 # ==== Losses ====
 def pair_loss(s_real, c_real, y_real, s_fake, c_fake, y_fake, soft=(1.0, 0.0), class_loss="all"):
-    """Per-pair D loss, shape (B,): 1/2 [BCE(S(x_i), 1) + BCE(S(x~_i), 0) + w_r CE(C(x_i), y_i) +
-    w_f CE(C(x~_i), c_i)]. UNSPECIFIED: the card's l_i has no 1/2; Keras' train_on_batch averages
-    the concatenated (real, fake) batch, so the official per-pair loss (batch 1) is l_i / 2."""
+    """Per-pair D loss (B,): 1/2 [BCE(S(x_i), 1) + BCE(S(x~_i), 0) + w_r CE(C(x_i), y_i) + w_f CE(C(x~_i), c_i)].
+    UNSPECIFIED: the card's l_i has no 1/2; Keras' train_on_batch averages the concatenated
+    (real, fake) batch, so the official per-pair loss (batch 1) is l_i / 2. We follow the code."""
     w_r, w_f = (1.0, 1.0) if class_loss == "all" else (2.0, 0.0)        # Keras example weights 2 / 0
     bce = F.binary_cross_entropy_with_logits
     adv = bce(s_real, torch.full_like(s_real, soft[0]), reduction="none") + \
@@ -357,7 +341,7 @@ def _log_a_int(q, sigma, alpha):
 
 def _log_a_frac(q, sigma, alpha):
     """log A_a, fractional a: two erfc-weighted binomial series split at z0, summed until both new
-    terms are below e^-30; the generalized binomials alternate in sign past a (signed log-sums)."""
+    terms are below e^-30; generalized binomials alternate in sign past a (signed log-sums)."""
     log_a0 = log_a1 = -math.inf
     z0, i = sigma ** 2 * math.log(1 / q - 1) + 0.5, 0
     while True:
@@ -375,10 +359,10 @@ def _log_a_frac(q, sigma, alpha):
 
 @functools.lru_cache(maxsize=256)
 def rdp_sgm(sample_rate, noise_multiplier, orders=DEFAULT_ORDERS):
-    """RDP eps_1(a) = log(A_a) / (a - 1) of ONE sampled-Gaussian step at each order a."""
+    """RDP eps_1(a) = log(A_a) / (a - 1) of ONE sampled-Gaussian step, at each order a."""
     q, s, out = sample_rate, noise_multiplier, []
     for a in orders:
-        if q == 0 or s == 0 or q == 1:                                   # no data / no noise / no sampling
+        if q == 0 or s == 0 or q == 1:                                   # nothing sampled / no noise / all
             out.append(0.0 if q == 0 else math.inf if s == 0 else a / (2 * s ** 2))
         else:
             out.append((_log_a_int(q, s, int(a)) if float(a).is_integer() else _log_a_frac(q, s, a)) / (a - 1))
@@ -407,7 +391,7 @@ def compute_epsilon(noise_multiplier, sample_rate, steps, delta, orders=None, co
 
 
 class RDPAccountant:
-    """Ledger of [sigma, q, steps] segments (as Opacus' RDPAccountant.history); RDP adds per order."""
+    """Ledger of [sigma, q, steps] segments (Opacus' RDPAccountant.history); RDP adds per order."""
 
     def __init__(self, history=()):
         self.history = [list(h) for h in history]
@@ -418,46 +402,24 @@ class RDPAccountant:
         else:
             self.history.append([noise_multiplier, sample_rate, 1])
 
-    @property
-    def steps(self):
-        return sum(h[2] for h in self.history)
-
     def get_epsilon(self, delta, conversion="balle"):
         rdp = sum((t * rdp_sgm(q, s) for s, q, t in self.history), np.zeros(len(DEFAULT_ORDERS)))
         return rdp_to_epsilon(DEFAULT_ORDERS, rdp, delta, conversion)
 
 
 def max_steps_within(target, sigma, q, delta, conversion, upper):
-    """Largest T <= upper with eps(T) <= target (eps grows with T), by bisection."""
+    """Largest T <= upper with eps(T) <= target, by bisection (eps grows with T)."""
     lo, hi = 0, upper
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        ok = compute_epsilon(sigma, q, mid, delta, conversion=conversion)[0] <= target
-        lo, hi = (mid, hi) if ok else (lo, mid - 1)
+        lo, hi = (mid, hi) if compute_epsilon(sigma, q, mid, delta, conversion=conversion)[0] <= target else (lo, mid - 1)
     return lo
-
-
-def calibrate_sigma(target, q, steps, delta, conversion):
-    """Smallest sigma (to 1e-4 relative, rounded up) with eps(sigma, q, steps) <= target."""
-    def eps(s):                                                         # falls with sigma
-        with warnings.catch_warnings():                                 # bracketing visits extreme sigmas
-            warnings.simplefilter("ignore")
-            return compute_epsilon(s, q, steps, delta, conversion=conversion)[0]
-    lo, hi = 0.05, 1.0
-    while eps(hi) > target:
-        lo, hi = hi, hi * 2
-        if hi > 1e4:
-            raise ValueError(f"no noise multiplier up to 1e4 reaches epsilon {target}")
-    while hi / lo > 1 + 1e-4:
-        lo, hi = (lo, math.sqrt(lo * hi)) if eps(math.sqrt(lo * hi)) <= target else (math.sqrt(lo * hi), hi)
-    return hi
 
 
 # ==== Train step ====
 def per_example_grads(D, x_real, y_real, x_fake, y_fake, loss_kw):
-    """Card 2.7(a): g_i = grad of pair loss l_i w.r.t. every trainable D parameter, one pair per
-    vmap lane; randomness='different' gives each pair its own dropout masks.
-    Returns ({name: (L, *shape)}, losses (L,))."""
+    """Card 2.7(a): g_i = grad of l_i w.r.t. every trainable D parameter, one pair per vmap lane;
+    randomness='different' draws each pair's own dropout masks. ({name: (L, *shape)}, losses (L,))."""
     check_no_batch_coupling(D)
     params = {k: v.detach() for k, v in D.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in D.named_buffers()}
@@ -478,22 +440,21 @@ def privatize(grads, max_grad_norm, noise_multiplier, expected_lot_size):
     the divisor is the EXPECTED lot size qN, never the realized one. C = 0: no clipping."""
     norms = sum(g.flatten(1).pow(2).sum(1) for g in grads.values()).sqrt()   # (L,)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) if max_grad_norm > 0 else torch.ones_like(norms)
+    std = noise_multiplier * max_grad_norm if noise_multiplier > 0 else 0.0   # sigma = 0, C = inf: none
     out = {}
     for k, g in grads.items():
         total = torch.einsum("i,i...->...", factor, g)                  # sum of clipped g_i
-        std = noise_multiplier * max_grad_norm if noise_multiplier > 0 else 0.0   # sigma = 0, C = inf: none
-        out[k] = (total + torch.randn_like(total) * std) / expected_lot_size
+        out[k] = (total + torch.randn_like(total) * std) / expected_lot_size   # fresh noise per coordinate
     return out, norms
 
 
-def dp_sgd_step(D, opt_D, x_real, y_real, x_fake, y_fake, noise_multiplier, max_grad_norm,
-                expected_lot_size, loss_kw):
-    """One D update. Private: per-example grads -> clip -> noise -> / qN -> Adam (Adam only post-
-    processes the noisy gradient, SPRINT_gan #5). Plain (sigma = C = 0): autograd of sum l_i / qN."""
+def dp_sgd_step(D, opt_D, x_real, y_real, x_fake, y_fake, noise_multiplier, max_grad_norm, expected_lot_size, loss_kw):
+    """One D update: per-example grads -> clip -> noise -> / qN -> Adam, which only post-processes
+    the noisy gradient (SPRINT_gan #5). Plain mode (sigma = C = 0): autograd of sum_i l_i / qN."""
     opt_D.zero_grad(set_to_none=True)
-    n = len(x_real)
+    n, zero = len(x_real), torch.zeros((), device=x_real.device)
     if noise_multiplier == 0 and max_grad_norm == 0:
-        losses, n_clipped = x_real.new_zeros(0), torch.zeros((), device=x_real.device)
+        losses, n_clipped = x_real.new_zeros(0), zero
         if n:
             s, c = D(torch.cat([x_real, x_fake]))                       # (2L,): reals, then fakes
             losses = pair_loss(s[:n], c[:n], y_real, s[n:], c[n:], y_fake, **loss_kw)
@@ -502,9 +463,8 @@ def dp_sgd_step(D, opt_D, x_real, y_real, x_fake, y_fake, noise_multiplier, max_
         grads, losses = per_example_grads(D, x_real, y_real, x_fake, y_fake, loss_kw)
         noisy, norms = privatize(grads, max_grad_norm, noise_multiplier, expected_lot_size)
         for k, p in D.named_parameters():
-            if p.requires_grad:
-                p.grad = noisy[k]
-        n_clipped = (norms > max_grad_norm).sum() if max_grad_norm > 0 else torch.zeros((), device=x_real.device)
+            p.grad = noisy[k] if p.requires_grad else None
+        n_clipped = (norms > max_grad_norm).sum() if max_grad_norm > 0 else zero
     opt_D.step()
     return losses.detach().sum(), n_clipped
 
@@ -515,8 +475,8 @@ def sample_zc(n, latent, n_classes, device, generator=None):
 
 
 def generator_step(G, D, opt_G, n, cfg):
-    """G step on n = 2L fresh fakes, D frozen: no D update, no gradient into D, no accountant event.
-    G never sees a real record, so it inherits D's guarantee by post-processing."""
+    """G step on n = 2L fresh fakes with D frozen: no D update, no gradient into D, no accountant
+    event. G never sees a real record, so it inherits D's guarantee by post-processing."""
     D.requires_grad_(False)
     opt_G.zero_grad(set_to_none=True)
     z, c = sample_zc(n, cfg["latent"], cfg["n_classes"], cfg["device"])
@@ -529,16 +489,14 @@ def generator_step(G, D, opt_G, n, cfg):
 
 
 def train_step(G, D, opt_G, opt_D, x_real, y_real, cfg, accountant):
-    """Card 2.3: a private D step on the lot paired with fresh fakes, one accountant event (q, sigma),
-    then a G step. Returns detached tensors."""
+    """Card 2.3: private D step on the lot and one fresh fake per record, one accountant event, G step."""
     with torch.no_grad():
         z, c = sample_zc(len(x_real), cfg["latent"], cfg["n_classes"], cfg["device"])
-        x_fake = G(z, c)                                                 # one fresh fake per real record
+        x_fake = G(z, c)
     loss_sum, n_clipped = dp_sgd_step(D, opt_D, x_real, y_real, x_fake, c, cfg["sigma"], cfg["C"],
                                       cfg["expected_lot"], cfg["loss_kw"])
     accountant.step(cfg["sigma"], cfg["q"])                              # every D update is charged
-    loss_G = generator_step(G, D, opt_G, cfg["n_g"], cfg)
-    return {"loss_D_sum": loss_sum, "n_clipped": n_clipped, "loss_G": loss_G}
+    return {"loss_D_sum": loss_sum, "n_clipped": n_clipped, "loss_G": generator_step(G, D, opt_G, cfg["n_g"], cfg)}
 
 
 # ==== Eval ====
@@ -547,15 +505,14 @@ def sample_synthetic(G, n, cfg, generator, post):
     xs, ys = [], []
     with torch.no_grad():
         for i in range(0, n, 4096):
-            z, c = sample_zc(min(4096, n - i), cfg["latent"], cfg["n_classes"], "cpu", generator)
-            x = G(z.to(cfg["device"]), c.to(cfg["device"]))
-            xs, ys = xs + [x.clamp(min=0).trunc() if post else x], ys + [c.to(cfg["device"])]
+            z, c = (t.to(cfg["device"]) for t in sample_zc(min(4096, n - i), cfg["latent"], cfg["n_classes"], "cpu", generator))
+            xs, ys = xs + [G(z, c).clamp(min=0).trunc() if post else G(z, c)], ys + [c]
     return torch.cat(xs), torch.cat(ys)
 
 
 def fit_classifier(kind, x, y, n_classes, steps, seed, image):
-    """'lr': L2 logistic regression; 'nn': MLP (tables) or small CNN (images) (DEVIATION 4).
-    Table features are standardized with the training set's statistics. Returns (predict, model)."""
+    """'lr': L2 logistic regression; 'nn': MLP (tables) or small CNN (images) (DEVIATION 4). Table
+    features are standardized with the training set's statistics. Returns (predict, model)."""
     mu, sd = (0.0, 1.0) if image else (x.mean(0), x.std(0).clamp_min(1e-6))
     f, shape = x[0].numel(), x.shape[1:]
     with torch.random.fork_rng(devices=[]):                             # the training RNG is untouched
@@ -590,8 +547,8 @@ def transfer_score(G, kind, real_x, real_y, cfg, seed, post):
 
 
 def report_noisy_max(scores, n_picks, scale, generator):
-    """Card 2.9 step 2: sequential picks without replacement of argmax(score + Laplace(scale)).
-    Scale 2 Delta / eps_pick makes each pick eps_pick-DP (Dwork & Roth Sec. 3.3); 0 = plain argmax."""
+    """Card 2.9 step 2: picks without replacement of argmax(score + Laplace(scale)); scale 2 Delta /
+    eps_pick makes each pick eps_pick-DP (Dwork & Roth Sec. 3.3); scale 0 = plain argmax."""
     remaining, picks = list(range(len(scores))), []
     for _ in range(min(n_picks, len(scores))):
         u = torch.rand(len(remaining), generator=generator, dtype=torch.float64) - 0.5
@@ -604,9 +561,8 @@ def evaluate(G, args, cfg, real_tr, real_te, scores, snap_dir, post):
     """Card 2.9 steps 2-4: private epoch selection, TSTR next to the real benchmark, structure."""
     private, picks, out = args.noise_multiplier > 0, [], {}
     if args.select_picks > 0 and scores["lr"]:
-        gen = torch.Generator().manual_seed(args.seed + 7)
+        gen, n_lr = torch.Generator().manual_seed(args.seed + 7), (args.select_picks + 1) // 2
         scale = 2 / (len(real_tr[0]) * args.select_epsilon) if private else 0.0   # DEVIATION 5
-        n_lr = (args.select_picks + 1) // 2
         picks = report_noisy_max(scores["lr"], n_lr, scale, gen) + \
             report_noisy_max(scores["nn"], args.select_picks - n_lr, scale, gen)
         out["eps_select"] = len(picks) * args.select_epsilon if private else 0.0   # basic composition
@@ -621,8 +577,7 @@ def evaluate(G, args, cfg, real_tr, real_te, scores, snap_dir, post):
     x_syn, y_syn, models = torch.cat(xs), torch.cat(ys), {}
     for kind in ("lr", "nn"):                                            # TSTR, and the real benchmark
         for src, (x, y) in (("tstr", (x_syn, y_syn)), ("real", real_tr)):
-            predict, models[src, kind] = fit_classifier(kind, x, y, cfg["n_classes"], cfg["clf_steps"],
-                                                        args.seed, cfg["image"])
+            predict, models[src, kind] = fit_classifier(kind, x, y, cfg["n_classes"], cfg["clf_steps"], args.seed, cfg["image"])
             out[f"{src}_{kind}"] = (predict(real_te[0]) == real_te[1]).float().mean().item()
     if not cfg["image"]:                                                 # card 2.9 step 4 (tables)
         a, b = real_tr[0].flatten(1).double().cpu().numpy(), x_syn.flatten(1).double().cpu().numpy()
@@ -633,17 +588,17 @@ def evaluate(G, args, cfg, real_tr, real_te, scores, snap_dir, post):
         out["corr_spearman"] = float(stats.spearmanr(ca[ok], cb[ok])[0]) if ok.sum() > 2 else float("nan")
         w = [models[s, "lr"][1].weight.detach().flatten().cpu().numpy() for s in ("real", "tstr")]
         out["coef_spearman"] = float(stats.spearmanr(*w)[0])
-        for r in range(a.shape[1] // real_tr[0].shape[-1]):                # per table row: SBP, DBP, meds
+        for r in range(real_tr[0].shape[-2]):                            # per table row: SBP, DBP, meds
             out[f"mean_real_{r}"], out[f"mean_syn_{r}"] = (t[..., r, :].mean().item() for t in (real_tr[0], x_syn))
     print("eval | " + " | ".join(f"{k} {v:.4g}" for k, v in out.items()), flush=True)
     return out
 
 
 def bench_d_steps(D, lot, shape, cfg, n):
-    """D steps/s with per-example gradients (sigma = C = 1) vs plain autograd on the same lot size.
-    Random inputs: no real record is touched, so the benchmark costs no privacy."""
-    x = torch.randn(2 * lot, *shape, device=cfg["device"])
-    y, rates = torch.randint(0, cfg["n_classes"], (2 * lot,), device=cfg["device"]), {}
+    """D steps/s with per-example gradients (sigma = C = 1) vs plain autograd at the same lot size,
+    on random inputs: no real record is touched, so the benchmark costs no privacy."""
+    x, rates = torch.randn(2 * lot, *shape, device=cfg["device"]), {}
+    y = torch.randint(0, cfg["n_classes"], (2 * lot,), device=cfg["device"])
     sync = torch.cuda.synchronize if cfg["device"].type == "cuda" else (lambda: None)
     for name, sig_c in (("private", 1.0), ("plain", 0.0)):
         d = copy.deepcopy(D)
@@ -657,12 +612,12 @@ def bench_d_steps(D, lot, shape, cfg, n):
         rates[f"bench_d_it_s_{name}"] = n / (time.perf_counter() - t)
     rates["bench_ratio"] = rates["bench_d_it_s_plain"] / rates["bench_d_it_s_private"]
     print(f"bench (lot {lot}): D step with per-example grads {rates['bench_d_it_s_private']:.1f} it/s | plain "
-          f"{rates['bench_d_it_s_plain']:.1f} it/s | private/plain time {rates['bench_ratio']:.2f}x", flush=True)
+          f"{rates['bench_d_it_s_plain']:.1f} it/s | private takes {rates['bench_ratio']:.2f}x", flush=True)
     return rates
 
 
 def write_samples(G, z, c, path, image):
-    """Images: 8x8 grid, one class per row. Records: a CSV of label + flattened features."""
+    """Images: 8x8 grid, one class per row. Records: a CSV of label and flattened features."""
     with torch.no_grad():
         x = G(z, c)
     if image:
@@ -690,39 +645,36 @@ def main(argv=None):
 
     if table:                                                           # records stay in raw units (card 4.1)
         if args.dataset == "sprint_synth":
-            n_test = 502 if args.n_test is None else args.n_test
+            n_test, n_classes = 502 if args.n_test is None else args.n_test, 2
             x, y = sprint_synth(args.n_train + n_test, args.data_seed)
-            n_classes = 2
         else:
             x, y, classes = load_csv_table(args.dataset[len("csv:"):], args.label_column, args.table_shape)
             n_test, n_classes = round(len(x) * 502 / 6502) if args.n_test is None else args.n_test, len(classes)
-        x, n_tr = x.unsqueeze(1).to(device), len(x) - n_test            # (N, 1, H, W)
+        x, y, n_tr = x.unsqueeze(1).to(device), y.to(device), len(x) - n_test   # (N, 1, H, W)
         if n_tr < 1:
             raise ValueError(f"{n_test} held-out records leave no training records (--n-test)")
-        real_tr, real_te, shape = (x[:n_tr], y[:n_tr].to(device)), (x[n_tr:], y[n_tr:].to(device)), tuple(x.shape[1:])
+        real_tr, real_te, shape = (x[:n_tr], y[:n_tr]), (x[n_tr:], y[n_tr:]), tuple(x.shape[1:])
+        G = TableGenerator(n_classes, shape[1:], args.latent_dim, args.width)
+        D = TableDiscriminator(n_classes, shape[1:], args.width)
     else:
         ds = common.load_dataset(args.dataset, args.data_root, args.img_size)
         n_classes, n_tr, shape = (10 if args.dataset == "mnist" else 6), len(ds), tuple(ds[0][0].shape)
         if shape[1] % 4 or shape[1] < 20:
             raise ValueError(f"image side {shape[1]} must be a multiple of 4 and >= 20 (--img-size)")
-    q = args.sample_rate = args.sample_rate or (1 / n_tr if table else 64 / n_tr)
-    steps_per_epoch, private = max(1, round(1 / q)), args.noise_multiplier > 0   # official: N / batch
-    total = args.steps or args.epochs * steps_per_epoch
-    if args.target_epsilon is not None and private:                     # spend at most the target
-        if args.calibrate == "noise":
-            args.noise_multiplier = calibrate_sigma(args.target_epsilon, q, total, args.delta, args.conversion)
-        else:
-            total = max_steps_within(args.target_epsilon, args.noise_multiplier, q, args.delta, args.conversion, total)
-            if total == 0:
-                raise ValueError(f"--target-epsilon {args.target_epsilon} does not allow a single step")
-    args.total_steps = total
-
-    if table:
-        G = TableGenerator(n_classes, shape[1:], args.latent_dim, args.width)
-        D = TableDiscriminator(n_classes, shape[1:], args.width)
-    else:
         G = ImageGenerator(n_classes, shape[0], shape[1], args.latent_dim, args.width)
         D = ImageDiscriminator(n_classes, shape[0], shape[1], args.width)
+        if args.tstr_samples:                                           # scoring needs all real images
+            real_tr, real_te = ((torch.stack([d[i][0] for i in range(len(d))]).to(device), torch.tensor(
+                [d[i][1] for i in range(len(d))], device=device)) for d in (ds, common.load_dataset(
+                    args.dataset, args.data_root, args.img_size, train=False)))
+    q = args.sample_rate = args.sample_rate or (1 / n_tr if table else 64 / n_tr)
+    steps_per_epoch, private = max(1, round(1 / q)), args.noise_multiplier > 0   # official: N / batch
+    total = args.total_steps = args.steps or args.epochs * steps_per_epoch
+    if args.target_epsilon is not None and private:                     # stop before exceeding the target
+        total = args.total_steps = max_steps_within(args.target_epsilon, args.noise_multiplier, q, args.delta,
+                                                    args.conversion, total)
+        if total == 0:
+            raise ValueError(f"--target-epsilon {args.target_epsilon} does not allow a single step")
     check_no_batch_coupling(D)
     G, D = G.to(device), D.to(device)
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=tuple(args.betas))
@@ -749,30 +701,25 @@ def main(argv=None):
           f"({steps_per_epoch}/epoch)", flush=True)
     if private:
         e_end = compute_epsilon(args.noise_multiplier, q, total, args.delta, conversion=args.conversion)[0]
-        print(f"privacy plan: sigma {args.noise_multiplier:.5g}, C {args.max_grad_norm:g}, {total} steps at q {q:.6g}"
-              f" -> eps {e_end:.4f} at delta {args.delta:g} ({args.conversion})", flush=True)
+        print(f"privacy plan: sigma {args.noise_multiplier:g}, C {args.max_grad_norm:g}, {total} steps at q {q:.6g} -> "
+              f"eps {e_end:.4f} at delta {args.delta:g} ({args.conversion})", flush=True)
     else:
         print("!" * 80 + "\n!! NON-PRIVATE BASELINE (--noise-multiplier 0): NO differential privacy, eps = inf !!\n"
               + "!" * 80, flush=True)
     with open(os.path.join(args.out_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
 
-    if table:
-        lots = ((real_tr[0][i], real_tr[1][i]) for i in (
-            poisson_lot(n_tr, q, args.seed, k).to(device) for k in range(step, 2**62)))
-    else:
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=PoissonLots(n_tr, q, args.seed, step), collate_fn=collate_lot,
-                                             num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                             persistent_workers=args.num_workers > 0)
-        empty = (torch.empty(0, *shape, device=device), torch.empty(0, dtype=torch.long, device=device))
-        lots = (empty if b is None else (b[0].to(device), b[1].to(device)) for b in loader)
-        if not ckpt_path:                                               # public image sets only, never records
-            torchvision.utils.save_image(torch.stack([ds[i][0] for i in range(64)]), os.path.join(
-                args.out_dir, "reals.png"), nrow=8, normalize=True, value_range=(-1, 1))
-        if args.tstr_samples:
-            real_tr, real_te = ([torch.stack(t).to(device) if i == 0 else torch.tensor(t, device=device)
-                                 for i, t in enumerate(zip(*d))] for d in (ds, common.load_dataset(
-                                     args.dataset, args.data_root, args.img_size, train=False)))
+    def real_lot(k):                                                    # the Poisson lot of D step k
+        idx = poisson_lot(n_tr, q, args.seed, k)
+        if table:
+            return real_tr[0][idx.to(device)], real_tr[1][idx.to(device)]
+        items = [ds[i] for i in idx.tolist()]                           # images are read per lot
+        x = torch.stack([t for t, _ in items]) if items else torch.empty(0, *shape)
+        return x.to(device), torch.tensor([t for _, t in items], dtype=torch.long, device=device)
+
+    if not table and not ckpt_path:                                     # public image sets only, never records
+        torchvision.utils.save_image(torch.stack([ds[i][0] for i in range(64)]), os.path.join(
+            args.out_dir, "reals.png"), nrow=8, normalize=True, value_range=(-1, 1))
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     snap_dir, fixed_c = os.path.join(args.out_dir, "generators"), torch.arange(64, device=device) // 8 % n_classes
     cfg = {"latent": args.latent_dim, "n_classes": n_classes, "device": device, "sigma": args.noise_multiplier,
@@ -787,35 +734,34 @@ def main(argv=None):
             "opt_D": opt_D.state_dict(), "fixed_z": fixed_z, "accountant": accountant.history, "scores": scores,
             "eps_select_spent": eps_select_spent, "rng": common.rng_state()})
 
-    zero = torch.zeros((), device=device)
-    acc = dict(loss_D=zero, loss_G=zero, clipped=zero, pairs=0, steps=0)
-    metrics, t0, t_start, step0 = {"step": step}, time.time(), time.time(), step
+    hist, metrics, t0, t_start, step0 = [], {"step": step}, time.time(), time.time(), step
     while step < total:
-        x_real, y_real = next(lots)
+        x_real, y_real = real_lot(step)
         out = train_step(G, D, opt_G, opt_D, x_real, y_real, cfg, accountant)
+        hist.append((out["loss_D_sum"], out["n_clipped"], out["loss_G"], len(x_real)))
         step += 1
-        acc = dict(loss_D=acc["loss_D"] + out["loss_D_sum"], loss_G=acc["loss_G"] + out["loss_G"],
-                   clipped=acc["clipped"] + out["n_clipped"], pairs=acc["pairs"] + len(x_real), steps=acc["steps"] + 1)
-        if step % steps_per_epoch == 0 and args.tstr_samples and args.select_picks:
-            epoch = step // steps_per_epoch                             # card 2.9 step 1, every epoch
-            common.save_checkpoint(os.path.join(snap_dir, f"G_{epoch:04d}.pt"), G.state_dict())
-            for kind in ("lr", "nn"):
-                scores[kind].append(transfer_score(G, kind, *real_tr, cfg, args.seed + epoch, post))
-            print(f"epoch {epoch} | eps {accountant.get_epsilon(args.delta, args.conversion)[0]:.4f} | transfer "
-                  f"(on real train, not private) lr {scores['lr'][-1]:.4f} nn {scores['nn'][-1]:.4f}", flush=True)
+        if step % steps_per_epoch == 0:                                 # card 2.3: eps(delta) every epoch
+            epoch = step // steps_per_epoch
+            line = f"epoch {epoch} | eps {accountant.get_epsilon(args.delta, args.conversion)[0]:.4f}"
+            if args.tstr_samples and args.select_picks:                 # card 2.9 step 1
+                common.save_checkpoint(os.path.join(snap_dir, f"G_{epoch:04d}.pt"), G.state_dict())
+                for kind in ("lr", "nn"):
+                    scores[kind].append(transfer_score(G, kind, *real_tr, cfg, args.seed + epoch, post))
+                line += f" | transfer (real train, not private) lr {scores['lr'][-1]:.4f} nn {scores['nn'][-1]:.4f}"
+            print(line, flush=True)
         if step % args.log_every == 0 or step == total:
             it_s = (step - metrics["step"]) / max(time.time() - t0, 1e-9)
-            pairs = max(acc["pairs"], 1)
-            metrics = {"step": step, "epoch": step / steps_per_epoch, "loss_D": acc["loss_D"].item() / pairs,
-                       "loss_G": acc["loss_G"].item() / acc["steps"], "lot": acc["pairs"] / acc["steps"],
-                       "clip_frac": acc["clipped"].item() / pairs,
-                       "eps": accountant.get_epsilon(args.delta, args.conversion)[0], "it_s": it_s,
-                       "eta_s": (total - step) / max(it_s, 1e-9)}
+            loss_d, clipped, loss_g = (torch.stack([h[i] for h in hist]).sum().item() for i in range(3))
+            pairs = max(sum(h[3] for h in hist), 1)
+            metrics = {"step": step, "epoch": step / steps_per_epoch, "loss_D": loss_d / pairs,
+                       "loss_G": loss_g / len(hist), "lot": sum(h[3] for h in hist) / len(hist),
+                       "clip_frac": clipped / pairs, "eps": accountant.get_epsilon(args.delta, args.conversion)[0],
+                       "it_s": it_s, "eta_s": (total - step) / max(it_s, 1e-9)}
             print(f"step {step}/{total} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"),
                   flush=True)
             with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            acc, t0 = dict(loss_D=zero, loss_G=zero, clipped=zero, pairs=0, steps=0), time.time()
+            hist, t0 = [], time.time()
         if args.sample_every and (step % args.sample_every == 0 or step == total):
             write_samples(G, fixed_z.to(device), fixed_c, os.path.join(args.out_dir, "samples", f"{step:07d}"), not table)
         if step % args.ckpt_every == 0 and step < total:
@@ -828,20 +774,18 @@ def main(argv=None):
     eps, order = accountant.get_epsilon(args.delta, args.conversion)
     with open(os.path.join(args.out_dir, "privacy.json"), "w") as f:    # beside the checkpoint
         json.dump({"epsilon": eps if private else None, "delta": args.delta, "best_order": order,
-                   "conversion": args.conversion, "steps": accountant.steps, "history": accountant.history,
-                   "epsilon_selection": eps_select_spent, "epsilon_total": eps + eps_select_spent if private else None,
-                   "non_private": not private}, f, indent=1)
+                   "conversion": args.conversion, "steps": sum(h[2] for h in accountant.history),
+                   "history": accountant.history, "epsilon_selection": eps_select_spent,
+                   "epsilon_total": eps + eps_select_spent if private else None, "non_private": not private}, f, indent=1)
     print(f"privacy: eps {eps:.4f} (training; alpha {order:g}, {args.conversion}) + {eps_select_spent:.4g} (epoch "
           f"selection) at delta {args.delta:g}" + ("" if private else "  -- NON-PRIVATE RUN"), flush=True)
     metrics["eps_select"] = eps_select_spent
     if args.export_samples:
         x_e, y_e = sample_synthetic(G, args.export_samples, cfg, torch.Generator().manual_seed(args.seed + 13), post)
-        path = os.path.join(args.out_dir, f"samples_{args.export_samples}.npz")
-        if table:
-            np.savez(path, records=x_e[:, 0].cpu().numpy(), labels=y_e.cpu().numpy())
-        else:                                                           # uint8 NHWC for fid.py
-            img = ((x_e + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            np.savez(path, images=img.cpu().numpy(), labels=y_e.cpu().numpy())
+        arrays = {"records": x_e[:, 0]} if table else {   # images: uint8 NHWC for fid.py
+            "images": ((x_e + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)}
+        np.savez(os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"), labels=y_e.cpu().numpy(),
+                 **{k: v.cpu().numpy() for k, v in arrays.items()})
     if args.bench_d_steps:
         metrics.update(bench_d_steps(D, max(1, round(q * n_tr)), shape, cfg, args.bench_d_steps))
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
