@@ -7,20 +7,20 @@ toshas/torch-fidelity (tf1 mode, IS, KID), GaParmar/clean-fid (clean mode), goog
 Paper -> code
   FID def. (arXiv:1706.08500)  ||mu1-mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^1/2 .. frechet_distance()
   pytorch-fid inception.py     FID Inception, 4 TF patches, taps 64/192/768/2048 .. FIDInceptionV3
-  pytorch-fid fid_score.py     sorted flat folder, ToTensor, N-1 covariance ........ list_images(), statistics()
+  pytorch-fid fid_score.py     sorted flat folder, ToTensor, N-1 covariance .. list_images(), statistics()
   torch-fidelity / clean-fid   tf1 (TF1 bilinear) and clean (PIL bicubic) resizing . preprocess()
   Salimans et al. 2016 Sec. 4  IS: unbiased logits, 10 splits, std ddof 0 ............ inception_score()
   Binkowski et al. 2018        KID: cubic kernel, 100 x 1000 subsets ................. kid()
   Kynkaanniemi et al. 2019     k-NN precision / recall, k = 3 ........................ precision_recall()
   Chong & Forsyth 2020         FID_inf: fit FID_N = a + b/N, report a ................ fid_infinity()
-  Lucic Sec. 5, params.py      wide / narrow search spaces, author defaults .......... sample_hparams()
-  Lucic budget figure          min FID vs number of settings tried .................. budget_curve()
-  Lucic Sec. 6, colab          triangles, approximate precision / recall / F1 ........ make_polygons(), approx_prf()
+  Lucic et al., params.py      wide / narrow search spaces, author defaults .......... sample_hparams()
+  Lucic et al. budget figure   min FID vs number of settings tried .................. budget_curve()
+  Lucic et al. P&R, colab      triangles; approximate precision, recall, F1 .. make_polygons(), approx_prf()
   project contract             FID during training with cached reference stats ..... fid_for_training()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. DEVIATION      --prc uses Inception pool3 features, not VGG-16 fc2 (no second weight file).
   2. DEVIATION      clean mode feeds this file's FID Inception, not NVIDIA's TorchScript port that clean-fid
-                    loads (same TF weights; parity with clean-fid is unverified).
+                    loads (same TF weights; the resize is checked bit-identical, the features are not).
   3. PAPER-VS-CODE  compare_gan v1 scores float generator output unquantised with TF1 resizing against the
                     10k test split; we quantise like save_image (= scoring saved PNGs) and default to the
                     pytorch-fid pipeline. --mode tf1 gives compare_gan's resizing.
@@ -35,7 +35,11 @@ Run
   python fid.py data/cifar10_png cifar10_train.npz --save-stats
   python fid.py bench --device cpu                                # extraction img/s, Frechet timings
   python fid.py triangles data/triangles ; python fid.py sample-hparams wgan_gp wide --n 100
-  python fid.py collect runs/* > runs.csv ; python fid.py budget-curve runs.csv ; python fid.py seed-report runs.csv
+  python fid.py collect runs/* > runs.csv ; python fid.py budget-curve runs.csv
+  python fid.py seed-report runs.csv
+Parity checked with one random state dict in both nets: features bit-identical to pytorch-fid 0.3.0
+(every tap) and, in tf1 mode, to torch-fidelity 0.4.0 (resize, pool3, unbiased logits); clean resize
+bit-identical to clean-fid 0.1.35; FID equal to pytorch-fid's calculate_fid_given_paths (tests/test_fid.py).
 Weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid release 'fid_weights'); --weights PATH, else
 the torch hub cache, else a download. Scores with other Inception weights are not comparable.
 """
@@ -57,7 +61,6 @@ import scipy.linalg
 import scipy.spatial
 import scipy.special
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.datasets.folder import pil_loader
@@ -85,10 +88,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="study tools: python fid.py {" + ",".join(TOOLS) + "} --help")
-    p.add_argument("path", nargs="+", help="two sources (image folder, stats .npz with mu/sigma, samples .npz "
-                   "with 'images' uint8 NHWC, or dataset:<name> = common.load_dataset train split); one "
-                   "source with --isc only [official pytorch-fid fid_score.py]")
-    p.add_argument("--batch-size", type=int, default=50, help="images per forward [official pytorch-fid fid_score.py]")
+    p.add_argument("path", nargs="+", help="two sources (image folder, stats .npz with mu/sigma, samples "
+                   ".npz with 'images' uint8 NHWC, or dataset:<name> = common.load_dataset train split); "
+                   "one source with --isc only [official pytorch-fid fid_score.py]")
+    p.add_argument("--batch-size", type=int, default=50,
+                   help="images per forward [official pytorch-fid fid_score.py]")
     p.add_argument("--num-workers", type=int, default=_default_workers(),
                    help="data loader processes, min(8, CPUs) [official pytorch-fid fid_score.py]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -107,24 +111,24 @@ def parse_args(argv=None):
                    "to the protocol only for 299x299 inputs [ours: pytorch-fid resize_input=False]")
     p.add_argument("--recursive", action="store_true", help="scan folders recursively [ours: opt-in]")
     p.add_argument("--ignore-case", action="store_true", help="match *.PNG etc. too [ours: opt-in]")
-    p.add_argument("--isc", action="store_true", help="Inception Score of PATH1 [Sec. 4, Salimans et al. 2016]")
-    p.add_argument("--isc-splits", type=int, default=10, help="IS splits [Sec. 4, Salimans et al. 2016]")
+    p.add_argument("--isc", action="store_true", help="Inception Score of PATH1 [Sec. 4, Salimans 2016]")
+    p.add_argument("--isc-splits", type=int, default=10, help="IS splits [Sec. 4, Salimans 2016]")
     p.add_argument("--no-shuffle", action="store_true", help="IS splits in file order, as the original "
                    "[official improved-gan model.py; torch-fidelity shuffles]")
     p.add_argument("--kid", action="store_true", help="Kernel Inception Distance [Binkowski et al. 2018]")
-    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets [official torch-fidelity defaults.py]")
+    p.add_argument("--kid-subsets", type=int, default=100, help="[official torch-fidelity defaults.py]")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="[official torch-fidelity defaults.py]")
-    p.add_argument("--prc", action="store_true", help="k-NN precision/recall/F1 on pool3 features (DEVIATION: "
-                   "paper uses VGG-16) [Kynkaanniemi et al. 2019]")
-    p.add_argument("--prc-k", type=int, default=3, help="k-th neighbour radius [Kynkaanniemi et al. 2019 Sec. 2]")
+    p.add_argument("--prc", action="store_true", help="k-NN precision/recall/F1 on pool3 features "
+                   "(DEVIATION: paper uses VGG-16) [Kynkaanniemi et al. 2019]")
+    p.add_argument("--prc-k", type=int, default=3, help="k-th neighbour radius [Kynkaanniemi et al. 2019]")
     p.add_argument("--fid-inf", action="store_true", help="FID_inf of PATH1 vs PATH2 [Chong & Forsyth 2020]")
     p.add_argument("--seed", type=int, default=2020, help="IS shuffle / KID subsets / FID_inf seed "
                    "[official torch-fidelity defaults.py]")
-    p.add_argument("--allow-tf32", action="store_true", help="leave TF32 on during extraction [ours: card 2.13]")
+    p.add_argument("--allow-tf32", action="store_true", help="keep TF32 during extraction [ours: card 2.13]")
     p.add_argument("--fp64-features", action="store_true", help="run the network in float64 "
                    "[official torch-fidelity feature_extractor_internal_dtype]")
     p.add_argument("--data-root", default="data", help="root for dataset: sources [run]")
-    p.add_argument("--img-size", type=int, default=None, help="dataset: sources at this size, default native [run]")
+    p.add_argument("--img-size", type=int, default=None, help="dataset: sources at this size [run]")
     p.add_argument("--cache-dir", default=None, help="stats cache for dataset: sources, default "
                    "<data-root>/fid_stats [run]")
     return p.parse_args(argv)
@@ -141,27 +145,30 @@ def parse_tool_args(argv):
     b.add_argument("--batch-size", type=int, default=50, help="[official pytorch-fid fid_score.py]")
     b.add_argument("--d", type=int, default=2048, help="feature dimension for the Frechet timings [run]")
     b.add_argument("--n-features", type=int, default=10_000, help="samples per Gaussian feature set [run]")
-    t = sub.add_parser("triangles", help="Lucic et al.'s convex-polygon data set as PNG folders [Sec. 6]")
+    t = sub.add_parser("triangles", help="convex-polygon data set as PNG folders [Lucic et al. P&R]")
     t.add_argument("out_dir", help="writes out_dir/{train,test,holdout}/NNNNN.png [run]")
-    t.add_argument("--n", type=int, default=80_000, help="images, split 60k/10k/10k [official compare_gan v1 gan_lib.py]")
-    t.add_argument("--n-vertices", type=int, default=3, help="triangles [Sec. 6]")
+    t.add_argument("--n", type=int, default=80_000,
+                   help="images, split 60k/10k/10k [official compare_gan v1 gan_lib.py]")
+    t.add_argument("--n-vertices", type=int, default=3, help="3 = triangles [Lucic et al. P&R]")
     t.add_argument("--seed", type=int, default=0, help="[UNSPECIFIED: colab seed unknown; ours 0]")
-    s = sub.add_parser("sample-hparams", help="random search settings, JSON lines [official compare_gan params.py]")
+    s = sub.add_parser("sample-hparams", help="settings as JSON lines [official compare_gan params.py]")
     s.add_argument("model", choices=sorted(AUTHOR_DEFAULTS), help="[Tab. 1]")
-    s.add_argument("space", choices=("wide", "narrow"), help="phase 1 / phase 2 range [official compare_gan params.py]")
-    s.add_argument("--n", type=int, default=100, help="settings; the first is the author default [Sec. 5]")
+    s.add_argument("space", choices=("wide", "narrow"), help="phase 1 / 2 [official compare_gan params.py]")
+    s.add_argument("--n", type=int, default=100,
+                   help="settings; the first is the author default [official compare_gan params.py]")
     s.add_argument("--seed", type=int, default=0, help="[run]")
-    for name, h in (("budget-curve", "min FID vs settings tried, mean and 95%% band [Fig. 5]"),
-                    ("seed-report", "FID distribution over seeds per setting [Sec. 5]")):
+    for name, h in (("budget-curve", "min FID vs settings tried, 95%% band [Lucic et al. budget figure]"),
+                    ("seed-report", "FID distribution over seeds per setting [Lucic et al. protocol]")):
         c = sub.add_parser(name, help=h)
         c.add_argument("csv", help="columns model,setting_id,seed,fid (see the collect tool) [run]")
         if name == "budget-curve":
-            c.add_argument("--resamples", type=int, default=5000, help="[UNSPECIFIED: paper's B unknown; ours]")
+            c.add_argument("--resamples", type=int, default=5000, help="[UNSPECIFIED: paper's B; ours]")
             c.add_argument("--seed", type=int, default=0, help="[run]")
     c = sub.add_parser("collect", help="runs.csv rows from training run folders [ours]")
     c.add_argument("runs", nargs="+", help="run folders holding args.json and metrics.jsonl [run]")
-    c.add_argument("--model", default=None, help="model name, default the folder name up to the first '-' [run]")
-    c.add_argument("--key", default="fid", help="metrics.jsonl key; a run's score is its minimum [Sec. 5]")
+    c.add_argument("--model", default=None, help="default: the folder name up to its first '-' [run]")
+    c.add_argument("--key", default="fid",
+                   help="metrics.jsonl key; a run's score is its minimum [official compare_gan v1]")
     return p.parse_args(argv)
 
 
@@ -189,7 +196,7 @@ class ImageFiles(torch.utils.data.Dataset):
 def quantize(x):
     """[-1, 1] float -> uint8 exactly as save_image(normalize=True, value_range=(-1, 1)) [card 2.4]."""
     x = x.detach().float().clamp(-1, 1).sub(-1).div(2)             # torchvision make_grid norm_ip
-    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)      # torchvision save_image: round, no truncation
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)      # save_image: rounds, never truncates
 
 
 def _tf1_resize(x, size):
@@ -375,9 +382,11 @@ def exact_fp32(allow_tf32=False):
 
 
 def _extract(batches, model, device=None, total=None, allow_tf32=False, progress=False):
-    """Features of an iterable of uint8 / [0, 1] float batches -> float64 (N, dims) [pytorch-fid get_activations]."""
+    """Features of uint8 / [0, 1] float batches -> float64 (N, dims) [pytorch-fid get_activations]."""
+    if device is not None:
+        model.to(device)
     p = next(model.parameters())
-    device, feats = torch.device(device) if device else p.device, []
+    device, feats = p.device, []
     t0 = last = time.perf_counter()
     done = 0
     with exact_fp32(allow_tf32), torch.no_grad():
@@ -420,7 +429,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="sqrtm", eps=1e-6):
         raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} "
                          f"vs {sigma2.shape}")
     diff = mu1 - mu2
-    if method == "sqrtm":                                   # pytorch-fid / TTUR, "stable version by D. Sutherland"
+    if method == "sqrtm":                     # pytorch-fid / TTUR: "stable version by Dougal J. Sutherland"
         if (1, 11, 2) <= tuple(int(v) for v in re.findall(r"\d+", scipy.__version__)[:3]) < (1, 13, 0):
             raise RuntimeError(f"SciPy {scipy.__version__} has a broken sqrtm (pytorch-fid #100); install "
                                "scipy>=1.13 or use --fd-method eig")
@@ -468,7 +477,7 @@ def inception_score(logits, splits=10, shuffle=True, seed=2020):
 
 
 def mmd2_poly(x, y, degree=3, coef0=1.0):
-    """Unbiased MMD^2 with k(a, b) = (a.b/d + 1)^3; the cross term keeps i = j [official MMD-GAN compute_scores.py]."""
+    """Unbiased MMD^2, k(a, b) = (a.b/d + 1)^3, cross term keeps i = j [official MMD-GAN compute_scores]."""
     gamma, m = 1.0 / x.shape[1], len(x)
     k_xx, k_yy, k_xy = ((a @ b.T * gamma + coef0) ** degree for a, b in ((x, x), (y, y), (x, y)))
     within = k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)
@@ -476,7 +485,7 @@ def mmd2_poly(x, y, degree=3, coef0=1.0):
 
 
 def kid(features1, features2, subsets=100, subset_size=1000, seed=2020):
-    """KID: MMD^2 over `subsets` random subsets drawn without replacement; mean, std (ddof 0) [Binkowski et al.]."""
+    """KID: MMD^2 over random subsets without replacement; mean, std (ddof 0) [Binkowski et al. 2018]."""
     f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     if min(len(f1), len(f2)) < subset_size:
         raise ValueError(f"KID needs >= {subset_size} samples per set (--kid-subset-size), got {len(f1)} and "
@@ -489,7 +498,7 @@ def kid(features1, features2, subsets=100, subset_size=1000, seed=2020):
 
 def precision_recall(real, fake, k=3, batch=1000):
     """k-NN manifolds: precision = share of fake inside the real balls, recall the converse; and F1
-    [Kynkaanniemi et al. 2019 Sec. 2]."""
+    [Kynkaanniemi et al. 2019]."""
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
 
     def radii(x):            # distance to the k-th neighbour, self excluded = (k+1)-th smallest incl. 0
@@ -534,7 +543,8 @@ def reference_stats(dataset, data_root, img_size, model, cache_dir=None, class_l
             return f["mu"], f["sigma"], int(f["n"]), path
     ds = common.load_dataset(dataset, data_root, img_size, train=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-    batches = (quantize(x if class_label is None else x[torch.as_tensor(y) == class_label]) for x, y in loader)
+    batches = (quantize(x if class_label is None else x[torch.as_tensor(y) == class_label])
+               for x, y in loader)
     feats = _extract((x for x in batches if len(x)), model, total=len(ds), progress=progress)
     mu, sigma = statistics(feats)
     os.makedirs(cache_dir, exist_ok=True)
@@ -555,7 +565,8 @@ def fid_for_training(sample_fn, dataset, data_root, img_size, n_samples, device,
     def batches():
         for i in range(0, n_samples, 50):
             with torch.no_grad():
-                yield quantize(sample_fn(min(50, n_samples - i)))
+                x = sample_fn(min(50, n_samples - i))
+            yield quantize(x)
 
     mu, sigma = statistics(_extract(batches(), model, total=n_samples, progress=True))
     method = "sqrtm"
@@ -611,7 +622,7 @@ def polygon_splits(n):
 
 def polygon_distance(images, n_vertices=3, size=28, subpixel=8):
     """L2 distance of [0, 1] images to the polygon manifold: threshold at 0.5, convex hull of the dark pixel
-    centres, its largest-area n_vertices-gon, re-rendered [UNSPECIFIED: Lucic Sec. 6 gives no projection]."""
+    centres, its largest-area n_vertices-gon, re-rendered [UNSPECIFIED: the paper gives no projection]."""
     out = np.full(len(images), np.inf)
     for i, img in enumerate(np.asarray(images, np.float64).reshape(len(images), size, size)):
         pts = np.argwhere(img < 0.5) + 0.5 / subpixel                       # pixel i covers i-3/8..i+5/8
@@ -630,7 +641,7 @@ def polygon_distance(images, n_vertices=3, size=28, subpixel=8):
 
 def invert_distance(G, x, z_dim, steps=500, lr=0.01, restarts=5, seed=0):
     """min_z ||G(z) - x||_2 by Adam from `restarts` z ~ U(-1, 1) starts; G maps (n, z_dim) to [-1, 1]
-    images, x is in [0, 1] [Lucic Sec. 6; UNSPECIFIED: optimiser settings]."""
+    images, x is in [0, 1] [Lucic et al. P&R; UNSPECIFIED: optimiser settings]."""
     gen = torch.Generator().manual_seed(seed)
     device = next(G.parameters()).device
     x = torch.as_tensor(x, dtype=torch.float32, device=device).reshape(len(x), -1)
@@ -650,7 +661,7 @@ def invert_distance(G, x, z_dim, steps=500, lr=0.01, restarts=5, seed=0):
 
 def approx_prf(G, z_dim, test_images, n_gen=1000, delta=5.0, seed=0, **invert_kw):
     """Approximate precision (generated near the manifold), recall (test images G can reach within delta)
-    and F1 [Lucic Sec. 6; UNSPECIFIED: L2 norm on [0, 1] pixels; delta 5 separates real triangles
+    and F1 [Lucic et al. P&R; UNSPECIFIED: L2 norm on [0, 1] pixels; delta 5 separates real triangles
     (max 4.6) from the generator's 4-gons (min 5.2) in a 100-image check]."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -674,7 +685,7 @@ AUTHOR_DEFAULTS = {   # first sample of every search: beta1, lr, disc_iters, D b
 
 
 def sample_hparams(model, space="wide", n=100, seed=0):
-    """Random-search settings; wide = phase 1, narrow = phase 2 ranges of Lucic Tab. 2 [official params.py]."""
+    """Random-search settings; wide = phase 1, narrow = phase 2 ranges [official compare_gan params.py]."""
     rs, wide, out = np.random.RandomState(seed), space == "wide", [dict(AUTHOR_DEFAULTS[model])]
     for _ in range(n - 1):
         h = {"beta1": float(rs.uniform(0, 1)) if wide else 0.5,
@@ -701,7 +712,7 @@ def read_runs(path):
 
 def budget_curve(fids, resamples=5000, seed=0):
     """Expected min FID over k trained models, k = 1..K, with a 95% band; bootstrap with replacement,
-    prefix minima so the curve is monotone [Lucic Fig. 5; UNSPECIFIED: resampling scheme]."""
+    prefix minima so the curve is monotone [Lucic et al. budget figure; UNSPECIFIED: resampling]."""
     fids = np.asarray(fids, np.float64)
     draws = fids[np.random.RandomState(seed).randint(len(fids), size=(resamples, len(fids)))]
     best = np.minimum.accumulate(draws, axis=1)                               # (B, K) min over first k
@@ -717,15 +728,17 @@ def seed_report(rows):
     for (model, setting), v in sorted(groups.items(), key=lambda kv: (kv[0][0], np.median(kv[1]))):
         q = np.percentile(v, [0, 25, 50, 75, 100])
         report.append(dict(model=model, setting_id=setting, n=len(v), min=q[0], q1=q[1], median=q[2], q3=q[3],
-                           max=q[4], mean=float(np.mean(v)), std=float(np.std(v, ddof=1) if len(v) > 1 else 0)))
+                           max=q[4], mean=float(np.mean(v)),
+                           std=float(np.std(v, ddof=1) if len(v) > 1 else 0)))
     return report
 
 
 def collect_runs(run_dirs, model=None, key="fid"):
     """runs.csv rows: a run's score is its minimum FID over evaluations (Lucic: optimistic, min over
     checkpoints); setting_id hashes args.json without seed and run plumbing."""
-    plumbing = {"seed", "out_dir", "resume", "device", "num_workers", "data_root", "log_every", "sample_every",
-                "ckpt_every", "deterministic", "export_samples", "fid_every", "fid_samples", "fid_weights"}
+    plumbing = {"seed", "out_dir", "resume", "device", "num_workers", "data_root", "log_every",
+                "sample_every", "ckpt_every", "deterministic", "export_samples", "fid_every", "fid_samples",
+                "fid_weights"}
     rows = []
     for d in run_dirs:
         try:
@@ -766,8 +779,9 @@ def bench(args):
         finally:
             pf.load_state_dict_from_url = loader
         with exact_fp32(), torch.no_grad():
+            theirs_net(x[:args.batch_size].to(args.device).float().div(255))          # warm-up
             t = time.perf_counter()
-            theirs = np.concatenate([theirs_net(b.to(args.device).float().div(255))[0].flatten(1).cpu().numpy()
+            theirs = np.concatenate([theirs_net(b.to(args.device).float().div(255))[0].flatten(1).cpu()
                                      for b in x.split(args.batch_size)])
             res["pytorch_fid_img_s"] = args.n_images / (time.perf_counter() - t)
         res["max_abs_feature_diff"] = float(np.abs(theirs - ours).max())
@@ -790,16 +804,17 @@ def bench(args):
 def _source(path, args, get_model):
     """Features (or None) and statistics of one CLI source, with a description for the printed line."""
     if path.startswith("dataset:"):
-        mu, sigma, n, ref = reference_stats(path[len("dataset:"):], args.data_root, args.img_size, get_model(),
-                                            args.cache_dir, batch_size=args.batch_size, num_workers=args.num_workers)
+        mu, sigma, n, ref = reference_stats(path[len("dataset:"):], args.data_root, args.img_size,
+                                            get_model(), args.cache_dir, batch_size=args.batch_size,
+                                            num_workers=args.num_workers)
         return dict(feats=None, mu=mu, sigma=sigma, n=n, desc=f"{path} train ({ref})")
     if not os.path.exists(path):
         raise FileNotFoundError(f"Invalid path: {path}")
     if path.endswith(".npz"):
         with np.load(path) as f:
             if "mu" in f:
-                return dict(feats=None, mu=f["mu"][:], sigma=f["sigma"][:], n=int(f["n"]) if "n" in f else "?",
-                            desc=f"stats {path}")
+                return dict(feats=None, mu=f["mu"][:], sigma=f["sigma"][:],
+                            n=int(f["n"]) if "n" in f else "?", desc=f"stats {path}")
             images = torch.from_numpy(f["images"]).permute(0, 3, 1, 2)      # NHWC -> (N, C, H, W)
         feats = activations(images, get_model(), args.batch_size, args.device, args.allow_tf32, progress=True)
     else:
@@ -846,7 +861,8 @@ def main(argv=None):
            f"dims {args.dims} | weights {model[0].weights_hash if model else 'n/a (npz inputs)'}")
     res = {}
     if len(src) == 2:
-        res["fid"] = frechet_distance(src[0]["mu"], src[0]["sigma"], src[1]["mu"], src[1]["sigma"], args.fd_method)
+        res["fid"] = frechet_distance(src[0]["mu"], src[0]["sigma"], src[1]["mu"], src[1]["sigma"],
+                                      args.fd_method)
         print(f"FID:  {res['fid']}  | {args.fd_method} | {tag}", flush=True)
     if args.isc:
         if args.dims != 2048 or src[0]["feats"] is None:
@@ -864,7 +880,8 @@ def main(argv=None):
         print(f"KID:  {res['kid_mean']} +- {res['kid_std']}  | {args.kid_subsets} x {args.kid_subset_size} | "
               f"{tag}", flush=True)
     if args.prc:
-        res["precision"], res["recall"], res["f1"] = precision_recall(src[1]["feats"], src[0]["feats"], args.prc_k)
+        res["precision"], res["recall"], res["f1"] = precision_recall(src[1]["feats"], src[0]["feats"],
+                                                                      args.prc_k)
         print(f"PRC:  precision {res['precision']} recall {res['recall']} f1 {res['f1']}  | k {args.prc_k} | "
               f"{tag}", flush=True)
     if args.fid_inf:
@@ -903,7 +920,8 @@ def run_tool(args):
         out = {}
         print("model,k,mean_min_fid,lo95,hi95")
         for m in sorted({r["model"] for r in rows}):
-            mean, lo, hi = budget_curve([r["fid"] for r in rows if r["model"] == m], args.resamples, args.seed)
+            fids = [r["fid"] for r in rows if r["model"] == m]
+            mean, lo, hi = budget_curve(fids, args.resamples, args.seed)
             out[m] = mean
             for k in range(len(mean)):
                 print(f"{m},{k + 1},{mean[k]:.4f},{lo[k]:.4f},{hi[k]:.4f}")

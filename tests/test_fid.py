@@ -94,9 +94,11 @@ def test_key_layout_loads_published_file_layout_strictly(weights, state_dict):
     assert per["Conv2d_1a_3x3"] == 6 and per["Mixed_5b"] == 42 and per["Mixed_6a"] == 24
     assert per["Mixed_6e"] == 60 and per["Mixed_7a"] == 36 and per["Mixed_7c"] == 54 and per["fc"] == 2
     m = fid.build_inception(weights)
-    assert torch.equal(m.Mixed_7c.branch_pool.conv.weight, state_dict["Mixed_7c.branch_pool.conv.weight"])
+    key = "Mixed_7c.branch_pool.conv.weight"
+    assert torch.equal(m.Mixed_7c.branch_pool.conv.weight, state_dict[key])
     assert len(m.weights_hash) == 8 and not m.training
-    meta_net().load_state_dict({k: v for k, v in sd.items() if "num_batches" not in k}, strict=True, assign=True)
+    without = {k: v for k, v in sd.items() if "num_batches" not in k}                # 472 keys
+    meta_net().load_state_dict(without, strict=True, assign=True)
     with pytest.raises(RuntimeError):
         meta_net().load_state_dict({k: v for k, v in sd.items() if k != "fc.bias"}, strict=True, assign=True)
     assert all(b.eps == 1e-3 for b in m.modules() if isinstance(b, nn.BatchNorm2d))
@@ -120,7 +122,8 @@ def test_tap_shapes_at_299_and_minimum_unresized_input(state_dict):
 def identity_bn(module):
     for b in module.modules():
         if isinstance(b, nn.BatchNorm2d):
-            b.running_mean.zero_(), b.running_var.fill_(1 - b.eps), b.weight.data.fill_(1), b.bias.data.zero_()
+            b.running_mean.zero_(), b.running_var.fill_(1 - b.eps)
+            b.weight.data.fill_(1), b.bias.data.zero_()
 
 
 def test_pool_patches_are_live():
@@ -267,12 +270,13 @@ def test_image_types_and_folder_scan(tmp_path):
 
 def test_exact_fp32_disables_tf32_and_restores_flags():
     b = torch.backends
-    before = (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.deterministic, b.cudnn.benchmark)
+    flags = lambda: (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision,   # noqa: E731
+                     b.cudnn.deterministic, b.cudnn.benchmark)
+    before = flags()
     with fid.exact_fp32():
         assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision) == ("ieee", "ieee")
         assert b.cudnn.deterministic and not b.cudnn.benchmark
-    assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.deterministic,
-            b.cudnn.benchmark) == before
+    assert flags() == before
     with fid.exact_fp32(allow_tf32=True):
         assert b.cudnn.conv.fp32_precision == before[1]
 
@@ -286,7 +290,8 @@ def test_missing_weights_offline_error(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         fid.build_inception()
     msg = str(e.value)
-    assert fid.FID_WEIGHTS_FILE in msg and "--weights" in msg and "fid_weights" in msg and str(tmp_path) in msg
+    assert fid.FID_WEIGHTS_FILE in msg and "--weights" in msg and "fid_weights" in msg
+    assert str(tmp_path) in msg
     with pytest.raises(FileNotFoundError, match="--weights"):
         fid.build_inception(str(tmp_path / "nope.pth"))
 
@@ -401,7 +406,8 @@ def test_fid_for_training_matches_api_and_caches(tmp_path, weights, state_dict, 
     value = fid.fid_for_training(*args, weights=weights)
     assert drawn == [50, 20]
     m = net(state_dict, dims=64)
-    expected = fid.frechet_distance(*fid.statistics(fid.activations(fid.quantize(gen).expand(-1, 3, -1, -1), m)),
+    gen_rgb = fid.quantize(gen).expand(-1, 3, -1, -1)
+    expected = fid.frechet_distance(*fid.statistics(fid.activations(gen_rgb, m)),
                                     *fid.statistics(fid.activations(ref, m)))
     assert value == expected
     cached = list((tmp_path / "data" / "fid_stats").iterdir())
@@ -427,7 +433,8 @@ def test_triangles_generator_and_approximate_precision_recall():
     assert imgs.shape == (200, 28, 28) and imgs.min() >= 0 and imgs.max() <= 1
     assert (imgs[:, 0, 0] == 1).all() and (imgs[:, -1, -1] == 1).all()      # white background
     assert 0.05 < (1 - imgs).mean() < 0.6 and np.array_equal(imgs, fid.make_polygons(200, seed=0))
-    assert [(r.start, r.stop) for r in fid.polygon_splits(80_000)] == [(0, 60000), (60000, 70000), (70000, 80000)]
+    splits = [(r.start, r.stop) for r in fid.polygon_splits(80_000)]
+    assert splits == [(0, 60000), (60000, 70000), (70000, 80000)]
     assert [len(r) for r in fid.polygon_splits(200)] == [150, 25, 25]
     full = fid.render_polygons([[[-5, -5], [-5, 40], [40, 40], [40, -5]]])[0]    # covers the whole grid
     assert (full[1:, 1:] == 0).all() and full[0, 5] == 3 / 8                 # row 0 reaches 3 rows outside
@@ -446,6 +453,18 @@ def test_triangles_generator_and_approximate_precision_recall():
     assert p == 0.0 and r == 1.0 and f1 == 0.0                               # noise-like G: off the manifold
 
 
+def test_triangles_and_bench_tools(tmp_path, weights):
+    fid.main(["triangles", str(tmp_path / "tri"), "--n", "16"])
+    counts = {d: len(os.listdir(tmp_path / "tri" / d)) for d in ("train", "test", "holdout")}
+    assert counts == {"train": 12, "test": 2, "holdout": 2}
+    x, _ = common.load_dataset(f"folder:{tmp_path / 'tri' / 'train'}")[0]    # a training script's view
+    assert x.shape == (3, 28, 28) and x.max() == 1.0
+    res = fid.main(["bench", "--weights", weights, "--device", "cpu", "--n-images", "1", "--batch-size", "1",
+                    "--img-size", "8", "--d", "16", "--n-features", "200"])
+    assert res["rel_diff_eig"] < 1e-10 and res["rel_diff_eigh"] < 1e-10 and res["ours_img_s"] > 0
+    assert res.get("max_abs_feature_diff", 0.0) == 0.0                        # vs pytorch-fid, if installed
+
+
 def test_hparam_sampler_budget_curve_and_reports(tmp_path, capsys):
     for model, defaults in fid.AUTHOR_DEFAULTS.items():
         wide = fid.sample_hparams(model, "wide", 50, seed=1)
@@ -456,7 +475,8 @@ def test_hparam_sampler_budget_curve_and_reports(tmp_path, capsys):
         narrow = fid.sample_hparams(model, "narrow", 30, seed=2)[1:]
         assert all(1e-4 <= h["lr"] <= 1e-3 and h["beta1"] == 0.5 for h in narrow)
         assert all(not h["batch_norm"] for h in narrow) == (model in ("wgan_gp", "dragan"))
-    assert fid.AUTHOR_DEFAULTS["wgan_gp"] == dict(beta1=0.5, lr=1e-4, disc_iters=5, batch_norm=False, lambda_=10.0)
+    wgan_gp = dict(beta1=0.5, lr=1e-4, disc_iters=5, batch_norm=False, lambda_=10.0)
+    assert fid.AUTHOR_DEFAULTS["wgan_gp"] == wgan_gp
     fids = np.random.RandomState(0).uniform(20, 80, 30)
     mean, lo, hi = fid.budget_curve(fids, resamples=500)
     assert (np.diff(mean) <= 0).all() and abs(mean[0] - fids.mean()) < 3 and mean[-1] >= fids.min()
@@ -466,7 +486,8 @@ def test_hparam_sampler_budget_curve_and_reports(tmp_path, capsys):
         d = tmp_path / f"wgan_gp-shapes-s{seed}"
         d.mkdir()
         (d / "args.json").write_text(json.dumps({"seed": seed, "lr": 1e-4, "out_dir": str(d)}))
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "fid": v}) + "\n" for i, v in enumerate(vals)))
+        lines = [json.dumps({"step": i, "fid": v}) for i, v in enumerate(vals)]
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         runs.append(str(d))
     rows = fid.main(["collect", *runs])
     assert [r["fid"] for r in rows] == [40.0, 38.0] and rows[0]["setting_id"] == rows[1]["setting_id"]
@@ -496,9 +517,52 @@ def test_pytorch_fid_parity(tmp_path, weights, state_dict, monkeypatch):
             assert rel(fid.frechet_distance(*s1, *s2, method=method), ref) < 1e-10
         write_pngs(tmp_path / "a", 10, size=16, seed=10)        # singular covariances: same number
         write_pngs(tmp_path / "b", 10, size=16, seed=11)
-        theirs = fid_score.calculate_fid_given_paths([str(tmp_path / "a"), str(tmp_path / "b")], 50, "cpu", 64, 0)
+        paths = [str(tmp_path / "a"), str(tmp_path / "b")]
+        theirs = fid_score.calculate_fid_given_paths(paths, 50, "cpu", 64, 0)
     ours = cli(tmp_path / "a", tmp_path / "b", "--weights", weights, "--dims", 64)["fid"]
     assert rel(ours, theirs) < 1e-10
+
+
+def test_torch_fidelity_parity_tf1(weights):
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity import metric_isc, metric_kid
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(12))
+    fe = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                     feature_extractor_weights_path=weights).eval()
+    with torch.no_grad():
+        pool3, unbiased = (t.double().numpy() for t in fe(x))
+    m = fid.build_inception(weights, mode="tf1")
+    ours = fid.activations(x, m)
+    assert np.abs(ours - pool3).max() <= 1e-6 * np.abs(pool3).max()         # measured: 0.0
+    assert np.abs(fid.logits_unbiased(ours, m) - unbiased).max() <= 1e-6 * np.abs(unbiased).max()
+    rs = np.random.RandomState(0)
+    logits, f1, f2 = rs.randn(200, 1008) * 3, rs.randn(300, 64), rs.randn(300, 64) + 0.1
+    theirs = metric_isc.isc_features_to_metric(torch.from_numpy(logits), splits=10, shuffle=True,
+                                               rng_seed=2020)
+    assert rel(fid.inception_score(logits)[0], theirs["inception_score_mean"]) < 1e-10
+    theirs = metric_kid.kid_features_to_metric(torch.from_numpy(f1), torch.from_numpy(f2), kid_subsets=10,
+                                               kid_subset_size=100, kid_degree=3, kid_gamma=None, kid_coef0=1,
+                                               rng_seed=2020, verbose=False)
+    assert rel(fid.kid(f1, f2, 10, 100)[0], theirs["kernel_inception_distance_mean"]) < 1e-10
+
+
+def test_clean_fid_parity():
+    resize = pytest.importorskip("cleanfid.resize")
+    cleanfid = pytest.importorskip("cleanfid.fid")
+    x = np.random.RandomState(0).randint(0, 256, (20, 24, 3)).astype(np.uint8)       # HWC, not square
+    theirs = resize.make_resizer("PIL", False, "bicubic", (299, 299))(x)
+    ours = fid.preprocess(torch.from_numpy(x).permute(2, 0, 1)[None], "clean")[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(ours, (theirs - 128) / 128)
+    rs = np.random.RandomState(1)
+    f1, f2 = rs.randn(300, 64), rs.randn(300, 64) + 0.1
+    s1, s2 = fid.statistics(f1), fid.statistics(f2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert rel(fid.frechet_distance(*s1, *s2), cleanfid.frechet_distance(*s1, *s2)) < 1e-10
+    np.random.seed(3)                      # clean-fid draws from the global RNG, set 2 before set 1
+    theirs = cleanfid.kernel_distance(f1, f2, num_subsets=10, max_subset_size=100)
+    assert rel(fid.kid(f2, f1, 10, 100, seed=3)[0], theirs) < 1e-10
 
 
 # ---- the copy-paste promise: fid.py + common.py alone ----
@@ -511,7 +575,7 @@ def test_fid_runs_alone(tmp_path, weights):
     run = dict(cwd=tmp_path, env=env, check=True, timeout=240, capture_output=True, text=True)
     out = subprocess.run([sys.executable, "fid.py", "--help"], **run).stdout
     assert "usage:" in out and "--fd-method" in out and "sample-hparams" in out
-    out = subprocess.run([sys.executable, "fid.py", "a", "b", "--weights", weights, "--dims", "64", "--no-resize",
-                          "--num-workers", "0"], **run).stdout
+    out = subprocess.run([sys.executable, "fid.py", "a", "b", "--weights", weights, "--dims", "64",
+                          "--no-resize", "--num-workers", "0"], **run).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("FID:  "))
     assert float(line.split()[1]) > 0 and "N 70 vs 70" in line
