@@ -28,7 +28,7 @@ Run
   python gd_stable.py --dataset stacked_mnist                  # image run (ours): modes of 1000, KL
   python gd_stable.py --dataset stacked_mnist --eta 0 --d-width 0.25   # collapse-prone baseline
   python gd_stable.py --streamlines --steps 0 --device cpu     # streamline figure only
-  python gd_stable.py --dataset shapes --steps 200 --log-every 50 --eval-every 0   # benchmark, 28x28x3
+  python gd_stable.py --dataset shapes --steps 200 --log-every 50 --sample-every 0   # benchmark, 28x28x3
 Paper reports: figures only (8-Gaussian coverage over time, image samples, streamlines). Our numbers: README.
 """
 
@@ -49,16 +49,15 @@ import torchvision
 
 import common
 
-IMAGE_SETS = ("stacked_mnist", "mnist", "cifar10", "shapes")
-
 
 # ==== Args ====
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("paper (None = derived from --dataset in main, printed at start)").add_argument
-    g("--dataset", default="mog8", choices=("mog8",) + IMAGE_SETS,
+    g("--dataset", default="mog8", choices=("mog8", "stacked_mnist", "mnist", "cifar10", "shapes"),
       help="mog8 (official toy), stacked_mnist (image run, ours), mnist, cifar10, shapes (offline) [exp. sec.]")
+    # DEVIATION: no unrolled-GAN baseline (official gaussian-toy-unrolled.py); --eta 0 is the baseline
     g("--eta", type=float, default=0.5, help="regularizer weight; 0 = unregularized [official regularizer_weight]")
     g("--loss", default="gan", choices=["gan", "wgan"], help="f(t) = -log(1 + e^-t) or f(t) = t [Sec. 2]")
     g("--g-objective", default="minimax", choices=["minimax", "nonsat"],
@@ -80,7 +79,7 @@ def parse_args(argv=None):
     g("--d-clip", type=float, default=0.0,
       help="clip D weights to [-c, c] after each D step, 0 = off [ours: WGAN on data has no Lipschitz bound]")
     e = p.add_argument_group("evaluation").add_argument
-    e("--eval-every", type=int, default=None, help="mode metrics every K steps, 0 = off; mog8 1000, images 5000 [ours]")
+    e("--eval-every", type=int, default=None, help="mode metrics every K steps, 0 = off; mog8 1000, MNIST 5000 [ours]")
     e("--mode-samples", type=int, default=None, help="mog8 2500, images 26000 [ours: Metz et al. / VEEGAN]")
     e("--classifier", default=None, help="MNIST classifier state dict; default: trained here [ours]")
     e("--classifier-steps", type=int, default=3000, help="classifier Adam steps, batch 128 [ours]")
@@ -178,8 +177,8 @@ class MLPDiscriminator(nn.Sequential):
         return super().forward(x / 4.0)                                  # official tf.divide(x, 4.0)
 
 
-# UNSPECIFIED: no image architecture in the paper text we could check or in the official repo; the card's
-# DCGAN: (start size, G channels, D channels) for 28x28 (stacked MNIST) and 32x32 (CIFAR-10).
+# DEVIATION / UNSPECIFIED: no image architecture in the paper text we could check nor in the official repo;
+# the card's DCGAN: (start size, G channels, D channels) for 28x28 (stacked MNIST) and 32x32 (CIFAR-10).
 DCGAN = {28: (7, (128, 64), (64, 128)), 32: (4, (512, 256, 128), (64, 128, 256))}
 
 
@@ -416,7 +415,7 @@ def streamline_figure(path, eta=0.5, size=160, grid=9, n_steps=150, dt=0.03):
 @torch.no_grad()
 def mog8_modes(x, std=0.02, min_frac=0.01):
     """(modes covered of 8, high-quality fraction): high quality = within 3 std of the nearest centre;
-    a mode is covered if it holds >= 1% of all samples as high-quality ones [ours: card Sec. 4]."""
+    a mode is covered if it holds >= 1% of all samples as high-quality ones [DEVIATION: ours, card Sec. 4]."""
     dist, k = torch.cdist(x.float().cpu(), mog8_centers()).min(1)      # (N,)
     hq = dist <= 3 * std
     counts = torch.bincount(k[hq], minlength=8)
@@ -426,7 +425,7 @@ def mog8_modes(x, std=0.02, min_frac=0.01):
 @torch.no_grad()
 def digit_modes(x, classifier, chunk=1000):
     """(distinct digit tuples, KL(mode histogram || uniform over 10^C)) for images x (N, C, 28, 28)
-    [ours: card Sec. 4; stacked MNIST has C = 3, 1000 modes]."""
+    [DEVIATION: ours, card Sec. 4; stacked MNIST has C = 3, 1000 modes]."""
     n, c = x.shape[:2]
     dev = next(classifier.parameters()).device
     digits = torch.cat([classifier(x[i:i + chunk].to(dev).reshape(-1, 1, 28, 28)).argmax(1).cpu()
@@ -504,6 +503,7 @@ def main(argv=None):
         channels = ds[0][0].shape[0]
         G = DCGANGenerator(args.z_dim, channels, args.img_size, args.g_width).to(device)
         D = DCGANDiscriminator(channels, args.img_size, args.d_width).to(device)
+    # DEVIATION: torch Adam's eps placement differs from the official Keras 1.2 Adam (immaterial at 1e-8)
     opt_G, opt_D = ((torch.optim.Adam(m.parameters(), lr=args.lr, betas=tuple(args.betas), eps=args.adam_eps)
                      if args.optimizer == "adam" else torch.optim.SGD(m.parameters(), lr=args.lr)) for m in (G, D))
     fixed_z = torch.randn(512 if toy else 64, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
@@ -554,7 +554,7 @@ def main(argv=None):
     while step < args.steps:
         batch_D = draw()
         batch_G = draw() if per_step == 2 else None
-        log = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        log = (step + 1) % args.log_every == 0 or step + 1 == args.steps  # DEVIATION: diagnostics at log steps
         out = train_step(G, D, opt_G, opt_D, batch_D, batch_G, args.eta, args.loss, args.g_objective,
                          args.update, amp=args.amp == "bf16", d_clip=args.d_clip, diagnostics=log)
         step += 1

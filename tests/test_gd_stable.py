@@ -186,6 +186,11 @@ def test_penalty_uses_the_real_term():
     _, _, out = gs.player_grads(G, D, x, z, 0.5, diagnostics=True)
     assert out["R"].item() == pytest.approx(with_real, rel=1e-12)
     assert out["grad_D"].item() == pytest.approx(math.sqrt(with_real), rel=1e-12)
+    # so the regularized G step depends on the real batch; the plain minimax G step does not
+    x2 = gs.sample_mog8(32, "cpu", generator=torch.Generator().manual_seed(9)).double()
+    for eta, depends in ((0.0, False), (0.5, True)):
+        g1, g2 = (gs.player_grads(G, D, xr, z, eta)[1] for xr in (x, x2))
+        assert (not all(torch.allclose(a, b, rtol=0, atol=1e-15) for a, b in zip(g1, g2))) == depends
 
 
 def test_nonsat_objective_keeps_the_same_penalty():
