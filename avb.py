@@ -162,18 +162,17 @@ def split_mnist(args):
 
 
 # ==== Models ====
-def init_tf(module):
-    """slim defaults: Xavier-uniform weights, zero biases [official ops.py, slim]."""
+def init_tf(module, tiny=()):
+    """slim defaults: Xavier-uniform weights, zero biases; `tiny` layers truncated normal, std 1e-5
+    (TF cuts at 2 sd) [official ops.py, models/conv0*.py]."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.xavier_uniform_(m.weight)
+            if any(m is t for t in tiny):
+                nn.init.trunc_normal_(m.weight, std=1e-5, a=-2e-5, b=2e-5)
+            else:
+                nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias) if m.bias is not None else None
     return module
-
-
-def tiny_init(*layers, std=1e-5):
-    for m in layers:                                                     # TF truncated_normal (2 sd)
-        nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
 
 
 def mlp(sizes, act):
@@ -240,8 +239,7 @@ class Encoder(nn.Module):
             sizes = [width * 784, 2 * width * 784, 4 * width * 196, 8 * width * 49]
             self.inject = nn.ModuleList(nn.Linear(eps_dim, s) for s in sizes)  # official ops.add_linear
             self.fc = nn.Linear(feat, z_dim)
-        init_tf(self)
-        tiny_init(self.z0) if ac else None
+        init_tf(self, tiny=[self.z0] if ac else [])
 
     def forward(self, x, eps=None):
         B = x.shape[0]
@@ -306,10 +304,9 @@ class Adversary(nn.Module):
 
     def __init__(self, z_dim, hidden=1024, feat=8192, x_dim=784):
         super().__init__()
-        tower = lambda i, o: mlp([i, hidden, hidden, hidden, o], lambda: nn.LeakyReLU(0.2))  # noqa: E731
+        tower = lambda i, o: mlp([i, hidden, hidden, hidden, o], lambda: nn.LeakyReLU(0.2))
         self.theta, self.s, self.T_x, self.T_z = tower(x_dim, feat), tower(z_dim, feat), tower(x_dim, 1), tower(z_dim, 1)
-        init_tf(self)
-        tiny_init(self.theta[-1], self.T_x[-1], self.T_z[-1])            # std 1e-5 output layers
+        init_tf(self, tiny=[self.theta[-1], self.T_x[-1], self.T_z[-1]])  # std 1e-5 output layers
 
     def forward(self, x, z):
         x = x.flatten(1)                                                 # (B, 784), x in {0, 1}
@@ -336,16 +333,15 @@ class ToyAdversary(nn.Module):
     def __init__(self, z_dim, hidden=256, n_blocks=5):
         super().__init__()
         self.inp, self.out = nn.Linear(4 + z_dim, hidden), nn.Linear(hidden, 1)
-        self.r0 = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_blocks))
-        self.r1 = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(mlp([hidden, hidden, hidden], nn.ReLU) for _ in range(n_blocks))
         init_tf(self)
-        for r in self.r1:
-            nn.init.zeros_(r.weight)
+        for block in self.blocks:
+            nn.init.zeros_(block[-1].weight)                             # residual branch starts at 0
 
     def forward(self, x, z):
         h = F.elu(self.inp(torch.cat([x, z], 1)))
-        for r0, r1 in zip(self.r0, self.r1):
-            h = F.elu(h + r1(F.relu(r0(h))))
+        for block in self.blocks:
+            h = F.elu(h + block(h))
         # PAPER-VS-CODE: the notebook adds ||z||^2, not the log prior's 1/2 ||z||^2
         return self.out(h).squeeze(1) + (z ** 2).sum(1)
 
@@ -512,11 +508,11 @@ def evaluate(args):
         m is None or m.load_state_dict(state[k])
     decoder.requires_grad_(False)
     if a.dataset == "toy4":
-        draw = lambda s, n: [toy_batch(a.batch_size, device) for _ in range(n)]  # noqa: E731
+        draw = lambda s, n: [toy_batch(a.batch_size, device) for _ in range(n)]
     else:
         a.data_root = args.data_root
         test = split_mnist(a)[2]
-        draw = lambda s, n: [binarize(x.to(device)) for x, _ in itertools.islice(  # noqa: E731
+        draw = lambda s, n: [binarize(x.to(device)) for x, _ in itertools.islice(
             common.infinite_batches(test, a.batch_size, s, 0, args.num_workers), n)]  # seeded test batches
     with torch.no_grad():
         elbos = [-(t["recon"] + t["kl"]).mean().item() for t in
@@ -532,7 +528,7 @@ def evaluate(args):
         ais.append(ais_log_likelihood(x, log_joint, mean, std, args.ais_chains, args.ais_steps, args.ais_eps)
                    .mean().item())
         print(f"AIS batch {k + 1}/{args.ais_batches}: log p(x) {ais[-1]:.3f}", flush=True)
-    se = lambda v: float(np.std(v) / math.sqrt(len(v)))  # noqa: E731  [official validate process_stats]
+    se = lambda v: float(np.std(v) / math.sqrt(len(v)))  # [official validate process_stats]
     res = {"step": state["step"], "elbo_estimate": float(np.mean(elbos)), "elbo_se": se(elbos),
            "ais_log_px": float(np.mean(ais)), "ais_se": se(ais), "ais_images": len(ais) * a.batch_size,
            "ais_chains": args.ais_chains, "ais_steps": args.ais_steps}
@@ -587,11 +583,11 @@ def main(argv=None):
         with open(mpath, "w") as f:
             f.writelines(keep)
     if toy:
-        draw_x = lambda: toy_batch(args.batch_size, device)              # noqa: E731  torch RNG, resumable
+        draw_x = lambda: toy_batch(args.batch_size, device)              # torch RNG, resumable
     else:
         per_step = 1 + args.adv_steps if (args.update == "alternating" and T is not None) else 1
         batches = binary_batches(train_set, args, step * per_step, device)
-        draw_x = lambda: next(batches)                                   # noqa: E731
+        draw_x = lambda: next(batches)                                 
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if not ckpt_path:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training RNG untouched

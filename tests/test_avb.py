@@ -1,4 +1,5 @@
 """avb.py: the card's section 8 invariants, gradient routing, AIS exactness, smoke runs, resume."""
+
 import copy
 import json
 import math
@@ -61,6 +62,7 @@ def test_shapes():
         z, mean, var = enc(x)
         assert z.shape == (5, 4) and dec(z).shape == (5, 1, 28, 28) and T(x, z).shape == (5,)
         assert (mean is None) == (not ac) and (ac is False or (mean.shape == var.shape == (5, 4) and (var > 0).all()))
+        assert torch.allclose(T(x, z), 0.5 * (z ** 2).sum(1), atol=1e-3)  # std-1e-5 heads: T = log-prior term
     z, mean, var = avb.GaussianEncoder(4, width=4, toy=False)(x)
     assert z.shape == mean.shape == var.shape == (5, 4)
     xt = avb.toy_batch(7, "cpu")
@@ -103,7 +105,7 @@ def test_optimal_adversary_matches_closed_form():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.ELU(), torch.nn.Linear(32, 32), torch.nn.ELU(),
                               torch.nn.Linear(32, 1))
-    T = lambda z: net(z).squeeze(1) + 0.5 * (z ** 2).sum(1)             # noqa: E731  log prior built in
+    T = lambda z: net(z).squeeze(1) + 0.5 * (z ** 2).sum(1)             # log prior built in
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / 1000)
     for _ in range(1000):
@@ -224,7 +226,7 @@ def test_toy_smoke_determinism_and_resume(tmp_path):
     m2 = avb.main(toy_argv(tmp_path / "b", "--steps", "25"))
     m2 = avb.main(toy_argv(tmp_path / "b", "--steps", "50", "--resume"))
     assert strip_timing(m2) == strip_timing(m)                           # resume == uninterrupted == rerun
-    steps = [json.loads(ln)["step"] for ln in open(tmp_path / "b" / "metrics.jsonl")]
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 25, 30, 40, 50]
     res = avb.main(["--evaluate", str(tmp_path / "a" / "ckpt.pt"), *EVAL_TINY])
     assert math.isfinite(res["ais_log_px"]) and res["ais_log_px"] < 0 and res["ais_images"] == 128
@@ -237,18 +239,20 @@ def test_mnist_files_smoke_resume_evaluate(tmp_path):
             "--ckpt-every", "2", "--deterministic"]
     full = avb.main(base + ["--steps", "3", "--out-dir", str(tmp_path / "full")])
     assert all(math.isfinite(v) for v in full.values())
+    assert full["loss_G"] == pytest.approx(-full["elbo"] / 784, rel=1e-5)   # official 1/(H*W*C) scaling
     avb.main(base + ["--steps", "2", "--out-dir", str(tmp_path / "r")])
     resumed = avb.main(base + ["--steps", "3", "--out-dir", str(tmp_path / "r"), "--resume"])
     assert strip_timing(resumed) == strip_timing(full)
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "r"))
     assert all(torch.equal(a["T"][k], b["T"][k]) for k in a["T"])
-    assert [json.loads(ln)["step"] for ln in open(tmp_path / "r" / "metrics.jsonl")] == [1, 2, 3]
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     res = avb.main(["--evaluate", str(tmp_path / "full" / "ckpt.pt"), "--data-root", str(tmp_path / "data"),
                     *EVAL_TINY])
     assert math.isfinite(res["ais_log_px"]) and math.isfinite(res["elbo_estimate"])
     for extra in (["--no-ac"], ["--model", "vae"]):                      # AVB d=8 form and the VAE baseline
         out = tmp_path / extra[-1]
-        assert math.isfinite(avb.main(base + extra + ["--steps", "1", "--out-dir", str(out)])["loss_G"])
+        m = avb.main(base + extra + ["--steps", "1", "--out-dir", str(out)])
+        assert math.isfinite(m["loss_G"]) and (extra[0] != "--no-ac" or m["kl"] == pytest.approx(m["T_q"]))  # KL^ = T
         assert math.isfinite(avb.main(["--evaluate", str(out / "ckpt.pt"), "--data-root", str(tmp_path / "data"),
                                        *EVAL_TINY])["ais_log_px"])
 
