@@ -507,7 +507,8 @@ def main(argv=None):
             kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
     # n_dis real batches per iteration: resuming at `step` skips step * n_dis batches exactly
     loader = common.infinite_batches(ds, args.batch_size, args.seed, step * args.n_dis, args.num_workers)

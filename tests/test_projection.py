@@ -155,6 +155,17 @@ def test_labels_reach_every_G_block_and_shapes():
     assert not torch.allclose(G(z, torch.zeros(4, dtype=torch.long)), G(z, torch.ones(4, dtype=torch.long)))
 
 
+def test_32px_architecture():
+    G = projection.Generator(10, z_dim=8, ch=8)                        # official resnet_32.py
+    D = projection.ProjectionDiscriminator(100, ch=4)                  # official snresnet_32.py, K = 100
+    assert G.linear.out_features == 8 * 4 * 4 and [b.c2.out_channels for b in G.blocks] == [8, 8, 8]
+    assert [b.c2.out_channels for b in D.blocks] == [4, 4, 4, 4]
+    assert [getattr(b, "down", True) for b in D.blocks] == [True, True, False, False]
+    assert D.psi.bias is None and D.embed.weight.shape == (100, 4)
+    x = torch.randn(3, 3, 32, 32)
+    assert D.blocks[1](D.blocks[0](x)).shape == (3, 4, 8, 8) and D(x, torch.tensor([0, 50, 99])).shape == (3, 1)
+
+
 def test_128px_architecture():
     G = projection.Generator(7, z_dim=8, ch=2, img_size=128)
     D = projection.ProjectionDiscriminator(7, ch=2, img_size=128)
@@ -175,6 +186,12 @@ def test_glorot_init():
         bound = gain * math.sqrt(6 / (fan_in + fan_out))
         assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
     assert G.blocks[0].c1.bias.abs().sum() == 0 and G.linear.bias.abs().sum() == 0
+    D = projection.ProjectionDiscriminator(3, ch=64)                   # init is applied before SN
+    for w, gain in ((D.blocks[1].c1.parametrizations.weight.original, math.sqrt(2)),
+                    (D.blocks[1].c_sc.parametrizations.weight.original, 1.0)):
+        fan_in, fan_out = w.shape[1] * w[0, 0].numel(), w.shape[0] * w[0, 0].numel()
+        bound = gain * math.sqrt(6 / (fan_in + fan_out))
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
 
 
 # ---- losses, labels, schedule ------------------------------------------------------------------
