@@ -512,10 +512,7 @@ def main(argv=None):
 
     # n_dis real batches per iteration: resuming at `step` skips step * n_dis batches exactly
     loader = common.infinite_batches(ds, args.batch_size, args.seed, step * args.n_dis, args.num_workers)
-    with torch.random.fork_rng(devices=[]):  # the DataLoader draws its base seed from the global torch
-        first = next(loader)                  # RNG; keep that draw out of the resumable training stream
-    real_batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                    for x, y in itertools.chain([first], loader))
+    real_batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if not os.path.exists(os.path.join(args.out_dir, "reals.png")):
         reals = torch.stack([ds[i][0] for i in range(min(64, len(ds)))])
