@@ -181,7 +181,7 @@ def poisson_lot(n, q, seed, step):
 
 # ==== Models ====
 def ch(c, width):
-    return max(1, int(round(c * width)))
+    return max(1, round(c * width))
 
 
 def keras_init(module, normal=()):
@@ -571,7 +571,7 @@ def evaluate(G, args, cfg, real_tr, real_te, scores, snap_dir, post):
     for p in picks or [None]:                                            # no selection: the last G
         G_p = G if p is None else copy.deepcopy(G)
         if p is not None:
-            G_p.load_state_dict(torch.load(os.path.join(snap_dir, f"G_{p + 1:04d}.pt"), weights_only=True))
+            G_p.load_state_dict(torch.load(os.path.join(snap_dir, f"G_{p + 1:04d}.pt"), cfg["device"], weights_only=True))
         x, y = sample_synthetic(G_p, args.tstr_samples, cfg, torch.Generator().manual_seed(args.seed + 11 + len(xs)), post)
         xs, ys = xs + [x], ys + [y]
     x_syn, y_syn, models = torch.cat(xs), torch.cat(ys), {}
@@ -664,9 +664,9 @@ def main(argv=None):
         G = ImageGenerator(n_classes, shape[0], shape[1], args.latent_dim, args.width)
         D = ImageDiscriminator(n_classes, shape[0], shape[1], args.width)
         if args.tstr_samples:                                           # scoring needs all real images
-            real_tr, real_te = ((torch.stack([d[i][0] for i in range(len(d))]).to(device), torch.tensor(
-                [d[i][1] for i in range(len(d))], device=device)) for d in (ds, common.load_dataset(
-                    args.dataset, args.data_root, args.img_size, train=False)))
+            real_tr, real_te = ((torch.stack(xs).to(device), torch.tensor(ys, device=device)) for xs, ys in (
+                zip(*(d[i] for i in range(len(d)))) for d in (ds, common.load_dataset(
+                    args.dataset, args.data_root, args.img_size, train=False))))
     q = args.sample_rate = args.sample_rate or (1 / n_tr if table else 64 / n_tr)
     steps_per_epoch, private = max(1, round(1 / q)), args.noise_multiplier > 0   # official: N / batch
     total = args.total_steps = args.steps or args.epochs * steps_per_epoch

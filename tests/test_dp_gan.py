@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from tiny_args import TINY
 
 import dp_gan
-from tiny_args import TINY
 
 # card 2.8 reference table: sigma, q, T, delta, eps (Balle/Opacus), best alpha, eps (classic)
 TABLE = [(1.5, 0.04, 2250, 1e-5, 7.32911117, 3.9, 8.07384828),
@@ -108,6 +108,9 @@ def test_per_example_grads_equal_one_at_a_time_autograd():
     D, (xr, yr, xf, yf) = tiny_D(), lot(5)
     grads, losses = dp_gan.per_example_grads(D, xr, yr, xf, yf, LOSS_KW)
     assert set(grads) == {k for k, _ in D.named_parameters()}           # every trainable D parameter
+    s, c = D(torch.cat([xr, xf]))
+    want = dp_gan.pair_loss(s[:5], c[:5], yr, s[5:], c[5:], yf, **LOSS_KW)
+    assert losses.shape == (5,) and torch.allclose(losses, want)         # l_i rides along with g_i
     for i in range(5):
         ref = autograd_grads(D, xr[i:i + 1], yr[i:i + 1], xf[i:i + 1], yf[i:i + 1])
         for k, g in ref.items():
@@ -139,10 +142,9 @@ def test_noise_std_is_sigma_C_over_qN_on_a_zero_gradient():
     sigma, C, qN = 1.3, 0.7, 5.0
     empty = torch.empty(0, 1, 3, 12), torch.empty(0, dtype=torch.long)
     torch.manual_seed(3)
-    grads, _ = dp_gan.per_example_grads(D, *empty, *empty, LOSS_KW)
-    noisy, _ = dp_gan.privatize(grads, C, sigma, qN)
-    std = torch.cat([g.flatten() for g in noisy.values()]).std().item()
-    assert abs(std / (sigma * C / qN) - 1) < 0.05
+    dp_gan.dp_sgd_step(D, torch.optim.SGD(D.parameters(), lr=0.0), *empty, *empty, sigma, C, qN, LOSS_KW)
+    g = torch.cat([p.grad.flatten() for p in D.parameters()])           # what the optimizer receives
+    assert abs(g.std().item() / (sigma * C / qN) - 1) < 0.05 and abs(g.mean().item()) < 0.05 * sigma * C / qN
 
 
 def test_sensitivity_of_the_pre_noise_sum_is_C():
@@ -180,7 +182,7 @@ def test_empty_lot_moves_D_by_noise_only_and_train_step_is_charged_once(sigma):
 
 
 def test_generator_step_is_free_and_leaves_D_untouched():
-    G, D, opt_G, opt_D = tiny_gan()
+    G, D, opt_G, _ = tiny_gan()
     before_D, before_G = ({k: v.clone() for k, v in m.state_dict().items()} for m in (D, G))
     dp_gan.generator_step(G, D, opt_G, 4, make_cfg(1.0, 1.0))
     assert all(torch.equal(before_D[k], v) for k, v in D.state_dict().items())
