@@ -19,7 +19,8 @@ Paper -> code
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. PAPER-VS-CODE  Poisson lots of expected size qN instead of the official uniform draws with
      replacement (batch 1), which the Poisson-subsampled accountant does not describe.
-  2. PAPER-VS-CODE  noise std sigma*C as in the fixed code (SPRINT_gan issue #5), not sigma*C^2.
+  2. PAPER-VS-CODE  noise std sigma*C as in the fixed code (SPRINT_gan issue #5), not sigma*C^2 of the
+     bioRxiv runs; whether the journal figures used the fixed code is unverified (card 3).
   3. DEVIATION  SPRINT is not public: `sprint_synth` is the card's deterministic stand-in (4.3).
   4. DEVIATION  logistic regression and a small MLP/CNN in torch replace sklearn's RF/LR/SVM/kNN;
      TSTR pools the selected generators (no per-5000-block classifiers).
@@ -125,7 +126,7 @@ def parse_args(argv=None):
 
 # ==== Data ====
 def sprint_synth(n, seed):
-    """Card 4.3: deterministic SPRINT stand-in. x (n, 3, 12) = SBP, DBP, BP-med classes; y = arm."""
+    """DEVIATION 3, card 4.3: deterministic SPRINT stand-in; x (n, 3, 12) = SBP, DBP, med classes."""
     rng, m = np.random.default_rng(seed), np.array(MONTHS, dtype=np.float64)
     y = (rng.random(n) < 0.5).astype(np.int64)                          # 1 = intensive arm
     b, o = np.clip(rng.normal(139, 15, n), 90, 220), rng.normal(0, 8, n)   # baseline SBP, offset
@@ -174,7 +175,8 @@ def load_csv_table(path, label_column, table_shape=None):
 
 def poisson_lot(n, q, seed, step):
     """Alg. 1 l.3, Poisson sampling: each of n records joins lot `step` independently w.p. q. The
-    draw depends on (seed, step) only, never on the data; a resumed run sees the same lots."""
+    draw depends on (seed, step) only, never on the data; a resumed run sees the same lots.
+    PAPER-VS-CODE 1: official dp_gan.py draws randint(0, 6000), fixed size 1, with replacement."""
     g = torch.Generator().manual_seed((seed << 32) + step)
     return torch.nonzero(torch.rand(n, generator=g) < q).flatten()
 
@@ -436,7 +438,7 @@ def per_example_grads(D, x_real, y_real, x_fake, y_fake, loss_kw):
 
 def privatize(grads, max_grad_norm, noise_multiplier, expected_lot_size):
     """Alg. 1 l.5-6: (sum_i g_i min(1, C / (||g_i|| + 1e-6)) + N(0, sigma^2 C^2 I)) / (qN).
-    ||g_i|| is ONE L2 norm over all D tensors; the noise goes on the SUM, std sigma*C (card 6.1);
+    ||g_i|| is ONE L2 norm over all D tensors; the noise goes on the SUM, std sigma*C (PAPER-VS-CODE 2);
     the divisor is the EXPECTED lot size qN, never the realized one. C = 0: no clipping."""
     norms = sum(g.flatten(1).pow(2).sum(1) for g in grads.values()).sqrt()   # (L,)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) if max_grad_norm > 0 else torch.ones_like(norms)

@@ -1,7 +1,9 @@
 """dp_gan.py: the privacy guarantee first (accountant, clipping, noise, sampling), then the AC-GAN
 and the run contract (smoke, resume, determinism). Card: ../shared/papers/dp_gan.md, Sec. 8."""
+import ast
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +321,29 @@ def test_image_configuration_runs_with_bench(tmp_path):
     assert (tmp_path / "samples/0000002.png").exists() and (tmp_path / "reals.png").exists()
     with np.load(tmp_path / "samples_8.npz") as f:
         assert f["images"].shape == (8, 20, 20, 3) and f["images"].dtype == np.uint8
+
+
+def test_dropout_masks_differ_per_example_and_no_opacus():
+    """randomness='different': identical pairs in one lot get their own dropout masks."""
+    D, (xr, yr, xf, yf) = tiny_D(dropout=0.5), lot(1)
+    rep = [t.expand(4, *t.shape[1:]).contiguous() for t in (xr, yr, xf, yf)]
+    grads, _ = dp_gan.per_example_grads(D, *rep, LOSS_KW)
+    g = grads["trunk.7.weight"].flatten(1)                               # first dense layer
+    assert not torch.allclose(g[0], g[1]) and not torch.allclose(g[2], g[3])
+    tree = ast.parse(Path(dp_gan.__file__).read_text())
+    imported = {n.name for x in ast.walk(tree) if isinstance(x, ast.Import) for n in x.names} | {
+        x.module for x in ast.walk(tree) if isinstance(x, ast.ImportFrom)}
+    assert imported <= {"argparse", "copy", "csv", "functools", "json", "math", "os", "random", "resource", "time",
+                        "warnings", "numpy", "torch", "torch.nn", "torch.nn.functional", "torchvision", "scipy",
+                        "torch.func", "common"}                                  # no Opacus, no sklearn
+
+
+def test_latent_labels_and_official_defaults():
+    z, c = dp_gan.sample_zc(20000, 100, 2, "cpu", torch.Generator().manual_seed(0))
+    assert z.min() >= -1 and z.max() < 1 and abs(z.mean()) < 0.01 and abs(z.var() - 1 / 3) < 0.01   # U(-1, 1)
+    assert abs(c.float().mean() - 0.5) < 0.02                            # uniform fake labels
+    a = dp_gan.parse_args([])                                            # card 2.6, sprint column
+    assert (a.dataset, a.noise_multiplier, a.max_grad_norm, a.lr_d, a.lr_g, tuple(a.betas), a.epochs, a.delta,
+            a.latent_dim, a.n_train) == ("sprint_synth", 1.0, 1e-4, 2e-5, 2e-5, (0.5, 0.999), 500, 1e-5, 100, 6000)
+    m = dp_gan.parse_args(["--dataset", "mnist"])
+    assert (m.max_grad_norm, m.lr_d, m.epochs) == (1.0, 2e-4, 20)
