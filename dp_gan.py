@@ -660,7 +660,7 @@ def main(argv=None):
         D = TableDiscriminator(n_classes, shape[1:], args.width)
     else:
         ds = common.load_dataset(args.dataset, args.data_root, args.img_size)
-        n_classes, n_tr, shape = (10 if args.dataset == "mnist" else 6), len(ds), tuple(ds[0][0].shape)
+        n_classes, n_tr, shape = (10 if args.dataset == "mnist" else common.ShapesDataset.num_classes), len(ds), tuple(ds[0][0].shape)
         if shape[1] % 4 or shape[1] < 20:
             raise ValueError(f"image side {shape[1]} must be a multiple of 4 and >= 20 (--img-size)")
         G = ImageGenerator(n_classes, shape[0], shape[1], args.latent_dim, args.width)
