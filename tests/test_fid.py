@@ -356,6 +356,14 @@ def cli(*args):
     return fid.main([*map(str, args), "--device", "cpu", "--num-workers", "0"])
 
 
+def test_cli_defaults_match_pytorch_fid():
+    a = fid.parse_args(["x", "y"])
+    assert (a.batch_size, a.dims, a.mode, a.fd_method, a.seed) == (50, 2048, "pytorch-fid", "sqrtm", 2020)
+    assert a.num_workers == min(8, len(os.sched_getaffinity(0)))
+    assert a.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert (a.isc_splits, a.kid_subsets, a.kid_subset_size, a.prc_k) == (10, 100, 1000, 3)
+
+
 def test_cli_folders_npz_and_save_stats(tmp_path, weights, state_dict, capsys, monkeypatch):
     a_imgs, b_imgs = write_pngs(tmp_path / "a", 70, 32, seed=1), write_pngs(tmp_path / "b", 70, 32, seed=2)
     flags = ["--weights", weights, "--dims", 64, "--no-resize"]
@@ -363,6 +371,7 @@ def test_cli_folders_npz_and_save_stats(tmp_path, weights, state_dict, capsys, m
               "--prc", "--fid-inf")
     out = capsys.readouterr().out
     assert "FID:  " in out and "mode pytorch-fid" in out and "N 70 vs 70" in out and "sqrtm" in out
+    assert f"ref {tmp_path / 'b'}" in out
     assert f"weights {fid.sha256_prefix(weights)}" in out and "KID:  " in out and "PRC:  " in out
     m = net(state_dict, dims=64)
     sa, sb = fid.statistics(fid.activations(a_imgs, m)), fid.statistics(fid.activations(b_imgs, m))
