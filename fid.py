@@ -709,11 +709,6 @@ def sample_hparams(model, space="wide", n=100, seed=0):
     return out[:n]
 
 
-def read_runs(path):
-    with open(path, newline="") as f:
-        return [dict(r, fid=float(r["fid"])) for r in csv.DictReader(f)]
-
-
 def budget_curve(fids, resamples=5000, seed=0):
     """Expected min FID over k trained models, k = 1..K, with a 95% band; bootstrap with replacement,
     prefix minima so the curve is monotone [Lucic et al. budget figure; UNSPECIFIED: resampling]."""
@@ -759,7 +754,7 @@ def collect_runs(run_dirs, model=None, key="fid"):
         setting = {k: v for k, v in sorted(args.items()) if k not in plumbing}
         rows.append(dict(model=model or os.path.basename(os.path.normpath(d)).split("-")[0],
                          setting_id=hashlib.sha256(json.dumps(setting).encode()).hexdigest()[:8],
-                         seed=args.get("seed"), fid=min(vals)))
+                         seed=args.get("seed"), fid=float(np.nanmin(vals))))
     return rows
 
 
@@ -926,7 +921,8 @@ def run_tool(args):
         w.writeheader()
         w.writerows(rows)
         return rows
-    rows = read_runs(args.csv)
+    with open(args.csv, newline="") as f:
+        rows = [dict(r, fid=float(r["fid"])) for r in csv.DictReader(f)]
     if args.tool == "budget-curve":
         out = {}
         print("model,k,mean_min_fid,lo95,hi95")
