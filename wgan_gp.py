@@ -641,7 +641,8 @@ def main(argv=None):
     metrics, t0, t_start, step0 = {"step": step}, time.time(), time.time(), step
     while step < args.steps:
         out = train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp)
-        sched_G.step()
+        if not args.fixed_generator:                                     # Fig. 1a: G never steps
+            sched_G.step()
         sched_D.step()
         step += 1
         if step % args.log_every == 0 or step == args.steps:
