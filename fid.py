@@ -758,27 +758,13 @@ def collect_runs(run_dirs, model=None, key="fid"):
     return rows
 
 
-def bench(args):
-    """Extraction img/s (ours, and pytorch-fid with the same weights when installed, batches interleaved so
-    that both see the same machine load) and Frechet timings (NumPy/SciPy on the CPU)."""
+def bench(args, others=None):
+    """Extraction img/s and Frechet timings (NumPy/SciPy on the CPU). `others` maps a name to another
+    extractor (uint8 batch -> features) run on the same batches, interleaved with ours so that both see
+    the same machine load: tests/bench_pytorch_fid.py passes pytorch-fid's network this way."""
     model = build_inception(args.weights).to(args.device)
     x = torch.randint(0, 256, (args.n_images, 3, args.img_size, args.img_size), dtype=torch.uint8)
-    try:
-        from pytorch_fid import inception as pf
-    except ImportError:
-        pf = None
-    nets = {"ours": lambda b: activations(b, model, args.batch_size)}
-    if pf is not None:               # pytorch-fid builds its net through this loader; hand it our weights
-        loader, pf.load_state_dict_from_url = pf.load_state_dict_from_url, lambda *a, **k: model.state_dict()
-        try:
-            theirs = pf.InceptionV3([3]).to(args.device).eval()
-        finally:
-            pf.load_state_dict_from_url = loader
-
-        def pytorch_fid(b):
-            with exact_fp32(), torch.no_grad():
-                return theirs(b.to(args.device).float().div(255))[0].flatten(1).cpu().double().numpy()
-        nets["pytorch_fid"] = pytorch_fid
+    nets = {"ours": lambda b: activations(b, model, args.batch_size), **(others(model) if others else {})}
     feats, secs = {k: [] for k in nets}, dict.fromkeys(nets, 0.0)
     for k, f in nets.items():
         f(x[:args.batch_size])                                               # warm-up
@@ -788,9 +774,8 @@ def bench(args):
             feats[k].append(f(b))
             secs[k] += time.perf_counter() - t
     res = {f"{k}_img_s": args.n_images / v for k, v in secs.items()}
-    if pf is not None:
-        res["max_abs_feature_diff"] = float(np.abs(np.concatenate(feats["ours"])
-                                                   - np.concatenate(feats["pytorch_fid"])).max())
+    for k in nets.keys() - {"ours"}:
+        res[f"max_abs_feature_diff_{k}"] = float(np.abs(np.concatenate(feats["ours"]) - np.concatenate(feats[k])).max())
     rs = np.random.RandomState(0)
     a = rs.standard_normal((args.n_features, args.d))
     b = rs.standard_normal((args.n_features, args.d)) * rs.uniform(0.5, 1.5, args.d) + 0.1

@@ -471,7 +471,12 @@ def test_triangles_and_bench_tools(tmp_path, weights):
     res = fid.main(["bench", "--weights", weights, "--device", "cpu", "--n-images", "1", "--batch-size", "1",
                     "--img-size", "8", "--d", "16", "--n-features", "200"])
     assert res["rel_diff_eig"] < 1e-10 and res["rel_diff_eigh"] < 1e-10 and res["ours_img_s"] > 0
-    assert res.get("max_abs_feature_diff", 0.0) == 0.0                        # vs pytorch-fid, if installed
+    pytest.importorskip("pytorch_fid")                                        # dev-only extra
+    import bench_pytorch_fid
+    args = fid.parse_tool_args(["bench", "--weights", weights, "--device", "cpu", "--n-images", "2", "--batch-size", "1",
+                           "--img-size", "8", "--d", "16", "--n-features", "200"])
+    res = fid.bench(args, others=bench_pytorch_fid.pytorch_fid_net(args))
+    assert res["max_abs_feature_diff_pytorch_fid"] == 0.0 and res["pytorch_fid_img_s"] > 0
 
 
 def test_hparam_sampler_budget_curve_and_reports(tmp_path, capsys):
