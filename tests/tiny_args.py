@@ -3,16 +3,28 @@ reach every branch (sampling, checkpointing, resume). Used by the in-process tes
 tests/test_standalone.py, which runs each script alone in a temp folder."""
 
 TINY = {
-    # One entry per training script; each owner edits only its own line. No --out-dir here: the
-    # tests add their own. fid.py has its own standalone test in tests/test_fid.py.
-    "wgan_gp.py": ["--dataset", "shapes", "--device", "cpu", "--dim-g", "8", "--dim-d", "8", "--batch-size", "4",
-                   "--n-critic", "2", "--steps", "2", "--num-workers", "0", "--log-every", "1",
-                   "--sample-every", "1", "--ckpt-every", "1", "--deterministic"],
-    "sngan.py": ["--dataset", "shapes", "--device", "cpu", "--steps", "2", "--g-ch", "16", "--d-ch", "16",
-                 "--batch-size", "8", "--num-workers", "0", "--log-every", "1", "--sigma-every", "2",
-                 "--sample-every", "2", "--ckpt-every", "1", "--deterministic"],
-    "projection.py": ["--dataset", "shapes", "--device", "cpu", "--steps", "2", "--g-ch", "16", "--d-ch", "16", "--batch-size", "8", "--g-batch-size", "16", "--n-dis", "2", "--num-workers", "0", "--log-every", "1", "--sample-every", "1", "--ckpt-every", "1", "--deterministic", "--export-samples", "12", "--morph", "0", "1"],
-    "gd_stable.py": ["--device", "cpu", "--deterministic", "--batch-size", "64", "--steps", "3", "--hidden", "16", "--z-dim", "8", "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--eval-every", "2", "--mode-samples", "200"],
-    "dp_gan.py": ["--device", "cpu", "--n-train", "64", "--n-test", "32", "--sample-rate", "0.25", "--epochs", "2", "--width", "0.0625", "--tstr-samples", "64", "--clf-steps", "20", "--select-picks", "2", "--log-every", "2", "--sample-every", "4", "--ckpt-every", "3", "--deterministic"],
-    "avb.py": ["--dataset", "shapes", "--device", "cpu", "--steps", "2", "--batch-size", "8", "--width", "4", "--adv-hidden", "16", "--adv-feat", "32", "--z-dim", "4", "--eps-dim", "8", "--eps-nbasis", "2", "--val-size", "16", "--num-workers", "0", "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--deterministic"],
+    # One entry per training script. No --out-dir here: the tests add their own. fid.py has its
+    # own standalone test in tests/test_fid.py.
+    "wgan_gp.py": ["--dataset", "shapes", "--device", "cpu", "--dim-g", "8", "--dim-d", "8",
+                   "--batch-size", "4", "--n-critic", "2", "--steps", "2", "--num-workers", "0",
+                   "--log-every", "1", "--sample-every", "1", "--ckpt-every", "1", "--deterministic"],
+    "sngan.py": ["--dataset", "shapes", "--device", "cpu", "--steps", "2", "--g-ch", "16", "--d-ch",
+                 "16", "--batch-size", "8", "--num-workers", "0", "--log-every", "1",
+                 "--sigma-every", "2", "--sample-every", "2", "--ckpt-every", "1", "--deterministic"],
+    "projection.py": ["--dataset", "shapes", "--device", "cpu", "--steps", "2", "--g-ch", "16",
+                      "--d-ch", "16", "--batch-size", "8", "--g-batch-size", "16", "--n-dis", "2",
+                      "--num-workers", "0", "--log-every", "1", "--sample-every", "1",
+                      "--ckpt-every", "1", "--deterministic", "--export-samples", "12", "--morph",
+                      "0", "1"],
+    "gd_stable.py": ["--device", "cpu", "--deterministic", "--batch-size", "64", "--steps", "3",
+                     "--hidden", "16", "--z-dim", "8", "--log-every", "1", "--sample-every", "2",
+                     "--ckpt-every", "2", "--eval-every", "2", "--mode-samples", "200"],
+    "dp_gan.py": ["--device", "cpu", "--n-train", "64", "--n-test", "32", "--sample-rate", "0.25",
+                  "--epochs", "2", "--width", "0.0625", "--tstr-samples", "64", "--clf-steps", "20",
+                  "--select-picks", "2", "--log-every", "2", "--sample-every", "4", "--ckpt-every",
+                  "3", "--deterministic"],
+    "avb.py": ["--dataset", "shapes", "--device", "cpu", "--steps", "2", "--batch-size", "8",
+               "--width", "4", "--adv-hidden", "16", "--adv-feat", "32", "--z-dim", "4",
+               "--eps-dim", "8", "--eps-nbasis", "2", "--val-size", "16", "--num-workers", "0",
+               "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--deterministic"],
 }
