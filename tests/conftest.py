@@ -14,3 +14,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fid_recorder(monkeypatch):
+    """Replaces fid.fid_for_training for a training script's --fid-every (see tests/fid_recorder.py)."""
+    import sys
+
+    from fid_recorder import Recorder
+    rec = Recorder()
+    monkeypatch.setitem(sys.modules, "fid", rec)
+    return rec

@@ -7,26 +7,13 @@ import inspect
 import sys
 
 import pytest
-import torch
 
 import fid
 import projection
 import sngan
 import wgan_gp
+from fid_recorder import Recorder
 from tiny_args import TINY
-
-
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def fid_for_training(self, sample_fn, dataset, data_root, img_size, n_samples, device, weights=None,
-                         cache_dir=None, class_label=None):
-        x = sample_fn(3)
-        self.calls.append({"dataset": dataset, "img_size": img_size, "n": n_samples, "weights": weights,
-                           "class_label": class_label, "shape": tuple(x.shape),
-                           "lo": x.min().item(), "hi": x.max().item()})
-        return 10.0 + len(self.calls)
 
 
 def test_recorder_has_the_real_signature():
@@ -34,28 +21,21 @@ def test_recorder_has_the_real_signature():
         inspect.signature(fid.fid_for_training).parameters.keys()
 
 
-@pytest.fixture
-def recorder(monkeypatch):
-    rec = Recorder()
-    monkeypatch.setitem(sys.modules, "fid", rec)
-    return rec
-
-
 @pytest.mark.parametrize("module", [wgan_gp, sngan])
-def test_unconditional_scripts_call_fid_at_the_requested_steps(module, recorder, tmp_path):
+def test_unconditional_scripts_call_fid_at_the_requested_steps(module, fid_recorder, tmp_path):
     script = module.__name__ + ".py"
     m = module.main(TINY[script] + ["--out-dir", str(tmp_path), "--fid-every", "2", "--fid-samples", "7",
                                     "--fid-weights", "w.pth"])
-    assert len(recorder.calls) == 1 and m["fid"] == 11.0            # TINY runs 2 steps: FID at step 2
-    c = recorder.calls[0]
+    assert len(fid_recorder.calls) == 1 and m["fid"] == 11.0            # TINY runs 2 steps: FID at step 2
+    c = fid_recorder.calls[0]
     assert (c["dataset"], c["img_size"], c["n"], c["weights"], c["class_label"]) == ("shapes", 32, 7, "w.pth", None)
     assert c["shape"] == (3, 3, 32, 32) and -1 <= c["lo"] and c["hi"] <= 1
 
 
-def test_projection_computes_fid_and_intra_fid_over_every_class(recorder, tmp_path):
+def test_projection_computes_fid_and_intra_fid_over_every_class(fid_recorder, tmp_path):
     m = projection.main(TINY["projection.py"] + ["--out-dir", str(tmp_path), "--fid-every", "100",
                                                  "--fid-samples", "6", "--intra-fid-samples", "4"])
-    calls = recorder.calls
+    calls = fid_recorder.calls
     assert [c["class_label"] for c in calls] == [None, 0, 1, 2, 3, 4, 5]   # shapes has 6 classes
     assert [c["n"] for c in calls] == [6] + [4] * 6
     assert m["fid"] == 11.0 and m["intra_fid"] == pytest.approx(sum(range(12, 18)) / 6)
