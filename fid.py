@@ -807,6 +807,8 @@ def _source(path, args, get_model):
                 return dict(feats=None, mu=f["mu"][:], sigma=f["sigma"][:],
                             n=int(f["n"]) if "n" in f else "?", desc=f"stats {path}")
             images = torch.from_numpy(f["images"]).permute(0, 3, 1, 2)      # NHWC -> (N, C, H, W)
+        if images.shape[1] == 1:                  # grayscale, as PIL's convert("RGB") does for files
+            images = images.expand(-1, 3, -1, -1)
         feats = activations(images, get_model(), args.batch_size, args.device, args.allow_tf32, progress=True)
     else:
         files = list_images(path, args.recursive, args.ignore_case)

@@ -386,6 +386,10 @@ def test_cli_folders_npz_and_save_stats(tmp_path, weights, state_dict, capsys, m
         cli(tmp_path / "a", stats, "--save-stats", *flags)
     np.savez(tmp_path / "samples_70.npz", images=a_imgs.permute(0, 2, 3, 1).numpy())    # --export-samples
     assert cli(tmp_path / "samples_70.npz", stats, *flags)["fid"] == res["fid"]
+    grey = a_imgs[:, :1]                        # a grayscale export (MNIST-like scripts) reads as RGB
+    np.savez(tmp_path / "grey.npz", images=grey.permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "grey3.npz", images=grey.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy())
+    assert cli(tmp_path / "grey.npz", stats, *flags)["fid"] == cli(tmp_path / "grey3.npz", stats, *flags)["fid"]
     monkeypatch.setattr(fid, "resolve_weights", lambda w=None: pytest.fail("two npz need no network"))
     assert abs(cli(stats, stats)["fid"]) < 1e-8
     if not torch.cuda.is_available():
