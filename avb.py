@@ -41,6 +41,7 @@ Run
   python avb.py --evaluate CKPT --ais-chains 5 --ais-steps 1000   # AIS of the d = 8 no-AC row
   python avb.py --dataset toy4                                    # toy, samples/latent_*.png
   python avb.py --dataset shapes --steps 200 --log-every 50       # benchmark: steps/s, peak memory
+  python avb.py --dataset mnist --fid-every 100000 --export-samples 10000   # FID monitor: not the paper's metric
 Paper reports: AIS log p(x) = -80.2 nats, AVB + AC, d = 32, binarized MNIST (Tab. 2; +- and other
 rows unverified). Our numbers: README.
 """
@@ -118,6 +119,13 @@ def parse_args(argv=None):
     r.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels; on CUDA set CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
+    r.add_argument("--export-samples", type=int, default=0, help="images: N Bernoulli means p of p(x|z), "
+                   "z ~ N(0, I), round(255 p), to samples_N.npz at the end, 0 = off (UNSPECIFIED: means, the usual "
+                   "choice for binarized-MNIST sample figures) [run]")
+    r.add_argument("--fid-every", type=int, default=0, help="images: FID of 2p - 1 via fid.py every K steps, 0 = off; "
+                   "not the paper's metric (AIS log p(x), --evaluate) [run]")
+    r.add_argument("--fid-samples", type=int, default=10_000, help="generated images per FID [run]")
+    r.add_argument("--fid-weights", default=None, help="FID Inception weight file (fid.py) [run]")
     return p.parse_args(argv)
 
 
@@ -128,6 +136,8 @@ def derive_defaults(args):
             setattr(args, k, v and args.model == "avb" if k == "ac" else v)
     if args.ac and (args.dataset == "toy4" or args.model == "vae"):
         raise ValueError("--ac needs AVB's basis-vector image encoder (--model avb, an image --dataset)")
+    if args.dataset == "toy4" and (args.fid_every or args.export_samples):
+        raise ValueError("--fid-every / --export-samples are for the image datasets (mnist, shapes)")
     return args
 
 
@@ -355,9 +365,7 @@ def build_models(args):
         encoder = (ToyEncoder(args.z_dim, args.eps_dim, w) if toy
                    else Encoder(args.z_dim, args.eps_dim, args.eps_nbasis, w, args.ac))
     decoder = init_tf(mlp([args.z_dim, w, w, w, 4], nn.ELU)) if toy else Decoder(args.z_dim, w)  # notebook
-    if args.model == "vae":
-        return encoder, decoder, None
-    return encoder, decoder, (ToyAdversary(args.z_dim, args.adv_hidden) if toy
+    return encoder, decoder, (None if args.model == "vae" else ToyAdversary(args.z_dim, args.adv_hidden) if toy
                               else Adversary(args.z_dim, args.adv_hidden, args.adv_feat))
 
 
@@ -499,6 +507,26 @@ def latent_scatter(encoder, path, noise_dim, n=512, size=256, seed=0):
     torchvision.utils.save_image(canvas, path)
 
 
+def decoder_means(decoder, n, args, gen):
+    """Bernoulli means sigmoid(decoder(z)), z ~ N(0, I) drawn from `gen` (training RNG untouched): (n, 1, 28, 28)."""
+    with torch.no_grad():
+        return torch.sigmoid(decoder(torch.randn(n, args.z_dim, generator=gen).to(args.device)))
+
+
+def export_samples(decoder, args, path, chunk=500):
+    """uint8 NHWC, round(255 p) of the decoder means (UNSPECIFIED: means, not binary draws)."""
+    gen, n = torch.Generator().manual_seed(args.seed + 2), args.export_samples
+    x = torch.cat([decoder_means(decoder, min(chunk, n - i), args, gen).cpu() for i in range(0, n, chunk)])
+    np.savez_compressed(path, images=(x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def evaluate_fid(decoder, args):
+    import fid  # evaluation only: a copy of this script without fid.py still trains
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    return fid.fid_for_training(lambda n: 2 * decoder_means(decoder, n, args, gen) - 1, args.dataset,
+                                args.data_root, 28, args.fid_samples, args.device, weights=args.fid_weights)
+
+
 def evaluate(args):
     """ELBO estimate (not a bound for AVB) and AIS log p(x), mean +- std / sqrt(#batches) [Tab. 2]."""
     state = common.load_checkpoint(args.evaluate, args.device)
@@ -555,8 +583,7 @@ def main(argv=None):
     args.out_dir = args.out_dir or os.path.join("runs", f"avb-{args.dataset}-s{args.seed}")
     ckpt_path = common.prepare_run(args.out_dir, args.resume)
     scale = 1.0 if toy else 1.0 / (28 * 28)                              # PAPER-VS-CODE: official 1/(H*W*C)
-    if not toy:
-        train_set = split_mnist(args)[0]
+    train_set = None if toy else split_mnist(args)[0]
     encoder, decoder, T = (m if m is None else m.to(device) for m in build_models(args))
     opt_G = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=args.lr, betas=tuple(args.betas))
     # PAPER-VS-CODE: two learning rates (official run.py) where Alg. 1 has one step size h_i
@@ -587,7 +614,7 @@ def main(argv=None):
     else:
         per_step = 1 + args.adv_steps if (args.update == "alternating" and T is not None) else 1
         batches = binary_batches(train_set, args, step * per_step, device)
-        draw_x = lambda: next(batches)                                 
+        draw_x = lambda: next(batches)
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if not ckpt_path:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training RNG untouched
@@ -598,10 +625,13 @@ def main(argv=None):
     while step < args.steps:
         out = train_step(encoder, decoder, T, opt_G, opt_D, draw_x, args, scale)
         step += 1
-        if step % args.log_every == 0 or step == args.steps:
+        fid_now = args.fid_every and (step % args.fid_every == 0 or step == args.steps)
+        if step % args.log_every == 0 or step == args.steps or fid_now:   # a FID step is a log step
             it_s = (step - metrics["step"]) / max(time.time() - t0, 1e-9)
             metrics = {"step": step, **{k: v.item() for k, v in out.items()},
                        "it_s": it_s, "eta_s": (args.steps - step) / max(it_s, 1e-9)}
+            if fid_now:
+                metrics["fid"] = evaluate_fid(decoder, args)
             print(f"step {step}/{args.steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                              if k not in ("step", "eta_s"))
                   + f" | eta {metrics['eta_s'] / 3600:.1f}h", flush=True)
@@ -619,6 +649,8 @@ def main(argv=None):
             common.save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
                 "step": step, "args": vars(args), "fixed_z": fixed_z, "rng": common.rng_state(),
                 **{k: None if m is None else m.state_dict() for k, m in nets.items()}})
+    if args.export_samples:
+        export_samples(decoder, args, os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"))
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     rate = (step - step0) / max(time.time() - t_start, 1e-9)

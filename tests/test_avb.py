@@ -262,3 +262,30 @@ def test_tiny_args_run_offline(tmp_path):
     assert m["step"] == 2 and all(math.isfinite(v) for v in m.values())
     with pytest.raises(ValueError):
         avb.derive_defaults(avb.parse_args(["--model", "vae", "--ac"]))
+
+
+# ---- --export-samples and --fid-every (issue 3), images only ----
+def test_export_and_fid_wiring_leave_training_unchanged(fid_recorder, tmp_path):
+    extra = ["--log-every", "2", "--ckpt-every", "1"]
+    plain = avb.main(TINY["avb.py"] + extra + ["--out-dir", str(tmp_path / "plain")])
+    m = avb.main(TINY["avb.py"] + extra + ["--out-dir", str(tmp_path / "f"), "--export-samples", "5", "--fid-every",
+                                           "1", "--fid-samples", "7", "--fid-weights", "w.pth"])
+    assert strip_timing(plain) == {k: v for k, v in strip_timing(m).items() if k != "fid"}   # training RNG untouched
+    logged = [json.loads(ln) for ln in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["fid"]) for r in logged] == [(1, 11.0), (2, 12.0)] and m["fid"] == 12.0  # FID step = log step
+    assert all((c["dataset"], c["img_size"], c["n"], c["weights"], c["class_label"], c["shape"]) ==
+               ("shapes", 28, 7, "w.pth", None, (3, 1, 28, 28)) and -1 <= c["lo"] < c["hi"] <= 1
+               for c in fid_recorder.calls)
+    img = np.load(tmp_path / "f" / "samples_5.npz")["images"]
+    assert img.dtype == np.uint8 and img.shape == (5, 28, 28, 1)
+    args = avb.derive_defaults(avb.parse_args(TINY["avb.py"]))          # round(255 p), p = decoder means
+    decoder = avb.build_models(args)[1]
+    decoder.load_state_dict(torch.load(tmp_path / "f" / "ckpt.pt", weights_only=True)["decoder"])
+    p = torch.sigmoid(decoder(torch.randn(5, args.z_dim, generator=torch.Generator().manual_seed(args.seed + 2))))
+    assert np.array_equal(img, (p * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize("flag", ["--export-samples", "--fid-every"])
+def test_toy_rejects_image_only_flags(flag, tmp_path):
+    with pytest.raises(ValueError, match="image datasets"):
+        avb.main(["--dataset", "toy4", "--device", "cpu", flag, "1", "--out-dir", str(tmp_path)])
