@@ -27,8 +27,9 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   5. DEVIATION  noisy-max Laplace scale 2/(N eps_pick) (report-noisy-max; an accuracy on N records
      has sensitivity 1/N) instead of the notebook's 1/(eps_pick * remaining epochs).
 Covered by (eps, delta): the weights of D and G, samples, exported samples, the selected epochs.
-NOT covered (computed on real records, for the data holder only): loss_D, clip_frac and the epoch
-transfer scores in the logs and ckpt.pt, and the real-data baseline. The noise comes from torch's seeded PRNG
+NOT covered (computed on real records, for the data holder only): loss_D, clip_frac, fid (its reference
+statistics are of the training images) and the epoch transfer scores in the logs and ckpt.pt, and the
+real-data baseline. The noise comes from torch's seeded PRNG
 (no CSPRNG, no floating-point hardening, Mironov 2012): use a secret --seed for a real release.
 Run
   python dp_gan.py --dataset sprint_synth     # official: q=1/6000, sigma=1, C=1e-4, lr 2e-5, 500 epochs
@@ -108,7 +109,11 @@ def parse_args(argv=None):
     a("--ckpt-every", type=int, default=5000, help="D steps between checkpoints [run]")
     a("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
     a("--deterministic", action="store_true", help="deterministic kernels; CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
-    a("--export-samples", type=int, default=0, help="write N samples to samples_N.npz [run]")
+    a("--export-samples", type=int, default=0, help="images: N samples, labels cycling 0..K-1, to samples_N.npz [run]")
+    a("--fid-every", type=int, default=0, help="images: FID (fid.py) every K D steps, 0 = off; its reference "
+      "statistics are of the private training images, NOT covered by (eps, delta) [run]")
+    a("--fid-samples", type=int, default=10_000, help="generated images per FID [run]")
+    a("--fid-weights", default=None, help="FID Inception weight file (fid.py) [run]")
     a("--bench-d-steps", type=int, default=0, help="time N private vs plain D steps on random inputs [ours: issue 7]")
     args = p.parse_args(argv)
     table = args.dataset == "sprint_synth" or args.dataset.startswith("csv:")   # per-dataset defaults
@@ -618,6 +623,25 @@ def bench_d_steps(D, lot, shape, cfg, n):
     return rates
 
 
+def export_samples(G, n, cfg, path, seed):
+    """uint8 NHWC, quantised as save_image: (x + 1) / 2 * 255 + 0.5, clamped; labels cycle 0..K-1."""
+    gen, c = torch.Generator().manual_seed(seed), torch.arange(n) % cfg["n_classes"]   # training RNG untouched
+    with torch.no_grad():
+        x = torch.cat([G((torch.rand(len(ci), cfg["latent"], generator=gen) * 2 - 1).to(cfg["device"]),
+                         ci.to(cfg["device"])).cpu() for ci in c.split(4096)])
+    images = ((x + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    np.savez(path, images=images.numpy(), labels=c.numpy())
+
+
+def evaluate_fid(G, args, cfg):
+    """FID of uniform-label samples. The samples post-process the private G (DP is closed under
+    post-processing), but the reference statistics are of the private training images: NOT covered."""
+    import fid  # evaluation only: a copy of this script without fid.py still trains
+    gen = torch.Generator().manual_seed(args.seed + 3)                  # the training RNG is untouched
+    return fid.fid_for_training(lambda n: sample_synthetic(G, n, cfg, gen, False)[0], args.dataset, args.data_root,
+                                args.img_size, args.fid_samples, cfg["device"], weights=args.fid_weights)
+
+
 def write_samples(G, z, c, path, image):
     """Images: 8x8 grid, one class per row. Records: a CSV of label and flattened features."""
     with torch.no_grad():
@@ -633,6 +657,8 @@ def write_samples(G, z, c, path, image):
 def main(argv=None):
     args = parse_args(argv)
     table = args.dataset not in ("mnist", "shapes")
+    if table and (args.export_samples or args.fid_every):
+        raise ValueError("--export-samples / --fid-every are for the image datasets (mnist, shapes)")
     args.out_dir = args.out_dir or os.path.join("runs", "dp_gan-" + args.dataset.replace(":", "_").replace(
         "/", "_") + f"-s{args.seed}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -751,7 +777,8 @@ def main(argv=None):
                     scores[kind].append(transfer_score(G, kind, *real_tr, cfg, args.seed + epoch, post))
                 line += f" | transfer (real train, not private) lr {scores['lr'][-1]:.4f} nn {scores['nn'][-1]:.4f}"
             print(line, flush=True)
-        if step % args.log_every == 0 or step == total:
+        fid_now = args.fid_every and (step % args.fid_every == 0 or step == total)
+        if step % args.log_every == 0 or step == total or fid_now:
             it_s = (step - metrics["step"]) / max(time.time() - t0, 1e-9)
             loss_d, clipped, loss_g = (torch.stack([h[i] for h in hist]).sum().item() for i in range(3))
             pairs = max(sum(h[3] for h in hist), 1)
@@ -759,6 +786,8 @@ def main(argv=None):
                        "loss_G": loss_g / len(hist), "lot": sum(h[3] for h in hist) / len(hist),
                        "clip_frac": clipped / pairs, "eps": accountant.get_epsilon(args.delta, args.conversion)[0],
                        "it_s": it_s, "eta_s": (total - step) / max(it_s, 1e-9)}
+            if fid_now:
+                metrics["fid"] = evaluate_fid(G, args, cfg)
             print(f"step {step}/{total} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"),
                   flush=True)
             with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
@@ -783,11 +812,8 @@ def main(argv=None):
           f"selection) at delta {args.delta:g}" + ("" if private else "  -- NON-PRIVATE RUN"), flush=True)
     metrics["eps_select"] = eps_select_spent
     if args.export_samples:
-        x_e, y_e = sample_synthetic(G, args.export_samples, cfg, torch.Generator().manual_seed(args.seed + 13), post)
-        arrays = {"records": x_e[:, 0]} if table else {   # images: uint8 NHWC for fid.py
-            "images": ((x_e + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)}
-        np.savez(os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"), labels=y_e.cpu().numpy(),
-                 **{k: v.cpu().numpy() for k, v in arrays.items()})
+        export_samples(G, args.export_samples, cfg, os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"),
+                       args.seed + 13)
     if args.bench_d_steps:
         metrics.update(bench_d_steps(D, max(1, round(q * n_tr)), shape, cfg, args.bench_d_steps))
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from tiny_args import TINY
 
 import dp_gan
@@ -313,14 +314,42 @@ def test_target_epsilon_and_non_private_mode(tmp_path, capsys):
     assert json.loads((tmp_path / "np/privacy.json").read_text())["epsilon"] is None
 
 
-def test_image_configuration_runs_with_bench(tmp_path):
-    m = dp_gan.main(["--dataset", "shapes", "--img-size", "20", "--device", "cpu", "--width", "0.0625",
-                     "--sample-rate", "1e-4", "--steps", "2", "--tstr-samples", "0",
-                     "--bench-d-steps", "2", "--export-samples", "8", "--out-dir", str(tmp_path)])
+IMAGE = ["--dataset", "shapes", "--img-size", "20", "--device", "cpu", "--width", "0.0625", "--sample-rate", "1e-4",
+         "--steps", "2", "--tstr-samples", "0"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torchvision.io decoders
+def test_image_configuration_runs_with_bench_and_exports_samples(tmp_path):
+    m = dp_gan.main(IMAGE + ["--bench-d-steps", "2", "--export-samples", "8", "--out-dir", str(tmp_path)])
     assert m["step"] == 2 and m["bench_d_it_s_private"] > 0 and m["bench_d_it_s_plain"] > 0
     assert (tmp_path / "samples/0000002.png").exists() and (tmp_path / "reals.png").exists()
     with np.load(tmp_path / "samples_8.npz") as f:
-        assert f["images"].shape == (8, 20, 20, 3) and f["images"].dtype == np.uint8
+        images, labels = f["images"], f["labels"]
+    assert images.shape == (8, 20, 20, 3) and images.dtype == np.uint8 and labels.tolist() == [0, 1, 2, 3, 4, 5, 0, 1]
+    G = dp_gan.ImageGenerator(6, 3, 20, width=0.0625)                    # same samples, written by save_image
+    G.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["G"])
+    with torch.no_grad():
+        x = G(torch.rand(8, 100, generator=torch.Generator().manual_seed(13)) * 2 - 1, torch.tensor(labels))
+    torchvision.utils.save_image(x[3], tmp_path / "x3.png", normalize=True, value_range=(-1, 1))
+    assert np.array_equal(torchvision.io.read_image(str(tmp_path / "x3.png")).permute(1, 2, 0).numpy(), images[3])
+
+
+def test_fid_every_reaches_fid_py_with_private_samples(fid_recorder, tmp_path):
+    m = dp_gan.main(IMAGE + ["--fid-every", "1", "--fid-samples", "7", "--fid-weights", "w.pth", "--log-every", "2",
+                             "--out-dir", str(tmp_path)])
+    calls = fid_recorder.calls                                           # steps 1 and 2, with a log line each
+    assert [(c["dataset"], c["img_size"], c["n"], c["weights"], c["class_label"]) for c in calls] == \
+        [("shapes", 20, 7, "w.pth", None)] * 2
+    assert all(c["shape"] == (3, 3, 20, 20) and -1 <= c["lo"] < c["hi"] <= 1 for c in calls)
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(ln["step"], ln["fid"]) for ln in lines] == [(1, 11.0), (2, 12.0)] and m["fid"] == 12.0
+
+
+@pytest.mark.parametrize("flag", [["--export-samples", "8"], ["--fid-every", "1"]])
+def test_tables_refuse_image_evaluation_flags(flag, tmp_path):
+    for dataset in ("sprint_synth", "csv:none.csv"):
+        with pytest.raises(ValueError, match="image datasets"):
+            dp_gan.main(["--dataset", dataset, "--device", "cpu", "--out-dir", str(tmp_path), *flag])
 
 
 def test_dropout_masks_differ_per_example_and_no_opacus():
@@ -335,7 +364,8 @@ def test_dropout_masks_differ_per_example_and_no_opacus():
         x.module for x in ast.walk(tree) if isinstance(x, ast.ImportFrom)}
     assert imported <= {"argparse", "copy", "csv", "functools", "json", "math", "os", "random", "resource", "time",
                         "warnings", "numpy", "torch", "torch.nn", "torch.nn.functional", "torchvision", "scipy",
-                        "torch.func", "common"}                                  # no Opacus, no sklearn
+                        "torch.func", "common", "fid"}                           # no Opacus, no sklearn
+    assert "fid" not in {n.name for x in tree.body if isinstance(x, ast.Import) for n in x.names}   # eval only
 
 
 def test_latent_labels_and_official_defaults():
