@@ -29,6 +29,7 @@ Run
   python gd_stable.py --dataset stacked_mnist --eta 0 --d-width 0.25   # collapse-prone baseline
   python gd_stable.py --streamlines --steps 0 --device cpu     # streamline figure only
   python gd_stable.py --dataset shapes --steps 200 --log-every 50 --sample-every 0   # benchmark, 28x28x3
+  python gd_stable.py --dataset mnist --fid-every 5000 --export-samples 10000   # FID via fid.py (not stacked_mnist)
 Paper reports: figures only (8-Gaussian coverage over time, image samples, streamlines). Our numbers: README.
 """
 
@@ -98,7 +99,10 @@ def parse_args(argv=None):
     r("--deterministic", action="store_true",
       help="deterministic kernels (tests); on CUDA set CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
     r("--amp", default="off", choices=["off", "bf16"], help="bf16 autocast of forward passes [run]")
-    r("--export-samples", type=int, default=0, help="write out_dir/samples_N.npz, 0 = off [run]")
+    r("--export-samples", type=int, default=0, help="write out_dir/samples_N.npz at the end, 0 = off [run]")
+    r("--fid-every", type=int, default=0, help="FID via fid.py every K G iterations and at the end, 0 = off [run]")
+    r("--fid-samples", type=int, default=10_000, help="generated images per FID [run]")
+    r("--fid-weights", default=None, help="Inception weight file for fid.py [run]")
     return p.parse_args(argv)
 
 
@@ -116,8 +120,11 @@ def derive_defaults(args):
         if args.img_size not in (None, size):
             raise ValueError(f"--dataset {args.dataset} is {size}x{size}, not {args.img_size}")
         args.img_size = size
-    if toy and args.export_samples:
-        raise ValueError("--export-samples writes images; it is for image datasets")
+    if toy and (args.export_samples or args.fid_every):
+        raise ValueError("--export-samples / --fid-every are for image datasets, not the 2-D mog8 toy")
+    if args.fid_every and args.dataset == "stacked_mnist":
+        raise ValueError("--fid-every needs a reference set common.load_dataset can load; stacked_mnist is not one: "
+                         "use --export-samples and fid.py with your own reference statistics instead")
     return args
 
 
@@ -461,6 +468,21 @@ def sample(G, z, device, chunk=2000):
     return out
 
 
+def export_samples(G, args, device, chunk=1000):
+    """out_dir/samples_N.npz, key "images": uint8 (N, H, W, C), quantised as save_image; own RNG."""
+    z = torch.randn(args.export_samples, args.z_dim, generator=torch.Generator().manual_seed(args.seed + 2))
+    x = torch.cat([((sample(G, zc, device) + 1) / 2 * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
+                   for zc in z.split(chunk)]).permute(0, 2, 3, 1)       # (N, H, W, C) uint8
+    np.savez_compressed(os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"), images=x.numpy())
+
+
+def evaluate_fid(G, args, device):
+    import fid  # evaluation only: a copy of this script without fid.py still trains
+    gen = torch.Generator().manual_seed(args.seed + 3)                   # training RNG untouched
+    return fid.fid_for_training(lambda n: sample(G, torch.randn(n, args.z_dim, generator=gen), device), args.dataset,
+                                args.data_root, args.img_size, args.fid_samples, device, weights=args.fid_weights)
+
+
 def load_classifier(args, device, state):
     """From the checkpoint, from --classifier, or trained here and checked on the MNIST test set."""
     if (state is not None and "classifier" in state) or args.classifier:
@@ -554,7 +576,8 @@ def main(argv=None):
     while step < args.steps:
         batch_D = draw()
         batch_G = draw() if per_step == 2 else None
-        log = (step + 1) % args.log_every == 0 or step + 1 == args.steps  # DEVIATION: diagnostics at log steps
+        fid_now = args.fid_every and ((step + 1) % args.fid_every == 0 or step + 1 == args.steps)
+        log = fid_now or (step + 1) % args.log_every == 0 or step + 1 == args.steps  # DEVIATION: log-step diagnostics
         out = train_step(G, D, opt_G, opt_D, batch_D, batch_G, args.eta, args.loss, args.g_objective,
                          args.update, amp=args.amp == "bf16", d_clip=args.d_clip, diagnostics=log)
         step += 1
@@ -565,6 +588,8 @@ def main(argv=None):
                 x = sample(G, eval_z, device)
                 metrics.update(zip(("modes", "hq"), mog8_modes(x)) if toy else
                                zip(("modes", "kl"), digit_modes(x, classifier)))
+            if fid_now:
+                metrics["fid"] = float(evaluate_fid(G, args, device))
             left = (args.steps - step) / max(it_s, 1e-9)
             print(f"step {step}/{args.steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[1:])
                   + f" | ETA {int(left // 3600)}h{int(left % 3600 // 60):02d}m", flush=True)
@@ -583,10 +608,7 @@ def main(argv=None):
                 "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "fixed_z": fixed_z,
                 "rng": common.rng_state(), **({"classifier": classifier.state_dict()} if classifier else {})})
     if args.export_samples:
-        z = torch.randn(args.export_samples, args.z_dim, generator=torch.Generator().manual_seed(args.seed + 2))
-        x = ((sample(G, z, device) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        np.savez_compressed(os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"),
-                            images=x.permute(0, 2, 3, 1).cpu().numpy())  # (N, H, W, C) uint8
+        export_samples(G, args, device)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     rate = (step - step0) / max(time.time() - t_start, 1e-9)

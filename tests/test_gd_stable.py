@@ -1,5 +1,6 @@
 """gd_stable.py: the card's Sec. 8 checks (exact toy figures, double backprop, D-step independence, real term),
 the fidelity checklist items a test can see, and smoke / resume / determinism runs (mog8 and stacked MNIST)."""
+import argparse
 import json
 import math
 import struct
@@ -340,3 +341,58 @@ def test_shapes_with_the_other_branches(tmp_path):
     assert max(v.abs().max().item() for k, v in D.items() if "running" not in k and "num_batches" not in k) <= 0.01
     with pytest.raises(ValueError, match="mode metrics"):
         gs.main(argv[:-2] + ["--eval-every", "5", "--out-dir", str(tmp_path / "x")])
+
+
+# ---- issue 3: --export-samples and --fid-every (image datasets only) ----
+def _tiny_image(dataset, out, *extra):
+    return ["--dataset", dataset, "--device", "cpu", "--deterministic", "--batch-size", "4", "--g-width", "0.125",
+            "--d-width", "0.125", "--z-dim", "8", "--num-workers", "0", "--sample-every", "0", "--eval-every", "0",
+            "--out-dir", str(out), *extra]
+
+
+def test_export_samples_keep_channels_and_save_image_quantisation(tmp_path):
+    import torchvision
+    from torchvision.io import read_image
+    _write_fake_mnist(tmp_path / "data")
+    argv = ["--data-root", str(tmp_path / "data"), "--steps", "1"]
+    gs.main(_tiny_image("mnist", tmp_path / "plain", *argv))
+    rng_plain = torch.get_rng_state()
+    gs.main(_tiny_image("mnist", tmp_path / "a", *argv, "--export-samples", "5"))
+    assert torch.equal(torch.get_rng_state(), rng_plain)                       # own generator: training RNG untouched
+    x = np.load(tmp_path / "a" / "samples_5.npz")["images"]
+    assert x.shape == (5, 28, 28, 1) and x.dtype == np.uint8                    # NHWC, native single channel
+    G = gs.DCGANGenerator(8, 1, 28, 0.125)
+    G.load_state_dict(torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["G"])
+    fake = gs.sample(G, torch.randn(5, 8, generator=torch.Generator().manual_seed(0 + 2)), "cpu")
+    assert torch.equal(torch.from_numpy(x[..., 0]), ((fake + 1) * 127.5 + 0.5).to(torch.uint8)[:, 0])  # seed + 2
+    with torch.no_grad():
+        G.net[-2].weight.mul_(2000)                                              # spread the tiny G's near-0 outputs
+    gs.export_samples(G, argparse.Namespace(export_samples=5, z_dim=8, seed=0, out_dir=str(tmp_path)), "cpu")
+    x = np.load(tmp_path / "samples_5.npz")["images"]
+    fake = gs.sample(G, torch.randn(5, 8, generator=torch.Generator().manual_seed(0 + 2)), "cpu")
+    torchvision.utils.save_image(fake, tmp_path / "ref.png", nrow=5, padding=0, normalize=True, value_range=(-1, 1))
+    ref = read_image(str(tmp_path / "ref.png"))[0].view(28, 5, 28).permute(1, 0, 2)   # the PNG save_image writes
+    assert torch.equal(torch.from_numpy(x[..., 0]), ref) and len(np.unique(x)) > 50 and {0, 255} <= set(x.flat)
+
+
+def test_fid_every_reaches_fid_for_training_and_leaves_training_alone(fid_recorder, tmp_path):
+    argv = ["--steps", "3", "--log-every", "10"]
+    m = gs.main(_tiny_image("shapes", tmp_path / "a", *argv, "--fid-every", "2", "--fid-samples", "7",
+                            "--fid-weights", "w.pth"))
+    rng_fid = torch.get_rng_state()
+    assert [c["n"] for c in fid_recorder.calls] == [7, 7] and m["fid"] == 12.0      # steps 2 and 3 (the last)
+    assert [(r["step"], r["fid"]) for r in _lines(tmp_path / "a" / "metrics.jsonl")] == [(2, 11.0), (3, 12.0)]
+    for c in fid_recorder.calls:
+        assert (c["dataset"], c["img_size"], c["weights"], c["class_label"]) == ("shapes", 28, "w.pth", None)
+        assert c["shape"] == (3, 3, 28, 28) and -1 <= c["lo"] < c["hi"] <= 1
+    plain = gs.main(_tiny_image("shapes", tmp_path / "b", *argv))
+    assert torch.equal(torch.get_rng_state(), rng_fid) and _same({k: v for k, v in m.items() if k != "fid"}, plain)
+
+
+def test_fid_and_export_flags_are_refused_where_they_cannot_work(tmp_path):
+    for flag in ("--fid-every", "--export-samples"):
+        with pytest.raises(ValueError, match="image datasets"):
+            gs.main(TINY["gd_stable.py"] + [flag, "1", "--out-dir", str(tmp_path / "toy")])
+    with pytest.raises(ValueError, match="common.load_dataset can load"):
+        gs.main(["--dataset", "stacked_mnist", "--fid-every", "5", "--device", "cpu", "--out-dir", str(tmp_path / "s")])
+    assert not (tmp_path / "toy").exists() and not (tmp_path / "s").exists()
