@@ -8,7 +8,7 @@ Data
       cifar10 | cifar100 | stl10 | mnist | fashion-mnist | celeba | lsun-<category> | folder:<path> | shapes
   ShapesDataset     procedural, deterministic, learnable images: item i is a pure function of (seed, i).
                     With extras it also gives a semantic label map, an instance map and a caption.
-                    Measured: about 5,900 items/s at 32x32 on one core of the 2-core CI machine
+                    Measured: about 5,500 items/s at 32x32 on one core of the 2-core CI machine
                     (python -c "import common; common._bench_shapes()"; 2026-11-28).
   infinite_batches  endless, per-epoch seeded shuffling that can start at any step (exact resume).
 Checkpoints

@@ -520,7 +520,7 @@ def draw_toy(D, x_real, x_fake, path, lim=3.0, res=256):
     v = D(grid)[0].view(res, res).float()
     v = (v - v.min()) / (v.max() - v.min() + 1e-12)
     img = torch.stack([0.15 + 0.6 * v, 0.2 + 0.6 * v, 0.35 + 0.6 * v]).cpu()      # (3, res, res)
-    for pts, colour in ((x_real, (1.0, 0.55, 0.0)), (x_fake, (0.1, 0.9, 0.2))):
+    for pts, colour in ((x_fake, (0.1, 0.9, 0.2)), (x_real, (1.0, 0.55, 0.0))):   # reals drawn on top
         ij = ((pts.float().cpu() + lim) / (2 * lim) * (res - 1)).round().long()
         ok = ((ij >= 1) & (ij < res - 1)).all(1)
         col, row = ij[ok, 0], res - 1 - ij[ok, 1]
