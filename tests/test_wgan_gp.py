@@ -268,3 +268,19 @@ def test_toy_run_covers_all_8_modes_on_cpu(tmp_path):
                       "--dim-d", "128", "--lam", "0.1", "--log-every", "2000", "--sample-every", "0",
                       "--out-dir", str(tmp_path)])
     assert m["modes"] == 8 and m["hq"] > 0.3
+
+
+def test_ac_terms_use_real_labels_in_the_critic_and_sampled_labels_in_G(monkeypatch):
+    args = wgan_gp.derive_defaults(wgan_gp.parse_args(["--conditional", "--dim-g", "4", "--dim-d", "4",
+                                                       "--n-critic", "2", "--batch-size", "4", "--g-batch-size", "6"]))
+    assert (args.ac_weight_d, args.ac_weight_g) == (1.0, 0.1)            # official ACGAN_SCALE(_G)
+    G, D = wgan_gp.build_models(args, 3, 10)
+    calls, ce = [], torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda logits, y: calls.append(y.clone()) or ce(logits, y))
+    reals = [(torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])), (torch.randn(4, 3, 32, 32), torch.tensor([5, 6, 7, 8]))]
+    opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    wgan_gp.train_step(G, D, opt_G, opt_D, iter(reals), args, 10, lambda: torch.autocast("cpu", enabled=False))
+    # one CE per critic step, on the real batch's labels only (none for fakes), then one in the G step
+    assert [c.tolist() for c in calls[:2]] == [[1, 2, 3, 4], [5, 6, 7, 8]] and len(calls) == 3
+    assert calls[2].shape == (6,)
