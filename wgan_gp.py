@@ -72,13 +72,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("paper (None = derived from --dataset/--arch in main, printed at start)")
     g.add_argument("--dataset", default="cifar10",
-                   help=f"{', '.join(TOYS)} or a common.load_dataset name (cifar10, shapes, folder:<dir>, ...) [Sec. 3, 5]")
+                   help=f"{', '.join(TOYS)} or a common.load_dataset name (cifar10, shapes, "
+                        "folder:<dir>, ...) [Sec. 3, 5]")
     g.add_argument("--arch", default=None, choices=["mlp", "resnet", "dcgan", "resnet64", "dcgan64"],
                    help="mlp for toys, resnet for images [Sec. 3, App. F, Sec. 5.3, App. E]")
     g.add_argument("--mode", default="wgan-gp", choices=["wgan-gp", "wgan", "dcgan"],
                    help="wgan-gp, or the weight-clipping / standard-GAN baselines [Sec. 3, 5.3]")
     g.add_argument("--lam", type=float, default=10.0,
-                   help="penalty weight lambda; official toy script uses 0.1 [Alg. 1, Eq. 3]")
+                   help="penalty weight lambda; PAPER-VS-CODE: the official toy script uses 0.1 [Alg. 1, Eq. 3]")
     g.add_argument("--one-sided", action="store_true", help="penalty max(0, ||g||-1)^2 [App. C]")
     g.add_argument("--n-critic", type=int, default=None,
                    help="critic steps per G step; 5, or 1 in --mode dcgan [Alg. 1; official gan_cifar.py]")
@@ -95,11 +96,15 @@ def parse_args(argv=None):
                    help="critic batch (real and fake each); 64 images, 256 toys [App. F, official gan_toy.py]")
     g.add_argument("--g-batch-size", type=int, default=None,
                    help="generator batch; 2x critic batch for resnet [official gan_cifar_resnet.py]")
-    g.add_argument("--z-dim", type=int, default=None, help="noise size; 128 images, 2 toys [App. F, official gan_toy.py]")
-    g.add_argument("--dim-g", type=int, default=None, help="G width; 128 resnet/dcgan, 64 for 64x64, 512 toys [App. F, E]")
+    g.add_argument("--z-dim", type=int, default=None,
+                   help="noise size; 128 images, 2 toys [App. F, official gan_toy.py]")
+    g.add_argument("--dim-g", type=int, default=None,
+                   help="G width; 128 resnet/dcgan, 64 for 64x64, 512 toys [App. F, E]")
     g.add_argument("--dim-d", type=int, default=None, help="critic width; as --dim-g [App. F, E]")
     g.add_argument("--conditional", action="store_true",
-                   help="AC-WGAN-GP: conditional BN in G, auxiliary classifier in D [Tab. 3 supervised]")
+                   help="AC-WGAN-GP: conditional BN in G, auxiliary classifier in D; the official script "
+                        "defaults to this run, and that the 7.86 run had it off rests on issue #58 "
+                        "(maintainer confirmation unverified) [Tab. 3 supervised]")
     g.add_argument("--ac-weight-d", type=float, default=1.0, help="critic CE weight (real only) [official ACGAN_SCALE]")
     g.add_argument("--ac-weight-g", type=float, default=0.1, help="generator CE weight [official ACGAN_SCALE_G]")
     g.add_argument("--clip", type=float, default=0.01, help="weight clipping bound c in --mode wgan [Sec. 3]")
@@ -138,19 +143,22 @@ def derive_defaults(args):
     big = a.endswith("64")
     set_ = lambda k, v: getattr(args, k) is None and setattr(args, k, v)  # noqa: E731
     set_("n_critic", 1 if args.mode == "dcgan" else 5)                     # Alg. 1; gan_cifar.py dcgan mode
+    # PAPER-VS-CODE (dev. 1): resnet lr 2e-4 decayed linearly (official) vs alpha = 1e-4 (Alg. 1)
     set_("lr", {"wgan": 5e-5, "dcgan": 2e-4}.get(args.mode, 2e-4 if resnet32 else 1e-4))
-    set_("betas", [0.0, 0.9] if resnet32 else [0.5, 0.9])                  # App. F code / App. E, gan_toy
+    # PAPER-VS-CODE (dev. 5): 64x64 beta1 = 0.5 (App. E), not gan_64x64.py's 0; resnet (0, 0.9) = Alg. 1
+    set_("betas", [0.0, 0.9] if resnet32 else [0.5, 0.9])
     set_("lr_decay", resnet32)
     set_("steps", 200_000 if a in ("dcgan", "resnet64", "dcgan64") else 100_000)
     set_("batch_size", 256 if toy else 64)
-    set_("g_batch_size", 2 * args.batch_size if resnet32 else args.batch_size)
+    set_("g_batch_size", 2 * args.batch_size if resnet32 else args.batch_size)  # PAPER-VS-CODE (dev. 2)
     set_("z_dim", 2 if toy else 128)
     set_("dim_g", 512 if toy else 64 if big else 128)
     set_("dim_d", args.dim_g)
-    set_("dequantize", resnet32)
+    set_("dequantize", resnet32)                                          # PAPER-VS-CODE (dev. 6)
     set_("img_size", 64 if big else 32)
     if not toy and args.img_size != (64 if big else 32):
-        raise ValueError(f"--arch {a} generates {64 if big else 32}x{64 if big else 32} images, not --img-size {args.img_size}")
+        s = 64 if big else 32
+        raise ValueError(f"--arch {a} generates {s}x{s} images, not --img-size {args.img_size}")
     if args.fixed_generator and not toy:
         raise ValueError("--fixed-generator is the toy experiment of Fig. 1a; use a toy --dataset")
     if args.conditional and (a != "resnet" or args.mode != "wgan-gp"):
@@ -194,7 +202,8 @@ def toy_batch(name, b, device):
 
 
 def dequantize(x):
-    """[official gan_cifar_resnet.py] 2(pixel/256 - 1/2) + U(0, 1/128) from x = pixel/127.5 - 1."""
+    """PAPER-VS-CODE (dev. 6): 2(pixel/256 - 1/2) + U(0, 1/128) from x = pixel/127.5 - 1; in the
+    official gan_cifar_resnet.py only, not in the paper."""
     pixel = torch.round((x + 1) * 127.5)
     return 2 * (pixel / 256 - 0.5) + torch.rand_like(x) / 128
 
@@ -453,7 +462,9 @@ def generator_loss(d_fake, mode):
 
 # ==== Train step ====
 def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp):
-    """One generator iteration of Alg. 1: n_critic critic updates, then one G update."""
+    """One generator iteration of Alg. 1: n_critic critic updates, then one G update.
+    DEVIATION (dev. 8): the official loop does the G step first (skipped at iteration 0), then the
+    critic steps; the same sequence shifted by half an iteration."""
     dev = next(G.parameters()).device
     for _ in range(args.n_critic):                                      # Alg. 1 l.2
         x_real, y_real = next(real_batches)                             # fresh real batch and z each step
@@ -503,7 +514,8 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp):
 @torch.no_grad()
 def mode_coverage(x_fake, dataset):
     """High-quality samples lie within 3 std of a mode centre; a mode is covered when it holds at least
-    1% of all samples as high-quality ones (the 8/25-Gaussian protocol of Metz et al. / VEEGAN)."""
+    1% of all samples as high-quality ones. UNSPECIFIED: the paper judges Fig. 1 by eye; this is the
+    8/25-Gaussian measure of Metz et al. / VEEGAN, with our 1% threshold."""
     c, std = toy_centres(dataset)
     d = torch.cdist(x_fake.float().cpu(), c)                           # (N, modes)
     dist, idx = d.min(1)
@@ -582,6 +594,7 @@ def main(argv=None):
         channels, n_classes = 2, 1
         grid25 = ToyGrid25(args.seed, device) if args.dataset == "25gaussians" else None
     else:
+        # DEVIATION (dev. 9): LSUN (App. E) comes as an exported image folder (lsun-<cat> or folder:)
         ds = common.load_dataset(args.dataset, args.data_root, args.img_size)
         channels = ds[0][0].shape[0]
         n_classes = len(ds.classes) if hasattr(ds, "classes") else getattr(ds, "num_classes", 1)
@@ -614,7 +627,8 @@ def main(argv=None):
     if toy:                                                             # endless (x, y) stream, resumable
         def stream(k):
             while True:
-                x = grid25.batch(k, args.batch_size) if grid25 is not None else toy_batch(args.dataset, args.batch_size, device)
+                x = (grid25.batch(k, args.batch_size) if grid25 is not None
+                     else toy_batch(args.dataset, args.batch_size, device))
                 k += 1
                 yield x, None
         real_batches = stream(step * args.n_critic)
@@ -667,7 +681,7 @@ def main(argv=None):
                 real = (grid25.data[:512] if grid25 is not None else toy_batch(args.dataset, 512, device))
                 fake = real + torch.randn_like(real) if args.fixed_generator else sample(G, 512, args, device, eval_gen)
                 draw_toy(D, real, fake, path)
-            else:                                                       # train-mode BN, as official (dev. 7)
+            else:        # PAPER-VS-CODE (dev. 7): train-mode BN (batch statistics), as the official code
                 with torch.no_grad():
                     grid = G(fixed_z.to(device), fixed_y)
                 torchvision.utils.save_image(grid, path, nrow=8, normalize=True, value_range=(-1, 1))
