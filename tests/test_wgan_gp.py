@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -64,7 +65,6 @@ def test_conditional_dcgan_and_64x64_configurations_run(tmp_path):
     assert math.isfinite(run(tmp_path / "dc", "--arch", "dcgan", "--mode", "wgan")["loss_D"])
     assert math.isfinite(run(tmp_path / "gan", "--arch", "dcgan", "--mode", "dcgan")["loss_G"])
     m = run(tmp_path / "r64", "--arch", "resnet64", "--steps", "1", "--batch-size", "2", "--export-samples", "10")
-    import numpy as np
     imgs = np.load(tmp_path / "r64" / "samples_10.npz")["images"]
     assert imgs.shape == (10, 64, 64, 3) and imgs.dtype == np.uint8 and m["step"] == 1
     with pytest.raises(ValueError, match="generates 64x64 images"):
@@ -286,3 +286,26 @@ def test_ac_terms_use_real_labels_in_the_critic_and_sampled_labels_in_G(monkeypa
     # one CE per critic step, on the real batch's labels only (none for fakes), then one in the G step
     assert [c.tolist() for c in calls[:2]] == [[1, 2, 3, 4], [5, 6, 7, 8]] and len(calls) == 3
     assert calls[2].shape == (6,)
+
+
+def test_critic_block_is_preactivation_with_mean_pool_after_the_second_conv():
+    b = wgan_gp.DBlock(2, 3, down=True, layer_norm=True)
+    calls = []
+    for name in ("n1", "c1", "n2", "c2"):
+        getattr(b, name).register_forward_hook(lambda m, i, o, n=name: calls.append((n, tuple(o.shape))))
+    assert b(torch.randn(1, 2, 8, 8)).shape == (1, 3, 4, 4)
+    # norm -> conv(in -> in) -> norm -> conv(in -> out), all at full resolution: the pool comes last
+    assert calls == [("n1", (1, 2, 8, 8)), ("c1", (1, 2, 8, 8)), ("n2", (1, 2, 8, 8)), ("c2", (1, 3, 8, 8))]
+
+
+def test_export_quantises_like_the_official_inception_score_code(tmp_path):
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0]).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+
+    class Fixed(nn.Module):
+        def forward(self, z, y=None):
+            return x[: z.size(0)]
+    args = wgan_gp.derive_defaults(wgan_gp.parse_args(["--export-samples", "5"]))
+    wgan_gp.export_samples(Fixed(), args, "cpu", 10, tmp_path / "s.npz")
+    got = np.load(tmp_path / "s.npz")["images"]
+    assert got.shape == (5, 2, 2, 3) and got.dtype == np.uint8
+    assert got[:, 0, 0, 0].tolist() == [int((v + 1) * 255.99 / 2) for v in (-1.0, -0.5, 0.0, 0.999, 1.0)]
