@@ -18,8 +18,18 @@ Checkpoints
   rng_state / set_rng_state   Python, numpy, torch CPU and CUDA generator states
 """
 
+import argparse
+import glob
+import hashlib
+import json
+import math
 import os
+import pickle
 import random
+import re
+import shutil
+import signal
+import sys
 import tempfile
 import time
 
@@ -56,7 +66,7 @@ class ShapesDataset(Dataset):
     def __init__(self, n=50_000, img_size=32, seed=0, extras=()):
         bad = set(extras) - set(SHAPE_EXTRAS)
         if bad:
-            raise ValueError(f"unknown shapes extras {sorted(bad)}; valid: {SHAPE_EXTRAS}")
+            raise UserError(f"unknown shapes extras {sorted(bad)}; valid: {SHAPE_EXTRAS}")
         self.n, self.size, self.seed, self.extras = n, img_size, seed, tuple(extras)
         c = (np.arange(img_size, dtype=np.float32) + 0.5) / img_size   # pixel centres in (0, 1)
         self._yy, self._xx = np.meshgrid(c, c, indexing="ij")
@@ -146,7 +156,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, path, transform):
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"image folder not found: {path!r}")
+            raise UserError(f"image folder not found: {path!r}")
         exts = torchvision.datasets.folder.IMG_EXTENSIONS
         subdirs = sorted(d.name for d in os.scandir(path) if d.is_dir())
         groups = [(c, os.path.join(path, c)) for c in subdirs] if subdirs else [("", path)]
@@ -157,7 +167,7 @@ class ImageFolderDataset(Dataset):
                 self.items += [(os.path.join(d, f), len(self.classes)) for f in files]
                 self.classes.append(c)
         if not self.items:
-            raise FileNotFoundError(f"no images ({', '.join(exts)}) in {path!r} or its subfolders")
+            raise UserError(f"no images ({', '.join(exts)}) in {path!r} or its subfolders")
         self.transform = transform
 
     def __len__(self):
@@ -168,7 +178,7 @@ class ImageFolderDataset(Dataset):
         try:
             img = torchvision.datasets.folder.default_loader(f)
         except Exception as e:  # PIL raises many types; name the file instead
-            raise OSError(f"cannot read image {f!r}: {e}") from None
+            raise UserError(f"cannot read image {f!r}: {e}") from None
         return self.transform(img), y
 
 
@@ -192,7 +202,7 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
             return ShapesDataset(50_000 if train else 10_000, img_size or 32, seed=0 if train else 1,
                                  extras=extras)
         if extras:
-            raise ValueError(f"extras {extras} are only available for 'shapes', not {name!r}")
+            raise UserError(f"extras {extras} are only available for 'shapes', not {name!r}")
         if name in ("cifar10", "cifar100"):
             cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
             return cls(root, train=train, download=download, transform=tf)
@@ -208,7 +218,7 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
             cat = name[len("lsun-"):]
             path = os.path.join(root, "lsun", f"{cat}_{'train' if train else 'val'}")
             if not os.path.isdir(path):
-                raise FileNotFoundError(
+                raise UserError(
                     f"LSUN {cat!r} is not downloadable through torchvision without the lmdb package, "
                     f"which this project does not depend on. Download {cat}_{'train' if train else 'val'}"
                     f"_lmdb.zip from the LSUN site, export its images (e.g. with the LSUN repo's "
@@ -217,9 +227,9 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
         if name.startswith("folder:"):
             return ImageFolderDataset(name[len("folder:"):], tf)
     except RuntimeError as e:   # torchvision's "Dataset not found or corrupted" and friends
-        raise RuntimeError(f"could not load {name!r} from {root!r}: {e}. With internet access "
+        raise UserError(f"could not load {name!r} from {root!r}: {e}. With internet access "
                            f"torchvision downloads it into --data-root.") from None
-    raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
 
 
 def _celeba(root, img_size, train, download):
@@ -228,7 +238,7 @@ def _celeba(root, img_size, train, download):
                                            target_type="identity", download=download,
                                            transform=_image_transform(img_size, crop=178))
     except Exception as e:
-        raise RuntimeError(
+        raise UserError(
             f"CelebA could not be loaded from {os.path.join(root, 'celeba')!r} ({e}). Its Google "
             "Drive files often hit their download quota: download img_align_celeba.zip, "
             "list_eval_partition.txt, identity_CelebA.txt, list_attr_celeba.txt, "
@@ -241,7 +251,7 @@ class _EpochBatches:
 
     def __init__(self, n, batch_size, seed, start_step):
         if n < batch_size:
-            raise ValueError(f"dataset has {n} items, fewer than one batch of {batch_size}")
+            raise UserError(f"dataset has {n} items, fewer than one batch of {batch_size}")
         self.n, self.b, self.seed, self.start = n, batch_size, seed, start_step
 
     def __iter__(self):
@@ -276,7 +286,8 @@ def _bench_shapes(n=4000, img_size=32):
 
 # ==== Checkpoints ====
 def save_checkpoint(path, state):
-    """Writes `state` atomically: a kill mid-save leaves the previous file intact."""
+    """Writes `state` atomically: a kill mid-save leaves the previous file intact. A failed write
+    (full disk, quota) is a UserError that says so; the previous file is still intact."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
@@ -286,10 +297,13 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except (OSError, RuntimeError) as e:  # torch reports ENOSPC as "unexpected pos ..."
+        free = shutil.disk_usage(d).free / 2**30
+        raise UserError(f"could not write {path!r} ({_first_line(e)}; {free:.2f} GiB free on that "
+                        "disk); the previous checkpoint is intact") from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
     try:  # make the rename itself durable
         dfd = os.open(d, os.O_RDONLY)
         os.fsync(dfd)
@@ -299,40 +313,56 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, device="cpu", args=None, shape_flags=()):
-    """Loads with weights_only=True. With `args`, prints every flag that differs from the saved run
-    and raises if any of `shape_flags` (flags that change tensor shapes) differs."""
+    """torch.load(weights_only=True), with one clear message for a missing, empty, truncated or
+    foreign file. (args, shape_flags: the old interface, kept until every script uses Run.)"""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r} (nothing to resume; drop --resume)")
-    state = torch.load(path, map_location=device, weights_only=True)
+        raise UserError(f"no checkpoint at {path!r} (nothing to resume; drop --resume)")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UserError(f"{path!r} is empty (0 bytes): it was never completely written. Delete "
+                        "it to start again, or restore a copy")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():  # objects other than tensors and plain containers
+            raise UserError(f"refusing to load {path!r}: it holds Python objects that "
+                            "weights_only=True will not run. Only checkpoints these scripts write "
+                            "can be resumed") from None
+        raise UserError(f"{path!r} is not a torch checkpoint ({size:,} bytes; {_first_line(e)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise UserError(f"{path!r} is truncated or corrupt ({size:,} bytes; torch: {_first_line(e)}). "
+                        "Restore a copy, or delete it to start again") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path!r} holds a {type(state).__name__}, not a checkpoint of these scripts")
     if args is not None and "args" in state:
-        now = vars(args)
-        diff = {k: (v, now.get(k)) for k, v in state["args"].items() if now.get(k) != v and k != "resume"}
+        diff = {k: (v, vars(args).get(k)) for k, v in state["args"].items()
+                if vars(args).get(k) != v and k != "resume"}
         for k, (old, new) in diff.items():
-            print(f"resume: --{k.replace('_', '-')} was {old!r} in the checkpoint, now {new!r}", flush=True)
+            print(f"resume: --{_flag(k)} was {old!r} in the checkpoint, now {new!r}", flush=True)
         bad = [k for k in shape_flags if k in diff]
         if bad:
-            raise ValueError(f"checkpoint {path!r} was trained with different shape flags: " + ", ".join(
-                f"--{k.replace('_', '-')} {diff[k][0]!r} (now {diff[k][1]!r})" for k in bad)
+            raise UserError(f"checkpoint {path!r} was trained with different shape flags: " + ", ".join(
+                f"--{_flag(k)} {diff[k][0]!r} (now {diff[k][1]!r})" for k in bad)
                 + ". Pass the checkpoint's values or use another --out-dir.")
     return state
 
 
 def prepare_run(out_dir, resume, ckpt_name="ckpt.pt"):
-    """Creates out_dir; returns the checkpoint path to resume from, or None for a fresh run."""
+    """(Old interface, kept until every script uses Run.) Returns the checkpoint to resume or None."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ckpt_name)
     if resume:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume given but {path!r} does not exist")
+            raise UserError(f"--resume given but {path!r} does not exist")
         return path
     if os.path.exists(path):
-        raise FileExistsError(f"{path!r} exists: pass --resume to continue it, or choose another --out-dir")
+        raise UserError(f"{path!r} exists: pass --resume to continue it, or choose another --out-dir")
     return None
 
 
 def rng_state():
     """Python, numpy, torch CPU and CUDA RNG states as a weights_only-loadable dict."""
-    mt, keys, pos, has_gauss, gauss = np.random.get_state()
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(),
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
@@ -349,3 +379,377 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"].cpu())
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+
+
+# ==== Run ====
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a path, a file): cli() prints it as one line, exit 2."""
+
+
+class NonFiniteError(UserError):
+    """A logged value or a tensor to be saved is NaN or Inf; the last good checkpoint is kept."""
+
+
+def _first_line(e):
+    """The message of `e` on one line. An exception re-raised from a DataLoader worker carries the
+    worker's traceback: its last line holds the message."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
+    return lines[0] if len(lines) == 1 else re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
+
+
+def _flag(key):
+    return key.replace("_", "-")
+
+
+_STOP = []  # signals received by cli()'s handler; Run.stopping tells the loop to save and stop
+
+
+def request_stop(signum):
+    """What SIGTERM/SIGINT do under cli(): the loop saves a checkpoint after this step and stops."""
+    if _STOP:  # a second signal: stop now
+        raise KeyboardInterrupt
+    _STOP.append(signum)
+    print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+          "(send it again to stop at once)", flush=True)
+
+
+def cli(main):
+    """The `if __name__ == "__main__":` entry point of every script."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: request_stop(signum))
+    try:
+        main()
+    except UserError as e:  # bugs keep their traceback; mistakes a user can fix get one line
+        print(f"error: {_first_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if _STOP:
+        sys.exit(128 + _STOP[0])  # the shell's code for death by that signal; the run was saved
+
+
+def _flag_type(convert, ok, what):
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+# argparse types: an invalid value is a one-line usage error (exit 2), never a silent default
+positive_int = _flag_type(int, lambda v: v > 0, "an integer > 0")
+nonnegative_int = _flag_type(int, lambda v: v >= 0, "an integer >= 0 (0 = off)")
+positive_float = _flag_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+nonnegative_float = _flag_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+finite_float = _flag_type(float, math.isfinite, "a finite number")
+probability = _flag_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+unit_float = _flag_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def get_device(name):
+    """torch.device(name), or a UserError when it cannot be used (never a silent CPU fallback)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; e.g. cuda, cuda:1, cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA not available; pass --device cpu")
+    return device
+
+
+# Flags that only steer the run, not the model or its training: they may change on --resume.
+RUN_FLAGS = ("out_dir", "resume", "device", "data_root", "num_workers", "log_every", "sample_every",
+             "ckpt_every", "export_samples", "fid_every", "fid_samples", "fid_weights",
+             "deterministic", "amp")
+
+
+def default_out_dir(script, args, defaults):
+    """runs/<script>-<dataset>-s<seed>, plus a short hash of every other flag that differs from
+    `defaults` (the parser's), so a run with other flags gets its own folder; the run flags and
+    the length of training (--steps, --epochs, --kimg) keep the folder, so a run can be extended."""
+    keep = set(RUN_FLAGS) | {"dataset", "seed", "steps", "epochs", "kimg"}
+    diff = {k: v for k, v in sorted(vars(args).items()) if k not in keep and defaults.get(k) != v}
+    dataset = re.sub(r"[^A-Za-z0-9.-]+", "_", str(getattr(args, "dataset", "run"))).strip("_")
+    name = f"{script}-{dataset}-s{args.seed}"
+    if diff:
+        name += "-" + hashlib.sha1(json.dumps(diff, default=str).encode()).hexdigest()[:6]
+    return os.path.join("runs", name)
+
+
+def _hms(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def progress_line(unit, done, total, values, rate, rate_unit, elapsed, eta):
+    """`step 1200/100000 (1%) | loss_D -2.31 | 8.4 it/s | 0:02:10 elapsed | eta 3:17:02`"""
+    parts = [f"{unit} {done:g}/{total:g} ({100 * done / max(total, 1e-12):.0f}%)"]
+    parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
+    parts += [f"{rate:.3g} {rate_unit}", f"{_hms(elapsed)} elapsed", f"eta {_hms(eta)}"]
+    return " | ".join(parts)
+
+
+class Progress:
+    """The progress line for long work outside the training loop (FID extraction, AIS, a
+    classifier, K-means): printed at most every `every` seconds, and at the end."""
+
+    def __init__(self, what, total, unit="it", every=10.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.done, self.t0 = 0, time.time()
+        self.t_print = self.t0
+
+    def update(self, n=1, **values):
+        self.done += n
+        now = time.time()
+        if now - self.t_print >= self.every or self.done >= self.total:
+            rate = self.done / max(now - self.t0, 1e-9)
+            print(progress_line(self.what, self.done, self.total, values, rate, f"{self.unit}/s",
+                                now - self.t0, (self.total - self.done) / max(rate, 1e-12)), flush=True)
+            self.t_print = now
+
+
+def _nonfinite(state, prefix=""):
+    """Names of the floating-point tensors in a nested state that hold NaN or Inf."""
+    if isinstance(state, dict):
+        return [n for k, v in state.items() for n in _nonfinite(v, f"{prefix}{k}.")]
+    if isinstance(state, (list, tuple)):
+        return [n for i, v in enumerate(state) for n in _nonfinite(v, f"{prefix}{i}.")]
+    if torch.is_tensor(state) and state.is_floating_point() and not torch.isfinite(state).all():
+        return [prefix[:-1]]
+    return []
+
+
+class Run:
+    """The run's own files in args.out_dir, the same for every script:
+      ckpt.pt        save(): atomic, with the script's name, the step and the flags; it refuses a
+                     state holding NaN/Inf, so a diverged run never replaces its last good checkpoint
+      args.json      the resolved flags, written by a fresh run (and on --resume only if a flag that
+                     is not a run flag, e.g. --steps, changed)
+      metrics.jsonl  log(): one strict-JSON row per log step with `step` and `time_s` (seconds of
+                     training, summed over resumes); on --resume trimmed to the checkpoint's step,
+                     so no step is logged twice, and a line cut off by a kill is dropped
+      curves.png     every logged scalar against the step, redrawn every ~30 s and at the end
+    plus the one progress line, and `stopping` (SIGTERM/SIGINT under cli(): save, then stop).
+
+    Refuses, before writing anything: a fresh run where ckpt.pt exists, a fresh run where a
+    metrics.jsonl without a checkpoint is left over, --resume without ckpt.pt, a checkpoint of
+    another script, and a changed flag that is neither a run flag nor in `mutable`."""
+
+    def __init__(self, args, script, total, unit="step", mutable=(), nonfinite_ok=()):
+        self.args, self.script, self.total, self.unit = args, script, total, unit
+        self.mutable = set(RUN_FLAGS) | set(mutable)
+        self.nonfinite_ok = set(nonfinite_ok)
+        self.dir = args.out_dir
+        self.ckpt = os.path.join(self.dir, "ckpt.pt")
+        self.metrics = os.path.join(self.dir, "metrics.jsonl")
+        self.rows, self.changed, self.t_curves = [], {}, 0.0
+        if args.resume and not os.path.isfile(self.ckpt):
+            raise UserError(f"--resume given but {self.ckpt!r} does not exist")
+        if not args.resume and os.path.exists(self.ckpt):
+            raise UserError(f"{self.ckpt!r} exists: pass --resume to continue it, or choose "
+                            "another --out-dir")
+        if not args.resume and os.path.exists(self.metrics):
+            raise UserError(f"{self.metrics!r} is left from an earlier run that saved no "
+                            "checkpoint: delete it, or choose another --out-dir")
+
+    @property
+    def stopping(self):
+        """True once SIGTERM or SIGINT arrived: save a checkpoint after this step, then stop."""
+        return bool(_STOP)
+
+    def load(self, device="cpu"):
+        """On --resume the checkpoint's state (else None), after checking that this script wrote it
+        and that every changed flag may change; prints each change that takes effect."""
+        if not self.args.resume:
+            return None
+        state = load_checkpoint(self.ckpt, device)
+        if state.get("script") != self.script:
+            raise UserError(f"{self.ckpt!r} is not a checkpoint of {self.script}.py (it was written "
+                            f"by {state.get('script') or 'something else'})")
+        now = vars(self.args)
+        self.changed = {k: (v, now[k]) for k, v in state["args"].items() if k in now and now[k] != v}
+        refused = [k for k in self.changed if k not in self.mutable]
+        if refused:
+            raise UserError("--resume cannot change " + ", ".join(
+                f"--{_flag(k)} ({self.changed[k][0]!r} in the checkpoint, now {self.changed[k][1]!r})"
+                for k in refused) + ": pass the checkpoint's values, or start a new --out-dir")
+        for k, (old, new) in self.changed.items():
+            if k != "resume":
+                print(f"resume: --{_flag(k)} {old!r} -> {new!r} (takes effect)", flush=True)
+        return state
+
+    def start(self, step, device=None, **nets):
+        """Call just before the loop: writes args.json or trims metrics.jsonl, prints the flags and
+        the header (device, torch, parameter counts of `nets`)."""
+        os.makedirs(self.dir, exist_ok=True)
+        for f in glob.glob(os.path.join(self.dir, ".tmp-*")):  # left by a kill during a save
+            os.remove(f)
+        if self.args.resume:
+            self.rows = [r for r in _read_jsonl(self.metrics) if r.get("step", 0) <= step]
+            _write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in self.rows))
+        if not self.args.resume or set(self.changed) - set(RUN_FLAGS):
+            _write_text(os.path.join(self.dir, "args.json"), json.dumps(vars(self.args), indent=1))
+        print(json.dumps(vars(self.args), indent=1), flush=True)
+        head = [f"out_dir {self.dir}", f"device {device}", f"torch {torch.__version__}"]
+        head += [f"params {k} {sum(p.numel() for p in m.parameters()):,}" for k, m in nets.items()]
+        print(" | ".join(head), flush=True)
+        self.offset = self.rows[-1].get("time_s", 0.0) if self.rows else 0.0
+        self.t0 = self.t_last = time.time()
+        self.step0 = self.step_last = step
+
+    def log(self, step, values):
+        """Appends {step, time_s, **values} to metrics.jsonl and prints the progress line; returns
+        the row. A NaN/Inf value (except in `nonfinite_ok`) is written as null, then the run stops
+        with NonFiniteError naming the step and the terms, before anything else is saved."""
+        now = time.time()
+        row, bad = {"step": step, "time_s": round(self.offset + now - self.t0, 3)}, []
+        for k, v in values.items():
+            v = v.item() if hasattr(v, "item") else v
+            v = int(v) if isinstance(v, bool) else v
+            if not isinstance(v, int):
+                v = float(v)
+                if not math.isfinite(v):
+                    bad += [] if k in self.nonfinite_ok else [f"{k} = {v}"]
+            row[k] = v
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                for k, v in row.items()}, allow_nan=False) + "\n")
+        rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
+        avg = (step - self.step0) / max(now - self.t0, 1e-9)
+        print(progress_line(self.unit, step, self.total, values and {k: row[k] for k in values},
+                            rate, "it/s" if self.unit == "step" else f"{self.unit}/s",
+                            row["time_s"], (self.total - step) / avg if avg > 0 else math.inf),
+              flush=True)
+        self.t_last, self.step_last = now, step
+        self.rows.append(row)
+        if now - self.t_curves > 30 or bad:
+            self.draw_curves()
+        if bad:
+            raise NonFiniteError(
+                f"{self.unit} {step}: {', '.join(bad)}; stopped without saving, so {self.ckpt!r} "
+                "keeps the last good state. Lower the learning rate (or check the data), then "
+                "continue with --resume or start again")
+        return row
+
+    def save(self, step, state):
+        """Atomically writes ckpt.pt = state + script, step and flags; refuses (NonFiniteError) a
+        state with NaN/Inf in a floating-point tensor, keeping the last good checkpoint."""
+        bad = _nonfinite(state)
+        if bad:
+            raise NonFiniteError(f"{self.unit} {step}: {', '.join(bad[:4])}{' ...' if bad[4:] else ''}"
+                                 f" hold NaN/Inf; not saved, so {self.ckpt!r} keeps the last good "
+                                 "state. Lower the learning rate (or check the data)")
+        save_checkpoint(self.ckpt, {"script": self.script, "step": step, "args": vars(self.args),
+                                    **state})
+
+    def finish(self, step, device=None):
+        """Draws curves.png and prints the closing line; returns the last logged row (with step)."""
+        self.draw_curves()
+        dt = time.time() - self.t0
+        line = f"done: {step - self.step0:g} {self.unit}s in {_hms(dt)}"
+        if step > self.step0:
+            line += f" ({(step - self.step0) / max(dt, 1e-9):.3g}/s incl. logging and sampling)"
+        line += f" | peak memory {peak_memory_mib(device):,.0f} MiB"
+        if device is not None and torch.device(device).type == "cuda":
+            line += " (CUDA allocated)"
+        else:
+            line += " (process RSS)"
+        print(line, flush=True)
+        if _STOP:
+            print(f"stopped by {signal.Signals(_STOP[0]).name} at {self.unit} {step:g}: "
+                  f"{self.ckpt} is saved; continue with --resume", flush=True)
+        return self.rows[-1] if self.rows and self.rows[-1]["step"] == step else {"step": step}
+
+    def draw_curves(self):
+        if self.rows:
+            draw_curves(self.rows, os.path.join(self.dir, "curves.png"),
+                        f"{self.script} | {self.dir} | {self.unit} {self.rows[-1]['step']:g}")
+            self.t_curves = time.time()
+
+
+def peak_memory_mib(device=None):
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _read_jsonl(path):
+    """The rows of a JSON-lines file; a line cut off by a kill (the last one) is dropped."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path!r} line {i + 1} is not JSON: {line[:60]!r}") from None
+    return rows
+
+
+def _write_text(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ==== Figures ====
+REAL_RGB, FAKE_RGB = (245, 140, 30), (40, 160, 60)  # one convention: real = orange, generated = green
+
+
+def title_strip(img, lines, key=()):
+    """A PIL image with a white strip above `img`: the text `lines` (step, axis ranges, ...) and a
+    colour key [(label, rgb), ...], so a figure explains itself without the README."""
+    from PIL import Image, ImageDraw
+    h = 14 * (len(lines) + (1 if key else 0)) + 8
+    out = Image.new("RGB", (max(img.width, 240), img.height + h), "white")
+    out.paste(img, (0, h))
+    d = ImageDraw.Draw(out)
+    for i, text in enumerate(lines):
+        d.text((4, 4 + 14 * i), text, fill="black")
+    x, y = 4, 4 + 14 * len(lines)
+    for label, rgb in key:
+        d.rectangle([x, y + 2, x + 9, y + 11], fill=tuple(rgb))
+        d.text((x + 13, y), label, fill="black")
+        x += 24 + 7 * len(label)
+    return out
+
+
+def draw_curves(rows, path, title="", width=360, height=190):
+    """curves.png: one panel per logged scalar (x = step), with its name and value/step ranges."""
+    from PIL import Image, ImageDraw
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()
+                              if k not in ("step", "time_s") and isinstance(v, (int, float))))
+    cols = max(1, min(3, len(keys)))
+    img = Image.new("RGB", (cols * width, 20 + -(-len(keys) // cols) * height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((6, 4), title, fill="black")
+    for i, k in enumerate(keys):
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+        ox, oy = i % cols * width, 20 + i // cols * height
+        x0, y0, x1, y1 = ox + 70, oy + 18, ox + width - 12, oy + height - 26
+        d.rectangle([x0, y0, x1, y1], outline=(160, 160, 160))
+        d.text((x0, oy + 4), k, fill="black")
+        (lo_x, lo_y), (hi_x, hi_y) = np.min(pts, 0), np.max(pts, 0)
+        xy = [(x0 + (x1 - x0) * ((s - lo_x) / (hi_x - lo_x) if hi_x > lo_x else 0.5),
+               y1 - (y1 - y0) * ((v - lo_y) / (hi_y - lo_y) if hi_y > lo_y else 0.5)) for s, v in pts]
+        if len(xy) > 1:
+            d.line(xy, fill=(30, 90, 200), width=2)
+        else:
+            d.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(30, 90, 200))
+        d.text((ox + 4, y0), f"{hi_y:.4g}", fill="black")
+        d.text((ox + 4, y1 - 10), f"{lo_y:.4g}", fill="black")
+        d.text((x0, y1 + 4), f"{lo_x:g}", fill="black")
+        d.text((x1 - 6 * len(f"{hi_x:g}"), y1 + 4), f"{hi_x:g}", fill="black")
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    img.save(tmp)
+    os.replace(tmp, path)

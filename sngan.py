@@ -47,13 +47,9 @@ vs 10K real, App. B.1). IS is not computed here; FID comes from fid.py. Our numb
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
-import re
-import resource
-import time
 
 import numpy as np
 import torch
@@ -80,28 +76,28 @@ def parse_args(argv=None):
                    "cnn [Eq. 15-17]")
     g.add_argument("--setting", choices=list(SETTINGS), help="Adam lr, betas and n_dis: resnet "
                    "for resnet, C for cnn, B for cnn at 48x48 (STL-10) [Tab. 1, App. B.2]")
-    g.add_argument("--steps", type=int, help="generator iterations: 50000 for resnet 32x32 (text: "
+    g.add_argument("--steps", type=common.positive_int, help="generator iterations: 50000 for resnet 32x32 (text: "
                    "100K, PAPER-VS-CODE), else 100000 [Sec. 4.1, official configs]")
     g.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, help="linear decay to 0: "
                    "on for resnet, off for cnn [official configs; STL: UNSPECIFIED: Mimicry]")
-    g.add_argument("--batch-size", type=int, default=64, help="D batch per D step [App. B]")
-    g.add_argument("--g-batch-size", type=int, help="G-step batch: 2x batch for resnet, = batch "
+    g.add_argument("--batch-size", type=common.positive_int, default=64, help="D batch per D step [App. B]")
+    g.add_argument("--g-batch-size", type=common.positive_int, help="G-step batch: 2x batch for resnet, = batch "
                    "for cnn [UNSPECIFIED: official n_gen_samples, chainer-gan-lib]")
-    g.add_argument("--z-dim", type=int, default=128, help="latent size d_z [Sec. 4]")
+    g.add_argument("--z-dim", type=common.positive_int, default=128, help="latent size d_z [Sec. 4]")
     g.add_argument("--z-dist", choices=["normal", "uniform"], default="normal",
                    help="N(0, I) (paper) or U[-1, 1] (chainer-gan-lib) [Sec. 4, official net.py]")
-    g.add_argument("--n-power-iterations", type=int, default=1,
+    g.add_argument("--n-power-iterations", type=common.positive_int, default=1,
                    help="power iterations per training-mode D forward [App. A, Alg. 1]")
     g.add_argument("--gamma-reparam", action="store_true",
                    help="learnable scalar gamma * W_SN in every D layer [App. E, Eq. 32]")
-    g.add_argument("--img-size", type=int, help="48 for stl10, else 32 [Sec. 4]")
-    g.add_argument("--g-ch", type=int, help="widest G layer: 256 resnet 32x32, 512 resnet 48x48, "
+    g.add_argument("--img-size", type=common.positive_int, help="48 for stl10, else 32 [Sec. 4]")
+    g.add_argument("--g-ch", type=common.positive_int, help="widest G layer: 256 resnet 32x32, 512 resnet 48x48, "
                    "512 cnn [Tab. 3-5]")
-    g.add_argument("--d-ch", type=int, help="widest D layer: 128 resnet 32x32, 1024 resnet 48x48, "
+    g.add_argument("--d-ch", type=common.positive_int, help="widest D layer: 128 resnet 32x32, 1024 resnet 48x48, "
                    "512 cnn [Tab. 3-5]")
     g.add_argument("--table3-literal", action="store_true",
                    help="CNN D widths of Tab. 3, not of the official code [Tab. 3: PAPER-VS-CODE]")
-    g.add_argument("--lrelu-slope", type=float, default=0.1,
+    g.add_argument("--lrelu-slope", type=common.nonnegative_float, default=0.1,
                    help="CNN D leaky ReLU slope [Tab. 3; official 0.2: PAPER-VS-CODE]")
     g.add_argument("--dequantize", action=argparse.BooleanOptionalAction, help="reals x/128 - 1 + "
                    "U(0, 1/128), on for resnet 32x32 [official datasets/cifar10.py]")
@@ -109,44 +105,52 @@ def parse_args(argv=None):
     r.add_argument("--dataset", default="cifar10", help="a common.load_dataset name [run]")
     r.add_argument("--data-root", type=str, default="data", help="dataset folder [run]")
     r.add_argument("--out-dir", type=str, help="default runs/sngan-<dataset>-s<seed> [run]")
-    r.add_argument("--seed", type=int, default=0, help="random seed [run]")
+    r.add_argument("--seed", type=common.nonnegative_int, default=0, help="random seed [run]")
     r.add_argument("--device", default="cuda", help="torch device [run]")
-    r.add_argument("--num-workers", type=int, default=4, help="data loader workers [run]")
-    r.add_argument("--log-every", type=int, default=100, help="log every N iterations [run]")
-    r.add_argument("--sigma-every", type=int, default=1000,
+    r.add_argument("--num-workers", type=common.nonnegative_int, default=4, help="data loader workers [run]")
+    r.add_argument("--log-every", type=common.positive_int, default=100, help="log every N iterations [run]")
+    r.add_argument("--sigma-every", type=common.nonnegative_int, default=1000,
                    help="log exact sigma(W_SN) of every D layer every N its, 0 = off [Fig. 9]")
-    r.add_argument("--sample-every", type=int, default=1000, help="8x8 grid every N its [run]")
-    r.add_argument("--ckpt-every", type=int, default=5000, help="checkpoint every N its [run]")
+    r.add_argument("--sample-every", type=common.nonnegative_int, default=1000, help="8x8 grid every N its [run]")
+    r.add_argument("--ckpt-every", type=common.positive_int, default=5000, help="checkpoint every N its [run]")
     r.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
     r.add_argument("--deterministic", action="store_true", help="deterministic kernels, no "
                    "cudnn.benchmark; on CUDA sets CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
     r.add_argument("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast [run]")
-    r.add_argument("--export-samples", type=int, default=0,
+    r.add_argument("--export-samples", type=common.nonnegative_int, default=0,
                    help="write samples_N.npz (uint8 NHWC) at the end, 0 = off [run]")
-    r.add_argument("--fid-every", type=int, default=0, help="FID via fid.py every K its [run]")
-    r.add_argument("--fid-samples", type=int, default=5000,
+    r.add_argument("--fid-every", type=common.nonnegative_int, default=0, help="FID via fid.py every K its [run]")
+    r.add_argument("--fid-samples", type=common.positive_int, default=5000,
                    help="generated images per FID [App. B.1: 5K generated vs 10K real]")
     r.add_argument("--fid-weights", type=str, help="Inception weights for fid.py [run]")
     args = p.parse_args(argv)
 
     # Values that depend on architecture and resolution (the card's defaults table), in one place
-    args.img_size = args.img_size or (48 if args.dataset == "stl10" else 32)
+    if args.out_dir is None:
+        args.out_dir = common.default_out_dir("sngan", args, vars(p.parse_args([])))
+    if args.img_size is None:
+        args.img_size = 48 if args.dataset == "stl10" else 32
     resnet, res32 = args.arch == "resnet", args.img_size == 32
     if (resnet and args.img_size not in (32, 48)) or args.img_size % 8:
         p.error("--img-size must be 32 (Tab. 4) or 48 (Tab. 5) for resnet, k*8 for cnn")
-    args.setting = args.setting or ("resnet" if resnet else ("B" if args.img_size == 48 else "C"))
+    if args.setting is None:
+        args.setting = "resnet" if resnet else ("B" if args.img_size == 48 else "C")
     args.lr, beta1, beta2, args.n_dis = SETTINGS[args.setting]
     args.betas = [beta1, beta2]
-    args.loss = args.loss or ("hinge" if resnet else "standard")
-    args.lr_decay = resnet if args.lr_decay is None else args.lr_decay
-    args.steps = args.steps or (50_000 if resnet and res32 else 100_000)
-    args.g_batch_size = args.g_batch_size or (2 if resnet else 1) * args.batch_size
-    args.g_ch = args.g_ch or (256 if resnet and res32 else 512)
-    args.d_ch = args.d_ch or ((128 if res32 else 1024) if resnet else 512)
-    args.dequantize = resnet and res32 if args.dequantize is None else args.dequantize
-    if args.out_dir is None:
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.dataset)
-        args.out_dir = os.path.join("runs", f"sngan-{name}-s{args.seed}")
+    if args.loss is None:
+        args.loss = "hinge" if resnet else "standard"
+    if args.lr_decay is None:
+        args.lr_decay = resnet
+    if args.steps is None:
+        args.steps = 50_000 if resnet and res32 else 100_000
+    if args.g_batch_size is None:
+        args.g_batch_size = (2 if resnet else 1) * args.batch_size
+    if args.g_ch is None:
+        args.g_ch = 256 if resnet and res32 else 512
+    if args.d_ch is None:
+        args.d_ch = (128 if res32 else 1024) if resnet else 512
+    if args.dequantize is None:
+        args.dequantize = resnet and res32
     return args
 
 
@@ -484,14 +488,12 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("CUDA not available; pass --device cpu")
-    if args.deterministic and args.device.startswith("cuda"):
+    device = common.get_device(args.device)
+    if args.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
-    device = torch.device(args.device)
-    ckpt_path = common.prepare_run(args.out_dir, args.resume)
+    run = common.Run(args, "sngan", total=args.steps, mutable=("steps",))
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
                 else contextlib.nullcontext)
 
@@ -509,28 +511,17 @@ def main(argv=None):
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=tuple(args.betas))
     fixed_z = sample_z(64, args.z_dim, args.z_dist, "cpu", torch.Generator().manual_seed(args.seed))
     fixed_z, step = fixed_z.to(device), 0
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if ckpt_path:
-        state = common.load_checkpoint(ckpt_path, device, args, shape_flags=(
-            "arch", "img_size", "g_ch", "d_ch", "z_dim", "table3_literal", "gamma_reparam"))
+    state = run.load(device)
+    if state:
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])               # weight_orig, weight_u, weight_v (+ gamma)
         opt_G.load_state_dict(state["opt_G"])
         opt_D.load_state_dict(state["opt_D"])
         fixed_z, step = state["fixed_z"].to(device), state["step"]
         common.set_rng_state(state["rng"])
-        if os.path.exists(metrics_path):            # drop lines written after the checkpoint
-            with open(metrics_path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
 
-    print("args:", json.dumps(vars(args), sort_keys=True), flush=True)
-    n_G, n_D = (sum(p.numel() for p in m.parameters()) for m in (G, D))
-    print(f"device {device} | torch {torch.__version__} | G {n_G:,} params | D {n_D:,} params | "
-          f"SN layers in D {sum(hasattr(m, 'weight_u') for m in D.modules())}", flush=True)
-    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    run.start(step, device, G=G, D=D)
+    print(f"SN layers in D {sum(hasattr(m, 'weight_u') for m in D.modules())}", flush=True)
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if step == 0:
         reals = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))])
@@ -540,9 +531,7 @@ def main(argv=None):
     # every D step draws one batch, so a resumed stream starts at batch step * n_dis
     batches = common.infinite_batches(dataset, args.batch_size, args.seed,
                                       start_step=step * args.n_dis, num_workers=args.num_workers)
-    metrics, start_step, t0 = {"step": step}, step, time.time()
-    t_log, step_log = t0, step
-    while step < args.steps:
+    while step < args.steps and not run.stopping:
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(step, args)   # by G iterations done (official)
@@ -552,42 +541,23 @@ def main(argv=None):
         sigma_now = args.sigma_every > 0 and step % args.sigma_every == 0
         fid_now = args.fid_every > 0 and (step % args.fid_every == 0 or step == args.steps)
         if step % args.log_every == 0 or step == args.steps or sigma_now or fid_now:
-            it_s = (step - step_log) / max(time.time() - t_log, 1e-9)
-            metrics = {"step": step, **{k: float(v) for k, v in out.items()},
-                       "lr": args.lr * lr_factor(step, args), "it_s": it_s,
-                       "eta_s": (args.steps - step) / it_s}
-            line = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            values = {**out, "lr": args.lr * lr_factor(step, args)}
             if sigma_now:
-                sig = {k: float(v) for k, v in d_spectral_norms(D).items()}
-                metrics.update(sig)
-                line += f" | sigma(W_SN) min {min(sig.values()):.4f} max {max(sig.values()):.4f}"
+                values.update(d_spectral_norms(D))
             if fid_now:
-                metrics["fid"] = float(evaluate_fid(G, args, device))
-                line += f" | FID {metrics['fid']:.3f}"
-            print(line, flush=True)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            t_log, step_log = time.time(), step     # sigma / FID time stays out of it/s
-        if step % args.sample_every == 0 or step == args.steps:
+                values["fid"] = evaluate_fid(G, args, device)
+            run.log(step, values)
+        if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             sample_grid(G, fixed_z, os.path.join(args.out_dir, "samples", f"{step:07d}.png"))
-        if step % args.ckpt_every == 0 or step == args.steps:
-            common.save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
-                "step": step, "args": vars(args), "G": G.state_dict(), "D": D.state_dict(),
-                "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                "fixed_z": fixed_z.cpu(), "rng": common.rng_state()})
+        if step % args.ckpt_every == 0 or step == args.steps or run.stopping:
+            run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
+                            "opt_D": opt_D.state_dict(), "fixed_z": fixed_z.cpu(),
+                            "rng": common.rng_state()})
 
-    if args.export_samples > 0:
+    if args.export_samples > 0 and not run.stopping:
         export_samples(G, args, device)
-    elapsed = time.time() - t0
-    if device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max_memory_allocated)"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (maxrss)"
-    rate = (step - start_step) / max(elapsed, 1e-9)
-    print(f"done: {step - start_step} iterations in {elapsed:.1f}s = {rate:.3f} steps/s | "
-          f"peak memory {peak}", flush=True)
-    return metrics
+    return run.finish(step, device)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)
