@@ -1,8 +1,10 @@
 """common.py: loaders on data the tests write, the shapes generator, resumable batches, checkpoints."""
 import itertools
+import json
 import os
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -41,7 +43,7 @@ def test_shapes_labels_cover_every_kind_and_extras_agree():
     assert labels == set(range(len(common.SHAPE_KINDS)))
     # no extras: y is a plain int and the dataset does not compute captions
     assert isinstance(common.ShapesDataset(5)[0][1], int)
-    with pytest.raises(ValueError, match="unknown shapes extras"):
+    with pytest.raises(common.UserError, match="unknown shapes extras"):
         common.ShapesDataset(5, extras=("depth",))
 
 
@@ -78,7 +80,7 @@ def test_infinite_batches_resume_matches_uninterrupted_stream_across_epochs():
 
 
 def test_infinite_batches_rejects_a_dataset_smaller_than_a_batch():
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(common.UserError, match="fewer than one batch"):
         next(common.infinite_batches(common.ShapesDataset(4, 8), 8, 0, 0, 0))
 
 
@@ -112,7 +114,7 @@ def test_cifar10_pickle_loads_in_range(tmp_path, monkeypatch):
 
 
 def test_missing_torchvision_dataset_gives_an_actionable_error(tmp_path):
-    with pytest.raises(RuntimeError, match="could not load 'cifar10'.*data-root"):
+    with pytest.raises(common.UserError, match="could not load 'cifar10'.*data-root"):
         common.load_dataset("cifar10", str(tmp_path), download=False)
 
 
@@ -139,30 +141,30 @@ def test_image_folder_with_classes_and_flat(tmp_path):
 
 
 def test_bad_folders_and_files_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found: .*nowhere"):
+    with pytest.raises(common.UserError, match="not found: .*nowhere"):
         common.load_dataset(f"folder:{tmp_path / 'nowhere'}")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    with pytest.raises(FileNotFoundError, match="no images .*empty"):
+    with pytest.raises(common.UserError, match="no images .*empty"):
         common.load_dataset(f"folder:{tmp_path / 'empty'}")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     ds = common.load_dataset(f"folder:{tmp_path / 'bad'}")
-    with pytest.raises(OSError, match="cannot read image .*broken.jpg"):
+    with pytest.raises(common.UserError, match="cannot read image .*broken.jpg"):
         ds[0]
 
 
 def test_unknown_and_manual_datasets_say_what_to_do(tmp_path):
-    with pytest.raises(ValueError, match="valid: cifar10, cifar100, stl10.*shapes"):
+    with pytest.raises(common.UserError, match="valid: cifar10, cifar100, stl10.*shapes"):
         common.load_dataset("imagenet")
-    with pytest.raises(FileNotFoundError, match="lmdb.*bedroom_train.*folder:"):
+    with pytest.raises(common.UserError, match="lmdb.*bedroom_train.*folder:"):
         common.load_dataset("lsun-bedroom", str(tmp_path))
     (tmp_path / "lsun" / "bedroom_train").mkdir(parents=True)
     _png(tmp_path / "lsun" / "bedroom_train" / "a.png", (1, 2, 3))
     assert len(common.load_dataset("lsun-bedroom", str(tmp_path))) == 1
-    with pytest.raises(RuntimeError, match="CelebA could not be loaded.*img_align_celeba.zip"):
+    with pytest.raises(common.UserError, match="CelebA could not be loaded.*img_align_celeba.zip"):
         common.load_dataset("celeba", str(tmp_path), download=False)
-    with pytest.raises(ValueError, match="only available for 'shapes'"):
+    with pytest.raises(common.UserError, match="only available for 'shapes'"):
         common.load_dataset("mnist", str(tmp_path), extras=("caption",))
 
 
@@ -191,7 +193,7 @@ def test_checkpoint_flag_mismatch_names_the_flags(tmp_path, capsys):
     path = str(tmp_path / "ckpt.pt")
     common.save_checkpoint(path, {"args": {"dim_g": 128, "lr": 1e-4, "seed": 0}})
     now = argparse.Namespace(dim_g=64, lr=2e-4, seed=0)
-    with pytest.raises(ValueError, match="--dim-g 128 \\(now 64\\)"):
+    with pytest.raises(common.UserError, match="--dim-g 128 \\(now 64\\)"):
         common.load_checkpoint(path, args=now, shape_flags=("dim_g",))
     common.load_checkpoint(path, args=now, shape_flags=("seed",))   # only non-shape flags differ: fine
     assert "--lr was 0.0001 in the checkpoint, now 0.0002" in capsys.readouterr().out
@@ -199,13 +201,13 @@ def test_checkpoint_flag_mismatch_names_the_flags(tmp_path, capsys):
 
 def test_prepare_run_refuses_to_overwrite(tmp_path):
     assert common.prepare_run(str(tmp_path / "r"), resume=False) is None
-    with pytest.raises(FileNotFoundError, match="--resume given"):
+    with pytest.raises(common.UserError, match="--resume given"):
         common.prepare_run(str(tmp_path / "r"), resume=True)
     (tmp_path / "r" / "ckpt.pt").write_bytes(b"x")
-    with pytest.raises(FileExistsError, match="pass --resume"):
+    with pytest.raises(common.UserError, match="pass --resume"):
         common.prepare_run(str(tmp_path / "r"), resume=False)
     assert common.prepare_run(str(tmp_path / "r"), resume=True).endswith("ckpt.pt")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(common.UserError, match="no checkpoint"):
         common.load_checkpoint(str(tmp_path / "none.pt"))
 
 
@@ -215,3 +217,90 @@ def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
     first = (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn())
     common.set_rng_state(common.load_checkpoint(str(tmp_path / "c.pt"))["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == first
+
+
+# ---- the run plumbing (through the scripts: tests/test_run_plumbing.py, test_standalone.py) ----
+def test_cli_prints_a_user_error_as_one_line_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "tool.py").write_text(
+        "import common\n"
+        "def main():\n"
+        "    common.load_dataset('no-such-set')\n"
+        "common.cli(main)\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(common.__file__)}
+    r = subprocess.run([sys.executable, "tool.py"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown dataset 'no-such-set'")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_flag_types_refuse_zero_negative_and_nan():
+    import argparse
+    for parse, bad, good in ((common.positive_int, ["0", "-3", "1.5", "x"], "7"),
+                             (common.nonnegative_int, ["-1", "nan"], "0"),
+                             (common.positive_float, ["0", "-1e-3", "nan", "inf"], "2e-4"),
+                             (common.probability, ["0", "1.01", "nan"], "1"),
+                             (common.unit_float, ["-0.1", "nan"], "0")):
+        for text in bad:
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(text)
+        assert parse(good) == float(good)
+
+
+def test_default_out_dir_carries_the_non_default_flags():
+    import argparse
+    base = dict(dataset="shapes", seed=0, lr=1e-4, steps=10, log_every=5, out_dir=None)
+    d = common.default_out_dir("s", argparse.Namespace(**base), base)
+    assert d == os.path.join("runs", "s-shapes-s0")
+    assert common.default_out_dir("s", argparse.Namespace(**{**base, "steps": 99, "log_every": 1}),
+                                  base) == d                  # length and run flags keep the folder
+    other = common.default_out_dir("s", argparse.Namespace(**{**base, "lr": 2e-4}), base)
+    assert other.startswith(d + "-") and other != d
+
+
+def test_run_log_is_strict_json_trimmed_on_resume_and_stops_on_nan(tmp_path, capsys):
+    import argparse
+    args = argparse.Namespace(out_dir=str(tmp_path / "r"), resume=False, seed=0, lr=1.0)
+    run = common.Run(args, "s", total=10)
+    run.start(0)
+    for step in (1, 2, 3):
+        run.log(step, {"loss": torch.tensor(0.5 * step), "n": 3})
+        if step == 2:
+            run.save(step, {"w": torch.ones(2)})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"step 3/10 \(30%\) \| loss 1\.5 \| n 3 \| \S+ it/s \| 0:00:0\d elapsed "
+                        r"\| eta \d+:\d\d:\d\d", line), line
+    with pytest.raises(common.NonFiniteError, match="step 4: loss = nan"):
+        run.log(4, {"loss": float("nan"), "n": 3})
+    with pytest.raises(common.NonFiniteError, match="w hold NaN"):
+        run.save(4, {"w": torch.tensor([1.0, float("inf")])})
+    rows = [json.loads(s) for s in open(tmp_path / "r" / "metrics.jsonl")]   # strict JSON
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] is None
+    assert common.load_checkpoint(str(tmp_path / "r" / "ckpt.pt"))["step"] == 2
+    assert (tmp_path / "r" / "curves.png").exists()
+
+    args.resume = True
+    run = common.Run(args, "s", total=10)
+    assert run.load()["step"] == 2
+    run.start(2)
+    assert [json.loads(s)["step"] for s in open(tmp_path / "r" / "metrics.jsonl")] == [1, 2]
+    args.lr = 2.0
+    with pytest.raises(common.UserError, match="cannot change --lr \\(1.0 in the checkpoint, now 2.0"):
+        common.Run(args, "s", total=10).load()
+    assert common.Run(args, "s", total=10, mutable=("lr",)).load()["step"] == 2
+
+
+def test_a_failed_save_says_so_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"step": 1})
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
+                           "writing file data/0: file write failed: unexpected pos 203776")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(common.UserError, match="could not write .*unexpected pos.*GiB free.*intact"):
+        common.save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert common.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]

@@ -27,4 +27,20 @@ TINY = {
                "--width", "4", "--adv-hidden", "16", "--adv-feat", "32", "--z-dim", "4",
                "--eps-dim", "8", "--eps-nbasis", "2", "--val-size", "16", "--num-workers", "0",
                "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--deterministic"],
+    "progan.py": None,        # filled in by its issue
+    "pix2pixhd.py": None,
+    "stackganpp.py": None,
+}
+
+# What the run-plumbing tests (tests/test_run_plumbing.py, tests/test_standalone.py) need to know
+# of each script; a script joins those tests by adding its entry:
+#   length   the flag that sets the length of training (--steps, --epochs, --kimg)
+#   shape    a flag and value that changes a tensor shape (refused on --resume)
+#   nan      flags that make a run diverge within `total` steps (e.g. an absurd --lr)
+#   folder   whether --dataset folder:<path> is accepted
+#   total    the length used by the SIGTERM / kill -9 test (long enough to be killed mid-run)
+#   kill_at  the progress-line prefix after which the process gets SIGTERM (5 of `total`)
+SPEC = {
+    "sngan.py": dict(length="--steps", shape=("--g-ch", "24"), nan=["--lr", "1e30"], folder=True,
+                     total=12, kill_at="step 5/"),
 }
