@@ -463,7 +463,21 @@ def get_device(name):
 # Flags that only steer the run, not the model or its training: they may change on --resume.
 RUN_FLAGS = ("out_dir", "resume", "device", "data_root", "num_workers", "log_every", "sample_every",
              "ckpt_every", "export_samples", "fid_every", "fid_samples", "fid_weights",
-             "deterministic", "amp")
+             "fid_ref_split", "fid_ref_size", "deterministic", "amp")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except None: a derived default states its rule in the help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def quantize(x):
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounded exactly as torchvision's save_image
+    (what scoring saved PNGs sees); for --export-samples."""
+    return ((x.detach().float() + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(
+        0, 2, 3, 1).cpu()
 
 
 def default_out_dir(script, args, defaults):

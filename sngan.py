@@ -67,7 +67,7 @@ SETTINGS = {"A": (1e-4, 0.5, 0.9, 5), "B": (1e-4, 0.5, 0.999, 1), "C": (2e-4, 0.
 
 # ==== Args ====
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("paper (None: resolved from --arch and --img-size, see args.json)")
     g.add_argument("--arch", choices=["resnet", "cnn"], default="resnet",
@@ -76,6 +76,8 @@ def parse_args(argv=None):
                    "cnn [Eq. 15-17]")
     g.add_argument("--setting", choices=list(SETTINGS), help="Adam lr, betas and n_dis: resnet "
                    "for resnet, C for cnn, B for cnn at 48x48 (STL-10) [Tab. 1, App. B.2]")
+    g.add_argument("--lr", type=common.positive_float,
+                   help="Adam alpha; default: the --setting's [Tab. 1]")
     g.add_argument("--steps", type=common.positive_int, help="generator iterations: 50000 for resnet 32x32 (text: "
                    "100K, PAPER-VS-CODE), else 100000 [Sec. 4.1, official configs]")
     g.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, help="linear decay to 0: "
@@ -135,7 +137,9 @@ def parse_args(argv=None):
         p.error("--img-size must be 32 (Tab. 4) or 48 (Tab. 5) for resnet, k*8 for cnn")
     if args.setting is None:
         args.setting = "resnet" if resnet else ("B" if args.img_size == 48 else "C")
-    args.lr, beta1, beta2, args.n_dis = SETTINGS[args.setting]
+    lr, beta1, beta2, args.n_dis = SETTINGS[args.setting]
+    if args.lr is None:
+        args.lr = lr
     args.betas = [beta1, beta2]
     if args.loss is None:
         args.loss = "hinge" if resnet else "standard"
