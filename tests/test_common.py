@@ -304,3 +304,26 @@ def test_a_failed_save_says_so_and_keeps_the_old_checkpoint(tmp_path, monkeypatc
         common.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert common.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_device_cache_gives_the_loader_values_in_the_loader_order(tmp_path, monkeypatch):
+    """The device-resident path (CUDA by default; forced here on the CPU) yields exactly the
+    DataLoader's batches: torchvision's ToTensor + Normalize pipeline and shapes' own scaling."""
+    _write_cifar10(tmp_path, n=40)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    for ds in (common.load_dataset("cifar10", str(tmp_path), download=False),
+               common.ShapesDataset(90, 16)):
+        ref = list(itertools.islice(common.infinite_batches(ds, 16, 7, 3, 0), 14))
+        got = list(itertools.islice(common.infinite_batches(ds, 16, 7, 3, 0, device="cpu",
+                                                            on_device=True), 14))
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got))
+    assert common.device_cache(common.ShapesDataset(4, 8, extras=("caption",)), "cpu") is None
+
+
+def test_each_rank_gets_its_share_of_the_global_batch():
+    whole = list(itertools.islice(iter(common._EpochBatches(100, 12, 1, 2)), 20))
+    shares = [list(itertools.islice(iter(common._EpochBatches(100, 12, 1, 2, r, 3)), 20))
+              for r in range(3)]
+    assert all(w == a + b + c for w, a, b, c in zip(whole, *shares))
+    with pytest.raises(common.UserError, match="divisible"):
+        common._EpochBatches(100, 10, 1, 0, 0, 3)
