@@ -5,8 +5,10 @@ what several scripts need and no paper has an opinion on (STYLE.md 2.5).
 
 Data
   load_dataset(name, root, img_size, train=True, extras=())  -> Dataset of (x, y), x in [-1, 1], CHW
-      cifar10 | cifar100 | stl10 | mnist | fashion-mnist | celeba | lsun-<category> | folder:<path> | shapes
-  ShapesDataset     procedural, deterministic, learnable images: item i is a pure function of (seed, i).
+      cifar10 | cifar100 | stl10 | mnist | fashion-mnist | celeba | lsun-<category> | folder:<path>
+      | shapes
+  ShapesDataset     procedural, deterministic, learnable images: item i is a pure function of
+                    (seed, i).
                     With extras it also gives a semantic label map, an instance map and a caption.
                     Measured: about 5,500 items/s at 32x32 on one core of the 2-core CI machine
                     (python -c "import common; common._bench_shapes()"; 2026-11-28).
@@ -108,7 +110,7 @@ class ShapesDataset(Dataset):
         # shape 0 is the main one: large and drawn last (front-most); the others are small
         radii = np.concatenate([rng.uniform(0.22, 0.32, 1), rng.uniform(0.10, 0.16, n_shapes - 1)])
         centres = np.empty((n_shapes, 2))
-        for k in range(n_shapes):        # keep every shape visible: the farthest of 8 candidate spots
+        for k in range(n_shapes):  # keep every shape visible: the farthest of 8 candidate spots
             cand = rng.uniform(radii[k], 1 - radii[k], size=(8, 2))
             gap = np.full(8, np.inf) if k == 0 else (np.linalg.norm(
                 cand[:, None] - centres[None, :k], axis=2) - radii[:k] - radii[k]).min(1)
@@ -199,8 +201,8 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
     try:
         if name == "shapes":
             # train and test are disjoint streams of the same distribution
-            return ShapesDataset(50_000 if train else 10_000, img_size or 32, seed=0 if train else 1,
-                                 extras=extras)
+            return ShapesDataset(50_000 if train else 10_000, img_size or 32,
+                                 seed=0 if train else 1, extras=extras)
         if extras:
             raise UserError(f"extras {extras} are only available for 'shapes', not {name!r}")
         if name in ("cifar10", "cifar100"):
@@ -219,10 +221,11 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
             path = os.path.join(root, "lsun", f"{cat}_{'train' if train else 'val'}")
             if not os.path.isdir(path):
                 raise UserError(
-                    f"LSUN {cat!r} is not downloadable through torchvision without the lmdb package, "
-                    f"which this project does not depend on. Download {cat}_{'train' if train else 'val'}"
-                    f"_lmdb.zip from the LSUN site, export its images (e.g. with the LSUN repo's "
-                    f"data.py export), and put them in {path!r} (or pass --dataset folder:<dir>).")
+                    f"LSUN {cat!r} is not downloadable through torchvision without the lmdb "
+                    "package, which this project does not depend on. Download "
+                    f"{cat}_{'train' if train else 'val'}_lmdb.zip from the LSUN site, export its "
+                    "images (e.g. with the LSUN repo's data.py export), and put them in "
+                    f"{path!r} (or pass --dataset folder:<dir>).")
             return ImageFolderDataset(path, tf)
         if name.startswith("folder:"):
             return ImageFolderDataset(name[len("folder:"):], tf)
@@ -242,8 +245,9 @@ def _celeba(root, img_size, train, download):
             f"CelebA could not be loaded from {os.path.join(root, 'celeba')!r} ({e}). Its Google "
             "Drive files often hit their download quota: download img_align_celeba.zip, "
             "list_eval_partition.txt, identity_CelebA.txt, list_attr_celeba.txt, "
-            "list_bbox_celeba.txt and list_landmarks_align_celeba.txt from the CelebA page by hand, "
-            f"put them in {os.path.join(root, 'celeba')!r}, unzip the images there and run again.") from None
+            "list_bbox_celeba.txt and list_landmarks_align_celeba.txt from the CelebA page by "
+            f"hand, put them in {os.path.join(root, 'celeba')!r}, unzip the images there and run "
+            "again.") from None
 
 
 class _EpochBatches:
@@ -287,7 +291,8 @@ def infinite_batches(dataset, batch_size, seed, start_step=0, num_workers=4, dev
     use the DataLoader with workers and pinned memory."""
     sampler = _EpochBatches(len(dataset), batch_size, seed, start_step, rank, world_size)
     cache = None
-    if device is not None and (on_device or on_device is None and torch.device(device).type == "cuda"):
+    if device is not None and (on_device or (on_device is None
+                                             and torch.device(device).type == "cuda")):
         cache = device_cache(dataset, device, num_workers)
     if cache is None:
         yield from DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
@@ -384,12 +389,14 @@ def load_checkpoint(path, device="cpu", args=None, shape_flags=()):
             raise UserError(f"refusing to load {path!r}: it holds Python objects that "
                             "weights_only=True will not run. Only checkpoints these scripts write "
                             "can be resumed") from None
-        raise UserError(f"{path!r} is not a torch checkpoint ({size:,} bytes; {_first_line(e)})") from None
+        raise UserError(f"{path!r} is not a torch checkpoint ({size:,} bytes; "
+                        f"{_first_line(e)})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise UserError(f"{path!r} is truncated or corrupt ({size:,} bytes; torch: {_first_line(e)}). "
-                        "Restore a copy, or delete it to start again") from None
+        raise UserError(f"{path!r} is truncated or corrupt ({size:,} bytes; torch: "
+                        f"{_first_line(e)}). Restore a copy, or delete it to start again") from None
     if not isinstance(state, dict):
-        raise UserError(f"{path!r} holds a {type(state).__name__}, not a checkpoint of these scripts")
+        raise UserError(f"{path!r} holds a {type(state).__name__}, not a checkpoint of these "
+                        "scripts")
     if args is not None and "args" in state:
         diff = {k: (v, vars(args).get(k)) for k, v in state["args"].items()
                 if vars(args).get(k) != v and k != "resume"}
@@ -397,14 +404,15 @@ def load_checkpoint(path, device="cpu", args=None, shape_flags=()):
             print(f"resume: --{_flag(k)} was {old!r} in the checkpoint, now {new!r}", flush=True)
         bad = [k for k in shape_flags if k in diff]
         if bad:
-            raise UserError(f"checkpoint {path!r} was trained with different shape flags: " + ", ".join(
-                f"--{_flag(k)} {diff[k][0]!r} (now {diff[k][1]!r})" for k in bad)
+            raise UserError(f"checkpoint {path!r} was trained with different shape flags: "
+                            + ", ".join(f"--{_flag(k)} {diff[k][0]!r} (now {diff[k][1]!r})"
+                                        for k in bad)
                 + ". Pass the checkpoint's values or use another --out-dir.")
     return state
 
 
 def prepare_run(out_dir, resume, ckpt_name="ckpt.pt"):
-    """(Old interface, kept until every script uses Run.) Returns the checkpoint to resume or None."""
+    """(Old interface, kept until every script uses Run.) The checkpoint to resume or None."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ckpt_name)
     if resume:
@@ -412,7 +420,8 @@ def prepare_run(out_dir, resume, ckpt_name="ckpt.pt"):
             raise UserError(f"--resume given but {path!r} does not exist")
         return path
     if os.path.exists(path):
-        raise UserError(f"{path!r} exists: pass --resume to continue it, or choose another --out-dir")
+        raise UserError(f"{path!r} exists: pass --resume to continue it, or choose another "
+                        "--out-dir")
     return None
 
 
@@ -578,8 +587,9 @@ class Progress:
         now = time.time()
         if now - self.t_print >= self.every or self.done >= self.total:
             rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-12)
             print(progress_line(self.what, self.done, self.total, values, rate, f"{self.unit}/s",
-                                now - self.t0, (self.total - self.done) / max(rate, 1e-12)), flush=True)
+                                now - self.t0, eta), flush=True)
             self.t_print = now
 
 
@@ -597,7 +607,8 @@ def _nonfinite(state, prefix=""):
 class Run:
     """The run's own files in args.out_dir, the same for every script:
       ckpt.pt        save(): atomic, with the script's name, the step and the flags; it refuses a
-                     state holding NaN/Inf, so a diverged run never replaces its last good checkpoint
+                     state holding NaN/Inf, so a diverged run never replaces its last good
+                     checkpoint
       args.json      the resolved flags, written by a fresh run (and on --resume only if a flag that
                      is not a run flag, e.g. --steps, changed)
       metrics.jsonl  log(): one strict-JSON row per log step with `step` and `time_s` (seconds of
@@ -610,8 +621,11 @@ class Run:
     metrics.jsonl without a checkpoint is left over, --resume without ckpt.pt, a checkpoint of
     another script, and a changed flag that is neither a run flag nor in `mutable`."""
 
-    def __init__(self, args, script, total, unit="step", mutable=(), nonfinite_ok=()):
+    def __init__(self, args, script, total, unit="step", mutable=(), nonfinite_ok=(), dist=None):
         self.args, self.script, self.total, self.unit = args, script, total, unit
+        self.dist = dist if dist is not None else Dist.__new__(Dist)
+        if dist is None:
+            self.dist.rank, self.dist.world_size = 0, 1
         self.mutable = set(RUN_FLAGS) | set(mutable)
         self.nonfinite_ok = set(nonfinite_ok)
         self.dir = args.out_dir
@@ -629,8 +643,8 @@ class Run:
 
     @property
     def stopping(self):
-        """True once SIGTERM or SIGINT arrived: save a checkpoint after this step, then stop."""
-        return bool(_STOP)
+        """True once SIGTERM or SIGINT arrived (at any process): save after this step, then stop."""
+        return self.dist.any(_STOP)
 
     def load(self, device="cpu"):
         """On --resume the checkpoint's state (else None), after checking that this script wrote it
@@ -639,15 +653,17 @@ class Run:
             return None
         state = load_checkpoint(self.ckpt, device)
         if state.get("script") != self.script:
-            raise UserError(f"{self.ckpt!r} is not a checkpoint of {self.script}.py (it was written "
-                            f"by {state.get('script') or 'something else'})")
+            raise UserError(f"{self.ckpt!r} is not a checkpoint of {self.script}.py (it was "
+                            f"written by {state.get('script') or 'something else'})")
         now = vars(self.args)
-        self.changed = {k: (v, now[k]) for k, v in state["args"].items() if k in now and now[k] != v}
+        self.changed = {k: (v, now[k]) for k, v in state["args"].items()
+                        if k in now and now[k] != v}
         refused = [k for k in self.changed if k not in self.mutable]
         if refused:
             raise UserError("--resume cannot change " + ", ".join(
-                f"--{_flag(k)} ({self.changed[k][0]!r} in the checkpoint, now {self.changed[k][1]!r})"
-                for k in refused) + ": pass the checkpoint's values, or start a new --out-dir")
+                f"--{_flag(k)} ({self.changed[k][0]!r} in the checkpoint, now "
+                f"{self.changed[k][1]!r})" for k in refused)
+                + ": pass the checkpoint's values, or start a new --out-dir")
         for k, (old, new) in self.changed.items():
             if k != "resume":
                 print(f"resume: --{_flag(k)} {old!r} -> {new!r} (takes effect)", flush=True)
@@ -656,18 +672,23 @@ class Run:
     def start(self, step, device=None, **nets):
         """Call just before the loop: writes args.json or trims metrics.jsonl, prints the flags and
         the header (device, torch, parameter counts of `nets`)."""
-        os.makedirs(self.dir, exist_ok=True)
-        for f in glob.glob(os.path.join(self.dir, ".tmp-*")):  # left by a kill during a save
-            os.remove(f)
         if self.args.resume:
             self.rows = [r for r in _read_jsonl(self.metrics) if r.get("step", 0) <= step]
-            _write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in self.rows))
-        if not self.args.resume or set(self.changed) - set(RUN_FLAGS):
-            _write_text(os.path.join(self.dir, "args.json"), json.dumps(vars(self.args), indent=1))
-        print(json.dumps(vars(self.args), indent=1), flush=True)
-        head = [f"out_dir {self.dir}", f"device {device}", f"torch {torch.__version__}"]
-        head += [f"params {k} {sum(p.numel() for p in m.parameters()):,}" for k, m in nets.items()]
-        print(" | ".join(head), flush=True)
+        if self.dist.main:  # under torchrun only rank 0 prints and writes
+            os.makedirs(self.dir, exist_ok=True)
+            for f in glob.glob(os.path.join(self.dir, ".tmp-*")):  # left by a kill during a save
+                os.remove(f)
+            if self.args.resume:
+                _write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in self.rows))
+            if not self.args.resume or set(self.changed) - set(RUN_FLAGS):
+                _write_text(os.path.join(self.dir, "args.json"),
+                            json.dumps(vars(self.args), indent=1))
+            print(json.dumps(vars(self.args), indent=1), flush=True)
+            head = [f"out_dir {self.dir}", f"device {device}", f"torch {torch.__version__}"]
+            head += [f"processes {self.dist.world_size}"] if self.dist.world_size > 1 else []
+            head += [f"params {k} {sum(p.numel() for p in m.parameters()):,}"
+                     for k, m in nets.items()]
+            print(" | ".join(head), flush=True)
         self.offset = self.rows[-1].get("time_s", 0.0) if self.rows else 0.0
         self.t0 = self.t_last = time.time()
         self.step0 = self.step_last = step
@@ -676,6 +697,7 @@ class Run:
         """Appends {step, time_s, **values} to metrics.jsonl and prints the progress line; returns
         the row. A NaN/Inf value (except in `nonfinite_ok`) is written as null, then the run stops
         with NonFiniteError naming the step and the terms, before anything else is saved."""
+        values = self.dist.average(values)
         now = time.time()
         row, bad = {"step": step, "time_s": round(self.offset + now - self.t0, 3)}, []
         for k, v in values.items():
@@ -686,6 +708,11 @@ class Run:
                 if not math.isfinite(v):
                     bad += [] if k in self.nonfinite_ok else [f"{k} = {v}"]
             row[k] = v
+        self.rows.append(row)
+        if not self.dist.main:
+            if bad:
+                raise NonFiniteError(f"{self.unit} {step}: {', '.join(bad)}")
+            return row
         with open(self.metrics, "a") as f:
             f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                 for k, v in row.items()}, allow_nan=False) + "\n")
@@ -696,7 +723,6 @@ class Run:
                             row["time_s"], (self.total - step) / avg if avg > 0 else math.inf),
               flush=True)
         self.t_last, self.step_last = now, step
-        self.rows.append(row)
         if now - self.t_curves > 30 or bad:
             self.draw_curves()
         if bad:
@@ -711,14 +737,19 @@ class Run:
         state with NaN/Inf in a floating-point tensor, keeping the last good checkpoint."""
         bad = _nonfinite(state)
         if bad:
-            raise NonFiniteError(f"{self.unit} {step}: {', '.join(bad[:4])}{' ...' if bad[4:] else ''}"
-                                 f" hold NaN/Inf; not saved, so {self.ckpt!r} keeps the last good "
-                                 "state. Lower the learning rate (or check the data)")
-        save_checkpoint(self.ckpt, {"script": self.script, "step": step, "args": vars(self.args),
-                                    **state})
+            names = ", ".join(bad[:4]) + (" ..." if bad[4:] else "")
+            raise NonFiniteError(f"{self.unit} {step}: {names} hold NaN/Inf; not saved, so "
+                                 f"{self.ckpt!r} keeps the last good state. Lower the learning "
+                                 "rate (or check the data)")
+        if self.dist.main:
+            save_checkpoint(self.ckpt, {"script": self.script, "step": step,
+                                        "args": vars(self.args), **state})
 
     def finish(self, step, device=None):
         """Draws curves.png and prints the closing line; returns the last logged row (with step)."""
+        last = self.rows[-1] if self.rows and self.rows[-1]["step"] == step else {"step": step}
+        if not self.dist.main:
+            return last
         self.draw_curves()
         dt = time.time() - self.t0
         line = f"done: {step - self.step0:g} {self.unit}s in {_hms(dt)}"
@@ -733,7 +764,7 @@ class Run:
         if _STOP:
             print(f"stopped by {signal.Signals(_STOP[0]).name} at {self.unit} {step:g}: "
                   f"{self.ckpt} is saved; continue with --resume", flush=True)
-        return self.rows[-1] if self.rows and self.rows[-1]["step"] == step else {"step": step}
+        return last
 
     def draw_curves(self):
         if self.rows:
@@ -772,8 +803,76 @@ def _write_text(path, text):
     os.replace(tmp, path)
 
 
+# ==== Processes (torchrun) ====
+class Dist:
+    """Data parallelism under `torchrun --nproc_per_node=N script.py ...` (and multi-node torchrun):
+    one process per device, torch.distributed underneath (NCCL on CUDA, gloo on CPU), --batch-size
+    the global batch. Without torchrun: one process, rank 0, and every method a no-op. Only the
+    bookkeeping lives here; where a script averages gradients is visible in its train step."""
+
+    def __init__(self, device_name):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = get_device(device_name)
+        if self.world_size > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group(
+                    "nccl" if self.device.type == "cuda" else "gloo")
+            self.flags = torch.distributed.new_group(backend="gloo")  # agree on a stop, no GPU sync
+
+    @property
+    def main(self):
+        """Rank 0: the only process that prints, samples and writes files."""
+        return self.rank == 0
+
+    def share(self, n):
+        """This rank's contiguous slice of a global batch of n (n divisible by the world size)."""
+        if n % self.world_size:
+            raise UserError(f"a global batch of {n} does not split over {self.world_size} "
+                            "processes")
+        return slice(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
+    def shard(self, x):
+        """x[share]: every rank draws the same global-batch noise (one RNG stream on every rank, so
+        the checkpoint of rank 0 is everyone's) and keeps its own rows."""
+        return x if self.world_size == 1 else x[self.share(len(x))]
+
+    def average_gradients(self, *modules):
+        """Mean of every .grad over the processes, once, after backward: the gradient of the global
+        batch's mean loss (double backprop included: the penalty graph stays local, only the
+        finished gradients travel). One flat all-reduce."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(v.view_as(g))
+
+    def average(self, values):
+        """Logged scalars averaged over the processes (at log steps only: it syncs)."""
+        if self.world_size == 1 or not values:
+            return values
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device)
+                         for v in values.values()])
+        torch.distributed.all_reduce(t)
+        return dict(zip(values, (t / self.world_size).tolist()))
+
+    def any(self, flag):
+        """True on every rank if it is true on one (e.g. a SIGTERM seen by one process first)."""
+        if self.world_size == 1:
+            return bool(flag)
+        t = torch.tensor([int(bool(flag))])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.flags)
+        return bool(t.item())
+
+
 # ==== Figures ====
-REAL_RGB, FAKE_RGB = (245, 140, 30), (40, 160, 60)  # one convention: real = orange, generated = green
+REAL_RGB, FAKE_RGB = (245, 140, 30), (40, 160, 60)  # one convention: real orange, generated green
 
 
 def title_strip(img, lines, key=()):
@@ -811,7 +910,8 @@ def draw_curves(rows, path, title="", width=360, height=190):
         d.text((x0, oy + 4), k, fill="black")
         (lo_x, lo_y), (hi_x, hi_y) = np.min(pts, 0), np.max(pts, 0)
         xy = [(x0 + (x1 - x0) * ((s - lo_x) / (hi_x - lo_x) if hi_x > lo_x else 0.5),
-               y1 - (y1 - y0) * ((v - lo_y) / (hi_y - lo_y) if hi_y > lo_y else 0.5)) for s, v in pts]
+               y1 - (y1 - y0) * ((v - lo_y) / (hi_y - lo_y) if hi_y > lo_y else 0.5))
+              for s, v in pts]
         if len(xy) > 1:
             d.line(xy, fill=(30, 90, 200), width=2)
         else:
