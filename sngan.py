@@ -16,6 +16,7 @@ Paper -> code
   official       updater.py: G step, then n_dis D steps ....... train_step()
   official       LinearShift lr decay to 0 .................... lr_factor()
   Fig. 9         sigma(W_SN) of every D layer by exact SVD .... d_spectral_norms()
+  App. B.1       IS and FID (5K generated vs 10K real) ........ build_evaluator(), evaluate()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. PAPER-VS-CODE  ResNet CIFAR-10: 50K G iterations, lr decayed linearly to 0 from step 0
      (official configs/sn_cifar10_unconditional.yml); the text says 100K updates (--steps 100000).
@@ -28,8 +29,13 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
      x_uint8/128 - 1 + U(0, 1/128) (datasets/cifar10.py; not in the paper; --no-dequantize).
   6. PAPER-VS-CODE  the official SNLinear also advances u in eval mode; here only training-mode
      forwards do (PyTorch's behaviour). D is never run in eval mode while training.
-  7. DEVIATION  scope: no ImageNet 128x128 nets (Tab. 6), no conditional (concat) SN-GAN (the
+  7. DEVIATION  IS and FID come from fid.py (its Inception port and reference statistics), not the
+     TensorFlow Inception graph of the official evaluations/ (scores differ, card pitfall 10).
+  8. DEVIATION  scope: no ImageNet 128x128 nets (Tab. 6), no conditional (concat) SN-GAN (the
      projection D is projection.py), no WGAN-GP baseline (wgan_gp.py; App. E's gamma is here).
+Datasets (--dataset): any common.load_dataset name, resized to --img-size: cifar10 (default),
+  stl10 (the 100K unlabeled images at 48x48), cifar100, mnist, fashion-mnist, celeba,
+  lsun-<category>, folder:<path> (labels unused), shapes (offline, procedural).
 Run
   python sngan.py --dataset cifar10                       # ResNet, hinge (IS 8.22, FID 21.7)
   python sngan.py --dataset cifar10 --arch cnn            # CNN, setting C, standard loss (7.42)
@@ -38,11 +44,17 @@ Run
   python sngan.py --dataset stl10                         # ResNet 48x48, Tab. 5 (9.10 / 40.1)
   python sngan.py --dataset stl10 --arch cnn              # CNN M=48, setting B (8.28 / 53.1)
   python sngan.py --dataset stl10 --arch cnn --steps 200000            # "2x updates" (8.69 / 47.5)
-  python sngan.py --dataset cifar10 --gamma-reparam       # App. E reparametrization gamma * W_SN
-  python sngan.py --dataset shapes                        # benchmark: paper config, prints steps/s
+  python sngan.py --dataset cifar10 --gamma-reparam       # App. E's gamma * W_SN: the paper uses
+      # it with WGAN-GP only (Tab. 7-8); UNSPECIFIED with the hinge loss (untested by the paper)
+  python sngan.py --dataset cifar10 --fid-every 5000      # IS + FID during training (fid.py)
   python sngan.py --dataset shapes --device cpu --steps 2              # smoke test, offline
-Paper reports: CIFAR-10 IS 8.22 +- .05, FID 21.7 +- .21 (ResNet, hinge; Tab. 2; FID of 5K generated
-vs 10K real, App. B.1). IS is not computed here; FID comes from fid.py. Our numbers: README.
+Sample and score (--steps counts generator iterations; a finished run can be resumed to export)
+  python sngan.py --dataset cifar10 --resume --export-samples 50000    # runs/.../samples_50000.npz
+  python fid.py runs/sngan-cifar10-s0/samples_50000.npz dataset:cifar10 --isc
+  G = sngan.load_generator("runs/sngan-cifar10-s0/ckpt.pt", "cuda")   # eval mode, as the paper
+  x = G(sngan.sample_z(64, 128, "normal", "cuda"))                      # (64, 3, 32, 32) in [-1, 1]
+Paper reports: CIFAR-10 IS 8.22 +- .05, FID 21.7 +- .21 (ResNet, hinge; Tab. 2; IS 10 x 5K samples,
+FID of 5K generated vs 10K real, App. B.1). Our numbers: README.
 """
 
 import argparse
@@ -56,6 +68,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.functional as TF
 
 import common
 
@@ -68,68 +81,83 @@ SETTINGS = {"A": (1e-4, 0.5, 0.9, 5), "B": (1e-4, 0.5, 0.999, 1), "C": (2e-4, 0.
 # ==== Args ====
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("paper (None: resolved from --arch and --img-size, see args.json)")
+                                formatter_class=common.HelpFormatter)
+    pos, nonneg = common.positive_int, common.nonnegative_int
+    g = p.add_argument_group("paper")
     g.add_argument("--arch", choices=["resnet", "cnn"], default="resnet",
                    help="ResNet (Tab. 4/5) or CNN (Tab. 3); DEVIATION: no Tab. 6 nets [Sec. 4]")
-    g.add_argument("--loss", choices=["hinge", "standard"], help="hinge for resnet, standard for "
-                   "cnn [Eq. 15-17]")
-    g.add_argument("--setting", choices=list(SETTINGS), help="Adam lr, betas and n_dis: resnet "
-                   "for resnet, C for cnn, B for cnn at 48x48 (STL-10) [Tab. 1, App. B.2]")
+    g.add_argument("--loss", choices=["hinge", "standard"],
+                   help="default: hinge for resnet, standard for cnn [Eq. 15-17]")
+    g.add_argument("--setting", choices=list(SETTINGS), help="Adam lr, betas and n_dis; default: "
+                   "resnet for resnet, C for cnn, B for cnn at 48x48 (STL-10) [Tab. 1, App. B.2]")
     g.add_argument("--lr", type=common.positive_float,
-                   help="Adam alpha; default: the --setting's [Tab. 1]")
-    g.add_argument("--steps", type=common.positive_int, help="generator iterations: 50000 for resnet 32x32 (text: "
-                   "100K, PAPER-VS-CODE), else 100000 [Sec. 4.1, official configs]")
-    g.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, help="linear decay to 0: "
-                   "on for resnet, off for cnn [official configs; STL: UNSPECIFIED: Mimicry]")
-    g.add_argument("--batch-size", type=common.positive_int, default=64, help="D batch per D step [App. B]")
-    g.add_argument("--g-batch-size", type=common.positive_int, help="G-step batch: 2x batch for resnet, = batch "
-                   "for cnn [UNSPECIFIED: official n_gen_samples, chainer-gan-lib]")
-    g.add_argument("--z-dim", type=common.positive_int, default=128, help="latent size d_z [Sec. 4]")
+                   help="Adam alpha of G and D; default: the --setting's [Tab. 1]")
+    g.add_argument("--betas", type=common.unit_float, nargs=2, metavar=("B1", "B2"),
+                   help="Adam beta1 beta2 of G and D; default: the --setting's [Tab. 1]")
+    g.add_argument("--n-dis", "--d-steps", dest="n_dis", type=pos,
+                   help="D updates per G update; default: the --setting's [Tab. 1]")
+    g.add_argument("--steps", type=pos, help="generator iterations; default: 50000 for resnet "
+                   "32x32 (text: 100K, PAPER-VS-CODE), else 100000 [Sec. 4.1, official configs]")
+    g.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, help="linear decay to 0; "
+                   "default: on for resnet, off for cnn [official configs; STL: UNSPECIFIED]")
+    g.add_argument("--batch-size", type=pos, default=64, help="D batch per D step [App. B]")
+    g.add_argument("--g-batch-size", type=pos, help="G-step batch; default: 2x batch for resnet, "
+                   "= batch for cnn [UNSPECIFIED: official n_gen_samples, chainer-gan-lib]")
+    g.add_argument("--z-dim", type=pos, default=128, help="latent size d_z [Sec. 4]")
     g.add_argument("--z-dist", choices=["normal", "uniform"], default="normal",
                    help="N(0, I) (paper) or U[-1, 1] (chainer-gan-lib) [Sec. 4, official net.py]")
-    g.add_argument("--n-power-iterations", type=common.positive_int, default=1,
+    g.add_argument("--n-power-iterations", type=pos, default=1,
                    help="power iterations per training-mode D forward [App. A, Alg. 1]")
-    g.add_argument("--gamma-reparam", action="store_true",
-                   help="learnable scalar gamma * W_SN in every D layer [App. E, Eq. 32]")
-    g.add_argument("--img-size", type=common.positive_int, help="48 for stl10, else 32 [Sec. 4]")
-    g.add_argument("--g-ch", type=common.positive_int, help="widest G layer: 256 resnet 32x32, 512 resnet 48x48, "
-                   "512 cnn [Tab. 3-5]")
-    g.add_argument("--d-ch", type=common.positive_int, help="widest D layer: 128 resnet 32x32, 1024 resnet 48x48, "
-                   "512 cnn [Tab. 3-5]")
+    g.add_argument("--gamma-reparam", action="store_true", help="learnable scalar gamma * W_SN in "
+                   "every D layer; the paper pairs it with WGAN-GP only [App. E, Eq. 32]")
+    g.add_argument("--img-size", type=pos, help="default: 48 for stl10, else 32 [Sec. 4]")
+    g.add_argument("--g-ch", "--g-width", dest="g_ch", type=pos, help="widest G layer; default: "
+                   "256 resnet 32x32, 512 resnet 48x48, 512 cnn [Tab. 3-5]")
+    g.add_argument("--d-ch", "--d-width", dest="d_ch", type=pos, help="widest D layer; default: "
+                   "128 resnet 32x32, 1024 resnet 48x48, 512 cnn [Tab. 3-5]")
     g.add_argument("--table3-literal", action="store_true",
                    help="CNN D widths of Tab. 3, not of the official code [Tab. 3: PAPER-VS-CODE]")
     g.add_argument("--lrelu-slope", type=common.nonnegative_float, default=0.1,
                    help="CNN D leaky ReLU slope [Tab. 3; official 0.2: PAPER-VS-CODE]")
     g.add_argument("--dequantize", action=argparse.BooleanOptionalAction, help="reals x/128 - 1 + "
-                   "U(0, 1/128), on for resnet 32x32 [official datasets/cifar10.py]")
+                   "U(0, 1/128); default: on for resnet 32x32 [official datasets/cifar10.py]")
+    e = p.add_argument_group("eval")
+    e.add_argument("--fid-every", type=nonneg, default=0,
+                   help="IS and FID via fid.py every K iterations and at the end, 0 = off [run]")
+    e.add_argument("--fid-samples", type=pos, default=5000, help="generated images per IS/FID "
+                   "(50000 = the 10 x 5K IS protocol and Mimicry's 50K FID) [App. B.1]")
+    e.add_argument("--fid-ref-split", choices=["train", "test"], default="train",
+                   help="split of the real reference images [UNSPECIFIED: App. B.1 names none]")
+    e.add_argument("--fid-ref-size", type=nonneg, default=10_000,
+                   help="real reference images, 0 = the whole split (Mimicry: 50K) [App. B.1]")
+    e.add_argument("--fid-weights", type=str, help="Inception weights for fid.py [run]")
+    e.add_argument("--sigma-every", type=nonneg, default=1000,
+                   help="log exact sigma(W_SN) of every D layer every N its, 0 = off [Fig. 9]")
+    e.add_argument("--export-samples", type=nonneg, default=0,
+                   help="write samples_N.npz (uint8 NHWC) at the end, 0 = off [run]")
     r = p.add_argument_group("run")
     r.add_argument("--dataset", default="cifar10", help="a common.load_dataset name [run]")
     r.add_argument("--data-root", type=str, default="data", help="dataset folder [run]")
-    r.add_argument("--out-dir", type=str, help="default runs/sngan-<dataset>-s<seed> [run]")
-    r.add_argument("--seed", type=common.nonnegative_int, default=0, help="random seed [run]")
+    r.add_argument("--out-dir", type=str, help="default: runs/sngan-<dataset>-s<seed>[-<hash of "
+                   "the other changed flags>] [run]")
+    r.add_argument("--seed", type=nonneg, default=0, help="random seed [run]")
     r.add_argument("--device", default="cuda", help="torch device [run]")
-    r.add_argument("--num-workers", type=common.nonnegative_int, default=4, help="data loader workers [run]")
-    r.add_argument("--log-every", type=common.positive_int, default=100, help="log every N iterations [run]")
-    r.add_argument("--sigma-every", type=common.nonnegative_int, default=1000,
-                   help="log exact sigma(W_SN) of every D layer every N its, 0 = off [Fig. 9]")
-    r.add_argument("--sample-every", type=common.nonnegative_int, default=1000, help="8x8 grid every N its [run]")
-    r.add_argument("--ckpt-every", type=common.positive_int, default=5000, help="checkpoint every N its [run]")
+    r.add_argument("--num-workers", type=nonneg, default=4, help="data loader workers [run]")
+    r.add_argument("--log-every", type=pos, default=100, help="log every N iterations [run]")
+    r.add_argument("--sample-every", type=nonneg, default=1000,
+                   help="8x8 grid every N its, 0 = off [run]")
+    r.add_argument("--ckpt-every", type=pos, default=5000, help="checkpoint every N its [run]")
     r.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
     r.add_argument("--deterministic", action="store_true", help="deterministic kernels, no "
                    "cudnn.benchmark; on CUDA sets CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
     r.add_argument("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast [run]")
-    r.add_argument("--export-samples", type=common.nonnegative_int, default=0,
-                   help="write samples_N.npz (uint8 NHWC) at the end, 0 = off [run]")
-    r.add_argument("--fid-every", type=common.nonnegative_int, default=0, help="FID via fid.py every K its [run]")
-    r.add_argument("--fid-samples", type=common.positive_int, default=5000,
-                   help="generated images per FID [App. B.1: 5K generated vs 10K real]")
-    r.add_argument("--fid-weights", type=str, help="Inception weights for fid.py [run]")
     args = p.parse_args(argv)
-
-    # Values that depend on architecture and resolution (the card's defaults table), in one place
+    if args.betas is not None and max(args.betas) >= 1:
+        p.error(f"argument --betas: expected two numbers in [0, 1), got {args.betas}")
     if args.out_dir is None:
         args.out_dir = common.default_out_dir("sngan", args, vars(p.parse_args([])))
+
+    # Values that depend on architecture and resolution (the card's defaults table), in one place
     if args.img_size is None:
         args.img_size = 48 if args.dataset == "stl10" else 32
     resnet, res32 = args.arch == "resnet", args.img_size == 32
@@ -137,10 +165,13 @@ def parse_args(argv=None):
         p.error("--img-size must be 32 (Tab. 4) or 48 (Tab. 5) for resnet, k*8 for cnn")
     if args.setting is None:
         args.setting = "resnet" if resnet else ("B" if args.img_size == 48 else "C")
-    lr, beta1, beta2, args.n_dis = SETTINGS[args.setting]
+    lr, beta1, beta2, n_dis = SETTINGS[args.setting]
     if args.lr is None:
         args.lr = lr
-    args.betas = [beta1, beta2]
+    if args.betas is None:
+        args.betas = [beta1, beta2]
+    if args.n_dis is None:
+        args.n_dis = n_dis
     if args.loss is None:
         args.loss = "hinge" if resnet else "standard"
     if args.lr_decay is None:
@@ -393,6 +424,21 @@ class CNNDiscriminator(nn.Module):
         return self.fc(self.convs(x).flatten(1))    # (B, 512, M/8, M/8) -> (B, (M/8)^2 * 512)
 
 
+def build_generator(args):
+    """G of --arch at --img-size (Tab. 3-5), from values that args.json and the checkpoint hold."""
+    if args.arch == "resnet":
+        return Generator(args.z_dim, args.g_ch, args.img_size, args.img_channels)
+    return CNNGenerator(args.z_dim, args.g_ch, args.img_size, args.img_channels)
+
+
+def build_discriminator(args):
+    sn_kw = dict(n_power_iterations=args.n_power_iterations, gamma=args.gamma_reparam)
+    if args.arch == "resnet":
+        return Discriminator(args.d_ch, args.img_size, args.img_channels, **sn_kw)
+    return CNNDiscriminator(args.d_ch, args.img_size, args.img_channels, slope=args.lrelu_slope,
+                            table3_literal=args.table3_literal, **sn_kw)
+
+
 # ==== Losses ====
 def hinge_loss_D(d_real, d_fake):
     """Eq. (16): D minimizes E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]."""
@@ -454,36 +500,99 @@ def train_step(G, D, opt_G, opt_D, batches, args, device, autocast):
 # ==== Eval ====
 @torch.no_grad()
 def generate(G, z, batch=500):
-    """UNSPECIFIED: G in eval mode (BN running averages, official evaluation); D untouched."""
+    """UNSPECIFIED: G in eval mode (BN running averages, official evaluation.py); D untouched."""
     G.eval()
     x = torch.cat([G(z[i:i + batch]).float() for i in range(0, z.shape[0], batch)])
     G.train()
     return x
 
 
-def sample_grid(G, fixed_z, path):
-    torchvision.utils.save_image(generate(G, fixed_z), path, nrow=8, normalize=True,
-                                 value_range=(-1, 1))
+def to_uint8(x):
+    """(N, C, H, W) in [-1, 1] -> uint8 as official evaluation.py: clip(x * 127.5 + 127.5) cast to
+    uint8, i.e. truncated, not rounded like common.quantize (save_image) [official; UNSPECIFIED]."""
+    return (x * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)
+
+
+def load_generator(ckpt_path, device="cpu"):
+    """G of a sngan.py checkpoint, rebuilt from the checkpoint alone, in eval mode (BN running
+    averages: the official evaluation's mode). z: sample_z(n, z_dim, z_dist, device)."""
+    state = common.load_checkpoint(ckpt_path, device)
+    if state.get("script") != "sngan":
+        raise common.UserError(f"{ckpt_path!r} is not a checkpoint of sngan.py")
+    G = build_generator(argparse.Namespace(**state["args"])).to(device)
+    G.load_state_dict(state["G"])
+    return G.eval()
+
+
+def save_figure(x, path, lines, key):
+    """An 8-column grid of x in [-1, 1] under a title strip (common.title_strip)."""
+    grid = torchvision.utils.make_grid(x, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
+    common.title_strip(TF.to_pil_image(grid.cpu()), lines, key=key).save(path)
+
+
+Z_TEXT = {"normal": "N(0, I)", "uniform": "U[-1, 1]"}
+
+
+def sample_grid(G, fixed_z, step, args):
+    x = generate(G, fixed_z)
+    save_figure(x, os.path.join(args.out_dir, "samples", f"{step:07d}.png"),
+                [f"sngan | step {step}/{args.steps}", f"G(z), 64 fixed z ~ {Z_TEXT[args.z_dist]}",
+                 "G in eval mode, x in [-1, 1]"], [("generated", common.FAKE_RGB)])
 
 
 def export_samples(G, args, device):
     """out_dir/samples_N.npz: N samples, uint8 NHWC under key "images", for `python fid.py`."""
-    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)   # training RNG untouched
     x = generate(G, sample_z(args.export_samples, args.z_dim, args.z_dist, device, gen))
-    x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (N, H, W, C)
     path = os.path.join(args.out_dir, f"samples_{args.export_samples}.npz")
-    np.savez(path, images=x.cpu().numpy())
+    np.savez(path, images=to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())   # (N, H, W, C)
+    print(f"wrote {path}", flush=True)
 
 
-def evaluate_fid(G, args, device):
-    import fid  # evaluation only: a copy of this script without fid.py still trains
+def build_evaluator(args, device):
+    """fid.TrainingFID for --fid-every, built at start-up: Inception weights and the reference
+    statistics are resolved now, not first at step K. None when --fid-every is 0."""
+    if args.fid_every == 0:
+        return None
+    try:
+        import fid  # evaluation only: a copy of this script without fid.py still trains
+    except ModuleNotFoundError as e:
+        if e.name != "fid":
+            raise
+        raise common.UserError("--fid-every needs fid.py (the project's metric file) next to "
+                               "sngan.py") from None
+    ref = f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images"
+    print(f"eval: IS and FID from one Inception pass over {args.fid_samples} generated images, "
+          f"FID against {ref} of {args.dataset} (paper, App. B.1: FID 5K generated vs 10K real, "
+          "IS 10 x 5K; Mimicry: 50K vs 50K)", flush=True)
+    return fid.TrainingFID(args.dataset, args.data_root, args.img_size, device, args.fid_samples,
+                           weights=args.fid_weights, ref_split=args.fid_ref_split,
+                           ref_size=args.fid_ref_size or None)
 
-    print(f"FID: {args.fid_samples} generated images vs fid.py's reference statistics of "
-          f"{args.dataset} (paper, App. B.1: 5K generated vs 10K real)", flush=True)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 2)   # training RNG untouched
-    sample_fn = lambda n: generate(G, sample_z(n, args.z_dim, args.z_dist, device, gen))  # noqa
-    return fid.fid_for_training(sample_fn, args.dataset, args.data_root, args.img_size,
-                                args.fid_samples, device, weights=args.fid_weights)
+
+def evaluate(ev, G, args, device):
+    """{"fid", "is", "is_std"} of G in eval mode; the same z every time (a generator re-seeded per
+    evaluation, so the training RNG stream is untouched), quantised like export_samples."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    sample_fn = lambda n: to_uint8(generate(G, sample_z(n, args.z_dim, args.z_dist, device, gen))  # noqa
+                                   ).float() / 127.5 - 1
+    return ev(sample_fn)
+
+
+def report(run, step, out, G, D, ev, fixed_z, args, device):
+    """The log row (losses, lr, Fig. 9's sigma(W_SN), IS/FID) and the sample grid of this step."""
+    last = step == args.steps
+    sigma_now = args.sigma_every > 0 and step % args.sigma_every == 0
+    fid_now = ev is not None and (step % args.fid_every == 0 or last)
+    if step % args.log_every == 0 or last or sigma_now or fid_now:
+        values = {**out, "lr": args.lr * lr_factor(step, args)}
+        if sigma_now:
+            values.update(d_spectral_norms(D))
+        if fid_now:
+            values.update(evaluate(ev, G, args, device))
+        run.log(step, values)
+    if args.sample_every and (step % args.sample_every == 0 or last):
+        sample_grid(G, fixed_z, step, args)
 
 
 # ==== Main ====
@@ -497,67 +606,46 @@ def main(argv=None):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
-    run = common.Run(args, "sngan", total=args.steps, mutable=("steps",))
+    run = common.Run(args, "sngan", total=args.steps, mutable=("steps", "lr", "sigma_every"))
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
                 else contextlib.nullcontext)
 
     dataset = common.load_dataset(args.dataset, args.data_root, img_size=args.img_size)
-    n_ch = dataset[0][0].shape[0]   # 3 or 1; stl10 = the 100K unlabeled images, resized 96 -> 48
-    sn_kw = dict(n_power_iterations=args.n_power_iterations, gamma=args.gamma_reparam)
-    if args.arch == "resnet":
-        G = Generator(args.z_dim, args.g_ch, args.img_size, n_ch).to(device)
-        D = Discriminator(args.d_ch, args.img_size, n_ch, **sn_kw).to(device)
-    else:
-        G = CNNGenerator(args.z_dim, args.g_ch, args.img_size, n_ch).to(device)
-        D = CNNDiscriminator(args.d_ch, args.img_size, n_ch, args.lrelu_slope, args.table3_literal,
-                             **sn_kw).to(device)
+    args.img_channels = dataset[0][0].shape[0]      # 3, or 1 for MNIST-like sets
+    G, D = build_generator(args).to(device), build_discriminator(args).to(device)
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=tuple(args.betas))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=tuple(args.betas))
     fixed_z = sample_z(64, args.z_dim, args.z_dist, "cpu", torch.Generator().manual_seed(args.seed))
-    fixed_z, step = fixed_z.to(device), 0
-    state = run.load(device)
+    ev = build_evaluator(args, device)
+    state, step = run.load(device), 0
     if state:
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])               # weight_orig, weight_u, weight_v (+ gamma)
-        opt_G.load_state_dict(state["opt_G"])
-        opt_D.load_state_dict(state["opt_D"])
-        fixed_z, step = state["fixed_z"].to(device), state["step"]
+        for net, key in ((G, "G"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):
+            net.load_state_dict(state[key])         # D: weight_orig, weight_u, weight_v (+ gamma)
+        fixed_z, step = state["fixed_z"], state["step"]
         common.set_rng_state(state["rng"])
 
     run.start(step, device, G=G, D=D)
     print(f"SN layers in D {sum(hasattr(m, 'weight_u') for m in D.modules())}", flush=True)
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if step == 0:
-        reals = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))])
-        torchvision.utils.save_image(reals, os.path.join(args.out_dir, "reals.png"), nrow=8,
-                                     normalize=True, value_range=(-1, 1))
-
+        save_figure(torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))]),
+                    os.path.join(args.out_dir, "reals.png"), [f"{args.dataset}: training images",
+                    "x in [-1, 1]"], [("real", common.REAL_RGB)])
     # every D step draws one batch, so a resumed stream starts at batch step * n_dis
     batches = common.infinite_batches(dataset, args.batch_size, args.seed,
                                       start_step=step * args.n_dis, num_workers=args.num_workers)
+    fixed_z = fixed_z.to(device)
     while step < args.steps and not run.stopping:
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(step, args)   # by G iterations done (official)
         out = train_step(G, D, opt_G, opt_D, batches, args, device, autocast)
         step += 1
-
-        sigma_now = args.sigma_every > 0 and step % args.sigma_every == 0
-        fid_now = args.fid_every > 0 and (step % args.fid_every == 0 or step == args.steps)
-        if step % args.log_every == 0 or step == args.steps or sigma_now or fid_now:
-            values = {**out, "lr": args.lr * lr_factor(step, args)}
-            if sigma_now:
-                values.update(d_spectral_norms(D))
-            if fid_now:
-                values["fid"] = evaluate_fid(G, args, device)
-            run.log(step, values)
-        if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            sample_grid(G, fixed_z, os.path.join(args.out_dir, "samples", f"{step:07d}.png"))
+        report(run, step, out, G, D, ev, fixed_z, args, device)
         if step % args.ckpt_every == 0 or step == args.steps or run.stopping:
             run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                             "opt_D": opt_D.state_dict(), "fixed_z": fixed_z.cpu(),
                             "rng": common.rng_state()})
-
     if args.export_samples > 0 and not run.stopping:
         export_samples(G, args, device)
     return run.finish(step, device)

@@ -1,9 +1,12 @@
-"""sngan.py: the card's paper invariants (spectral norm, losses, nets, schedule) on CPU, plus smoke,
-resume and determinism runs through main()."""
+"""sngan.py: the card's fidelity checklist (spectral norm, losses, nets, init, schedule, sampling,
+evaluation protocol) on CPU, through the functions a run uses (build_*, train_step, main)."""
 import contextlib
+import inspect
 import io
 import json
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import sngan
 from tiny_args import TINY
 
@@ -24,6 +28,10 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+def untimed(rows, drop=()):
+    return [{k: v for k, v in r.items() if k != "time_s" and k not in drop} for r in rows]
+
+
 def top_sv(w):
     return torch.linalg.matrix_norm(w.detach().flatten(1), ord=2).item()
 
@@ -32,7 +40,14 @@ def sn_modules(net):
     return [m for m in net.modules() if hasattr(m, "weight_u")]
 
 
-# ---- spectral normalization (Sec. 2, App. A) ----
+def tiny_args(*argv):
+    """The args main builds its nets from (parse_args + the dataset's channel count)."""
+    args = sngan.parse_args(list(argv))
+    args.img_channels = 3
+    return args
+
+
+# ---- spectral normalization (Sec. 2, App. A; checklist 2-5) ----
 @pytest.mark.parametrize("make, x_shape", [(lambda: nn.Linear(27, 64), (2, 27)),
                                            (lambda: nn.Conv2d(8, 16, 3), (2, 8, 5, 5))])
 def test_power_iteration_converges_to_the_spectral_norm(make, x_shape):
@@ -83,6 +98,23 @@ def test_one_power_iteration_per_training_forward():
     u2 = W @ (W.t() @ u1)
     m(x)                                                          # a second forward: a second step
     assert torch.allclose(m.weight_u, u2 / u2.norm(), atol=1e-6)
+
+
+def test_u_starts_as_a_normalized_gaussian_draw_and_eps_is_1e_12():
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 7)
+    rng = torch.get_rng_state()
+    m = sngan.spectral_norm(layer)
+    torch.set_rng_state(rng)
+    u = torch.randn(7)                                            # isotropic: N(0, I), normalized
+    assert torch.allclose(m.weight_u, u / u.norm(), atol=1e-7)
+    with torch.no_grad():                                         # ||W v|| ~ 1e-7: eps must be tiny
+        m.weight_orig.mul_(1e-7)
+    m.train()(torch.zeros(1, 5))
+    assert abs(m.weight_u.norm().item() - 1) < 1e-4 and abs(m.weight_v.norm().item() - 1) < 1e-4
+    D = sngan.build_discriminator(tiny_args("--d-ch", "16"))     # what main builds
+    hooks = [h for m in sn_modules(D) for h in m._forward_pre_hooks.values()]
+    assert len(hooks) == 11 and all(h.eps == 1e-12 and h.n_power_iterations == 1 for h in hooks)
 
 
 def test_u_persists_in_state_dict_and_only_changes_in_training_mode():
@@ -138,11 +170,12 @@ def test_gamma_reparametrization_starts_at_sigma_w():
     assert "gamma" in dict(m.named_parameters())
 
 
-# ---- losses (Eq. 15-17) ----
+# ---- losses (Eq. 15-17; checklist 6-7) ----
 def test_loss_closed_forms():
     two, zero = torch.full((8, 1), 2.0), torch.zeros(8, 1)
     assert sngan.hinge_loss_D(two, -two).item() == 0.0
     assert sngan.hinge_loss_D(zero, zero).item() == 2.0
+    assert sngan.hinge_loss_D(-two, two).item() == 6.0
     d_fake = torch.randn(8, 1)
     assert torch.allclose(sngan.hinge_loss_G(d_fake), -d_fake.mean())
     assert math.isclose(sngan.standard_loss_D(zero, zero).item(), 2 * math.log(2), rel_tol=1e-6)
@@ -150,7 +183,49 @@ def test_loss_closed_forms():
     assert sngan.standard_loss_G(torch.full((4, 1), 20.0)).item() < 1e-8   # non-saturating form
 
 
-# ---- networks (Tab. 3-5, Fig. 8) ----
+def _recorded_train_step(args, batch=4):
+    """One train_step on tiny nets built like main's; returns (out, D outputs, G inputs)."""
+    torch.manual_seed(0)
+    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
+    d_out, z_in = [], []
+    D.register_forward_hook(lambda m, i, o: d_out.append(o.detach()))
+    G.register_forward_pre_hook(lambda m, i: z_in.append(i[0]))
+    opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    reals = [(torch.rand(batch, 3, 32, 32) * 2 - 1, torch.zeros(batch))] * args.n_dis
+    out = sngan.train_step(G, D, opt_G, opt_D, iter(reals), args, torch.device("cpu"),
+                           contextlib.nullcontext)
+    return out, d_out, torch.cat(z_in)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "standard"])
+def test_train_step_uses_the_loss_the_flag_names(loss):
+    args = tiny_args("--g-ch", "8", "--d-ch", "8", "--batch-size", "4", "--n-dis", "2",
+                     "--loss", loss)
+    out, d_out, _ = _recorded_train_step(args)
+    d_gen, d_real, d_fake = d_out[0], d_out[-2], d_out[-1]       # G step first, last D step last
+    if loss == "hinge":
+        loss_G, loss_D = -d_gen.mean(), F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    else:
+        loss_G = F.softplus(-d_gen).mean()
+        loss_D = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    assert torch.allclose(out["loss_G"], loss_G, atol=1e-6)
+    assert torch.allclose(out["loss_D"], loss_D, atol=1e-6)
+
+
+@pytest.mark.parametrize("dist", ["normal", "uniform"])
+def test_train_step_draws_z_from_the_z_dist_flag(dist):
+    args = tiny_args("--g-ch", "8", "--d-ch", "8", "--batch-size", "64", "--n-dis", "1",
+                     "--z-dist", dist)
+    z = _recorded_train_step(args, batch=64)[2]                 # (128 + 64, 128): 24,576 draws
+    assert z.shape == (192, 128)
+    if dist == "normal":                                         # Sec. 4: N(0, I)
+        assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03 and z.abs().max() > 3
+    else:                                                        # chainer-gan-lib: U[-1, 1]
+        assert z.min() >= -1 and z.max() <= 1 and z.min() < -0.99 and z.max() > 0.99
+        assert abs(z.mean()) < 0.02 and abs(z.std() - 3 ** -0.5) < 0.02
+
+
+# ---- networks (Tab. 3-5, Fig. 8; checklist 1, 9-14) ----
 def test_shapes_of_all_architectures():
     z = torch.randn(2, 128)
     for G, D, m in [(sngan.Generator(128, 32, 32), sngan.Discriminator(32, 32), 32),
@@ -166,28 +241,38 @@ def test_shapes_of_all_architectures():
 
 
 def test_paper_widths():
-    G, D = sngan.Generator(128, 256, 32), sngan.Discriminator(128, 32)
+    G, D = sngan.build_generator(tiny_args()), sngan.build_discriminator(tiny_args())
     assert G.l1.out_features == 4 * 4 * 256 and len(G.blocks) == 3
     assert all(b.c1.out_channels == 256 for b in G.blocks) and G.c_out.out_channels == 3
     assert [b.c2.out_channels for b in D.blocks] == [128] * 4 and D.fc.in_features == 128
     assert [b.downsample for b in D.blocks[1:]] == [True, False, False] and D.fc.bias is None
-    D48 = sngan.Discriminator(1024, 48)
+    assert isinstance(D.blocks[0], sngan.OptimizedDBlock)
+    stl = tiny_args("--dataset", "stl10")                        # Tab. 5 at 48x48
+    D48, G48 = sngan.build_discriminator(stl), sngan.build_generator(stl)
     assert [b.c2.out_channels for b in D48.blocks] == [64, 128, 256, 512, 1024]
-    assert [b.c2.out_channels for b in sngan.Generator(128, 512, 48).blocks] == [256, 128, 64]
+    assert [b.downsample for b in D48.blocks[1:]] == [True, True, True, False]
+    assert G48.l1.out_features == 6 * 6 * 512
+    assert [b.c2.out_channels for b in G48.blocks] == [256, 128, 64]
     convs = lambda D: [m for m in D.convs if isinstance(m, nn.Conv2d)]   # noqa: E731
-    code = sngan.CNNDiscriminator(512, 32)
-    paper = sngan.CNNDiscriminator(512, 32, table3_literal=True)
+    code = sngan.build_discriminator(tiny_args("--arch", "cnn"))
+    paper = sngan.build_discriminator(tiny_args("--arch", "cnn", "--table3-literal"))
     assert [c.out_channels for c in convs(code)] == [64, 128, 128, 256, 256, 512, 512]
     assert [c.out_channels for c in convs(paper)] == [64, 64, 128, 128, 256, 256, 512]
     assert [(c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs(code)] == [
         (3, 1, 1), (4, 2, 1), (3, 1, 1), (4, 2, 1), (3, 1, 1), (4, 2, 1), (3, 1, 1)]
+    cnn_G = sngan.build_generator(tiny_args("--arch", "cnn"))
+    ups = [m for m in cnn_G.ups if isinstance(m, nn.ConvTranspose2d)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in ups] == [
+        (256, 4, 2, 1), (128, 4, 2, 1), (64, 4, 2, 1)]
+    assert (cnn_G.out.kernel_size[0], cnn_G.out.stride[0], cnn_G.out.padding[0]) == (3, 1, 1)
 
 
 @pytest.mark.parametrize("arch", ["resnet32", "resnet48", "cnn"])
 def test_sn_on_every_D_layer_and_none_in_G(arch):
-    G, D, n_sn = {"resnet32": (sngan.Generator(128, 16, 32), sngan.Discriminator(16, 32), 11),
-                  "resnet48": (sngan.Generator(128, 32, 48), sngan.Discriminator(32, 48), 16),
-                  "cnn": (sngan.CNNGenerator(128, 32, 32), sngan.CNNDiscriminator(32, 32), 8)}[arch]
+    argv, n_sn = {"resnet32": ([], 11), "resnet48": (["--img-size", "48"], 16),
+                  "cnn": (["--arch", "cnn"], 8)}[arch]
+    args = tiny_args(*argv, "--g-ch", "32", "--d-ch", "32")
+    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
     weighted = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]
     assert len(sn_modules(D)) == len(weighted) == n_sn
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
@@ -195,48 +280,123 @@ def test_sn_on_every_D_layer_and_none_in_G(arch):
     assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in G.modules())
 
 
-def test_resblocks_follow_fig8():
+def test_resblocks_follow_fig8_and_never_overwrite_their_input():
     torch.manual_seed(0)
-    x = torch.randn(2, 4, 8, 8)
-    blk = sngan.DBlock(4, 6, True, sngan.spectral_norm).eval()
-    blk(x)                                                         # sets W_SN (eval: u unchanged)
-    pool, c1, c2, sc = F.avg_pool2d, blk.c1, blk.c2, blk.c_sc
-    ref = pool(F.conv2d(F.relu(F.conv2d(F.relu(x), c1.weight, c1.bias, padding=1)), c2.weight,
-                        c2.bias, padding=1), 2) + pool(F.conv2d(x, sc.weight, sc.bias), 2)
-    assert torch.allclose(blk(x), ref, atol=1e-5)                 # shortcut sees x, not relu(x)
-    assert c1.out_channels == 4                                    # hidden width = in (official)
+    pool = F.avg_pool2d
+    for c_out, down in ((6, True), (4, False)):
+        blk = sngan.DBlock(4, c_out, down, sngan.spectral_norm).eval()
+        x = torch.randn(2, 4, 8, 8)
+        x0 = x.clone()                                           # before the block sees x
+        out = blk(x)
+        assert torch.equal(x, x0)                               # no in-place ReLU on the input
+        c1, c2, sc = blk.c1, blk.c2, blk.c_sc
+        h = F.conv2d(F.relu(F.conv2d(F.relu(x0), c1.weight, c1.bias, padding=1)), c2.weight,
+                     c2.bias, padding=1)
+        s = F.conv2d(x0, sc.weight, sc.bias) if sc is not None else x0   # shortcut sees x
+        ref = pool(h, 2) + pool(s, 2) if down else h + s
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert c1.out_channels == 4 and (sc is None) == (not down and c_out == 4)  # hidden = in
     opt = sngan.OptimizedDBlock(3, 4, sngan.spectral_norm).eval()
     x3 = torch.randn(2, 3, 8, 8)
-    opt(x3)
-    h = F.relu(F.conv2d(x3, opt.c1.weight, opt.c1.bias, padding=1))
+    out = opt(x3)
+    h = F.relu(F.conv2d(x3, opt.c1.weight, opt.c1.bias, padding=1))   # no ReLU on the image
     ref = pool(F.conv2d(h, opt.c2.weight, opt.c2.bias, padding=1), 2) + F.conv2d(
         pool(x3, 2), opt.c_sc.weight, opt.c_sc.bias)
-    assert torch.allclose(opt(x3), ref, atol=1e-5)
+    assert torch.allclose(out, ref, atol=1e-5)
     g = sngan.GBlock(4, 4).eval()
+    x = torch.randn(2, 4, 8, 8)
     up = lambda t: t.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)   # noqa: E731 nearest
     ref = g.c2(F.relu(g.b2(g.c1(up(F.relu(g.b1(x))))))) + g.c_sc(up(x))
     assert torch.allclose(g(x), ref, atol=1e-5)
 
 
-def test_glorot_init_gains():
+def test_generator_heads():
     torch.manual_seed(0)
-    blk = sngan.GBlock(64, 64)
-    for conv, gain in [(blk.c1, math.sqrt(2)), (blk.c_sc, 1.0)]:
-        bound = gain * math.sqrt(6 / (conv.weight[0].numel() + conv.weight[:, 0].numel()))
-        assert 0.95 * bound < conv.weight.abs().max() <= bound and conv.bias.abs().max() == 0
+    G = sngan.build_generator(tiny_args("--g-ch", "16"))        # Tab. 4: BN-ReLU-conv3x3-tanh
+    z = torch.randn(4, 128)
+    h = G.blocks(G.l1(z).view(4, 16, 4, 4))                      # no BN/ReLU after the Linear
+    ref = torch.tanh(F.conv2d(F.relu(G.b_out(h)), G.c_out.weight, G.c_out.bias, padding=1))
+    assert torch.allclose(G(z), ref, atol=1e-5)
+    cnn = sngan.build_generator(tiny_args("--arch", "cnn", "--g-ch", "32"))   # official net.py
+    seen = {}
+    cnn.bn0.register_forward_hook(lambda m, i, o: seen.update(bn=o))
+    cnn.ups.register_forward_pre_hook(lambda m, i: seen.update(ups=i[0]))
+    cnn(z)
+    assert seen["bn"].shape == (4, 16 * 32) and seen["ups"].shape == (4, 32, 4, 4)
+    assert torch.allclose(seen["bn"].mean(0), torch.zeros(512), atol=1e-5)   # per-unit BN
+    assert torch.equal(seen["ups"], F.relu(seen["bn"]).view(4, 32, 4, 4))      # then ReLU
 
 
-def test_global_sum_pooling():
+def _assert_glorot(w, gain, name):
+    fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+    bound = gain * math.sqrt(6 / (fan_in + fan_out))             # GlorotUniform(gain)
+    w = w.detach()
+    assert 0.8 * bound < w.abs().max() <= bound * (1 + 1e-6), name
+    assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.2, name
+
+
+def test_glorot_init_gains_of_the_nets_main_builds():
     torch.manual_seed(0)
-    D = sngan.Discriminator(8, 32)
-    D.blocks.register_forward_hook(lambda m, i, o: torch.full_like(o, 0.5))   # constant 8x8 map
-    seen = []
-    D.fc.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
-    D(torch.randn(2, 3, 32, 32))
-    assert torch.allclose(seen[0], torch.full((2, 8), 64 * 0.5))
+    args = tiny_args("--g-ch", "64", "--d-ch", "64")
+    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
+    root2 = math.sqrt(2)                                          # residual 3x3 convs: sqrt(2)
+    layers = [("G.l1", G.l1.weight, 1.0), ("G.c_out", G.c_out.weight, 1.0),
+              ("D.fc", D.fc.weight_orig, 1.0)]
+    for i, b in enumerate(G.blocks):
+        layers += [(f"G{i}.c1", b.c1.weight, root2), (f"G{i}.c2", b.c2.weight, root2),
+                   (f"G{i}.c_sc", b.c_sc.weight, 1.0)]
+    for i, b in enumerate(D.blocks):
+        layers += [(f"D{i}.c1", b.c1.weight_orig, root2), (f"D{i}.c2", b.c2.weight_orig, root2)]
+        if b.c_sc is not None:
+            layers.append((f"D{i}.c_sc", b.c_sc.weight_orig, 1.0))
+    assert len(layers) == 3 + 9 + 10
+    for name, w, gain in layers:
+        _assert_glorot(w, gain, name)
+    biases = [m.bias for net in (G, D) for m in net.modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None]
+    assert len(biases) == 21 and all(b.abs().max() == 0 for b in biases)
 
 
-# ---- schedule and train step (Tab. 1, official updater.py) ----
+def test_cnn_init_is_normal_0_02():
+    torch.manual_seed(0)
+    args = tiny_args("--arch", "cnn", "--g-ch", "64", "--d-ch", "64")
+    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
+    kinds = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+    ws = [m.weight for m in G.modules() if isinstance(m, kinds)]
+    ws += [m.weight_orig for m in sn_modules(D)]
+    assert len(ws) == 5 + 8
+    for w in ws:
+        assert abs(w.std().item() / 0.02 - 1) < 0.2 and abs(w.mean().item()) < 0.005
+    biases = [m.bias for n in (G, D) for m in n.modules() if isinstance(m, kinds)]
+    assert all(b.abs().max() == 0 for b in biases)
+
+
+def test_cnn_D_is_tab3_with_leaky_slope_0_1():
+    torch.manual_seed(0)
+    for argv, slope in (([], 0.1), (["--lrelu-slope", "0.2"], 0.2)):
+        D = sngan.build_discriminator(tiny_args("--arch", "cnn", "--d-ch", "32", *argv)).eval()
+        x = torch.randn(2, 3, 32, 32)
+        out = D(x)
+        h = x
+        for conv in [m for m in D.convs if isinstance(m, nn.Conv2d)]:
+            h = F.leaky_relu(F.conv2d(h, conv.weight, conv.bias, stride=conv.stride, padding=1),
+                             slope)
+        assert torch.allclose(out, F.linear(h.flatten(1), D.fc.weight, D.fc.bias), atol=1e-5)
+
+
+def test_global_sum_pooling_of_relu():
+    torch.manual_seed(0)
+    D = sngan.build_discriminator(tiny_args("--d-ch", "8"))
+    for value, pooled in ((0.5, 64 * 0.5), (-0.5, 0.0)):        # 8x8 map, ReLU before the sum
+        hook = D.blocks.register_forward_hook(lambda m, i, o: torch.full_like(o, value))
+        seen = []
+        pre = D.fc.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+        D(torch.randn(2, 3, 32, 32))
+        hook.remove(), pre.remove()
+        assert torch.allclose(seen[0], torch.full((2, 8), pooled))
+
+
+# ---- schedule and train step (Tab. 1, official updater.py; checklist 15-17, 19) ----
 def test_defaults_table_and_settings():
     assert sngan.SETTINGS == {"A": (1e-4, 0.5, 0.9, 5), "B": (1e-4, 0.5, 0.999, 1),
                               "C": (2e-4, 0.5, 0.999, 1), "D": (1e-3, 0.5, 0.9, 5),
@@ -244,18 +404,26 @@ def test_defaults_table_and_settings():
                               "resnet": (2e-4, 0.0, 0.9, 5)}
     a = vars(sngan.parse_args([]))
     keys = ("lr", "betas", "n_dis", "batch_size", "g_batch_size", "lr_decay", "steps", "loss",
-            "g_ch", "d_ch", "img_size", "z_dim", "dequantize")
+            "g_ch", "d_ch", "img_size", "z_dim", "z_dist", "dequantize", "lrelu_slope",
+            "fid_samples", "fid_ref_size", "fid_ref_split")
     assert {k: a[k] for k in keys} == {
         "lr": 2e-4, "betas": [0.0, 0.9], "n_dis": 5, "batch_size": 64, "g_batch_size": 128,
         "lr_decay": True, "steps": 50_000, "loss": "hinge", "g_ch": 256, "d_ch": 128,
-        "img_size": 32, "z_dim": 128, "dequantize": True}
+        "img_size": 32, "z_dim": 128, "z_dist": "normal", "dequantize": True, "lrelu_slope": 0.1,
+        "fid_samples": 5000, "fid_ref_size": 10_000, "fid_ref_split": "train"}
     c = vars(sngan.parse_args(["--arch", "cnn"]))
-    assert (c["setting"], c["loss"], c["n_dis"], c["g_batch_size"], c["lr_decay"], c["steps"]) == (
-        "C", "standard", 1, 64, False, 100_000)
+    assert (c["setting"], c["loss"], c["n_dis"], c["g_batch_size"], c["lr_decay"], c["steps"],
+            c["betas"], c["lr"], c["dequantize"]) == (
+        "C", "standard", 1, 64, False, 100_000, [0.5, 0.999], 2e-4, False)
     s = vars(sngan.parse_args(["--dataset", "stl10"]))
-    assert (s["img_size"], s["g_ch"], s["d_ch"], s["steps"], s["lr_decay"]) == (
-        48, 512, 1024, 100_000, True)
+    assert (s["img_size"], s["g_ch"], s["d_ch"], s["steps"], s["lr_decay"], s["dequantize"]) == (
+        48, 512, 1024, 100_000, True, False)
     assert sngan.parse_args(["--dataset", "stl10", "--arch", "cnn"]).setting == "B"
+    d = sngan.parse_args(["--setting", "D"])
+    assert (d.lr, d.betas, d.n_dis) == (1e-3, [0.5, 0.9], 5)
+    h = sngan.parse_args(["--setting", "D", "--lr", "3e-4", "--betas", "0.1", "0.8", "--d-steps",
+                          "2", "--g-width", "64", "--d-width", "32"])   # house aliases
+    assert (h.lr, h.betas, h.n_dis, h.g_ch, h.d_ch) == (3e-4, [0.1, 0.8], 2, 64, 32)
 
 
 def test_linear_lr_decay():
@@ -266,8 +434,8 @@ def test_linear_lr_decay():
 
 def test_train_step_runs_n_dis_D_steps_and_a_double_G_batch():
     torch.manual_seed(0)
-    args = sngan.parse_args(["--batch-size", "4"])               # resnet: n_dis 5, G batch 8
-    G, D = sngan.Generator(128, 8, 32), sngan.Discriminator(8, 32)
+    args = tiny_args("--batch-size", "4", "--g-ch", "8", "--d-ch", "8")   # resnet: n_dis 5, G 8
+    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
     sizes = []
     D.register_forward_pre_hook(lambda m, i: sizes.append(i[0].shape[0]))
     opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
@@ -296,11 +464,12 @@ def test_spectral_norm_logging_leaves_D_untouched():
     assert all(torch.equal(before[k], v) for k, v in D.state_dict().items())
 
 
-# ---- runs through main() ----
-def test_smoke_resnet(tmp_path):
+# ---- runs through main() (checklist 16-18, 20) ----
+def test_smoke_resnet_schedule_and_optimizers(tmp_path):
     m = run(tmp_path, "--steps", "3")
     assert m["step"] == 3 and all(math.isfinite(v) for v in m.values())
-    for f in ("ckpt.pt", "metrics.jsonl", "args.json", "reals.png", "samples/0000002.png"):
+    for f in ("ckpt.pt", "metrics.jsonl", "args.json", "reals.png", "curves.png",
+              "samples/0000002.png"):
         assert (tmp_path / f).exists(), f
     lines = read_metrics(tmp_path)
     assert [r["step"] for r in lines] == [1, 2, 3]
@@ -308,32 +477,112 @@ def test_smoke_resnet(tmp_path):
     sig = {k: v for k, v in lines[1].items() if k.startswith("sigma/")}
     assert len(sig) == 11 and all(v >= 1 - 1e-4 for v in sig.values())
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert math.isclose(state["opt_D"]["param_groups"][0]["lr"], 2e-4 / 3, rel_tol=1e-9)
+    for opt, n_updates in (("opt_G", 3), ("opt_D", 3 * 5)):     # n_dis D updates per G iteration
+        group = state[opt]["param_groups"][0]
+        assert math.isclose(group["lr"], 2e-4 / 3, rel_tol=1e-9)   # the lr of the last step
+        assert tuple(group["betas"]) == (0.0, 0.9)
+        assert all(s["step"] == n_updates for s in state[opt]["state"].values()), opt
     assert sum(k.endswith("weight_u") for k in state["D"]) == 11
 
 
-def test_smoke_cnn_48_standard_loss_gamma_export(tmp_path):
+def test_cnn_setting_export_in_eval_mode_and_load_generator(tmp_path):
     m = run(tmp_path, "--arch", "cnn", "--img-size", "48", "--g-ch", "32", "--d-ch", "32",
-            "--gamma-reparam", "--export-samples", "8")
+            "--gamma-reparam", "--steps", "3")
     args = json.loads((tmp_path / "args.json").read_text())
     assert (args["setting"], args["loss"], args["n_dis"]) == ("B", "standard", 1)
     assert all(math.isfinite(v) for v in m.values())
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for opt in ("opt_G", "opt_D"):                               # Tab. 1 setting B in both Adams
+        group = state[opt]["param_groups"][0]
+        assert (group["lr"], tuple(group["betas"])) == (1e-4, (0.5, 0.999))
+        assert all(s["step"] == 3 for s in state[opt]["state"].values()), opt
+    args_json = (tmp_path / "args.json").read_bytes()
+    run(tmp_path, "--arch", "cnn", "--img-size", "48", "--g-ch", "32", "--d-ch", "32",
+        "--gamma-reparam", "--steps", "3", "--resume", "--export-samples", "8")
+    assert (tmp_path / "args.json").read_bytes() == args_json   # a finished run only exports
     imgs = np.load(tmp_path / "samples_8.npz")["images"]
     assert imgs.shape == (8, 48, 48, 3) and imgs.dtype == np.uint8
+    G = sngan.load_generator(tmp_path / "ckpt.pt")
+    assert not G.training                                        # BN running averages
+    z = sngan.sample_z(8, 128, "normal", "cpu", torch.Generator().manual_seed(1))   # seed + 1
+    with torch.no_grad():
+        x = G(z)
+    official = np.clip(x.numpy() * 127.5 + 127.5, 0, 255).astype(np.uint8)   # evaluation.py
+    assert np.array_equal(imgs, official.transpose(0, 2, 3, 1))
+    G.train()
+    with torch.no_grad():
+        assert not torch.allclose(G(z), x, atol=1e-3)          # train mode would differ
 
 
-def test_resume_equals_uninterrupted_and_runs_are_deterministic(tmp_path):
+def test_resume_equals_uninterrupted_deterministic_and_takes_a_new_lr(tmp_path):
     flags = ["--no-lr-decay"]                        # the linear schedule depends on --steps itself
     full = run(tmp_path / "a", "--steps", "3", *flags)
     run(tmp_path / "b", "--steps", "2", *flags)
-    drop = lambda m: {k: v for k, v in m.items() if k not in ("it_s", "eta_s")}   # noqa: E731
     a_lines, b_lines = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert [drop(m) for m in a_lines[:2]] == [drop(m) for m in b_lines]   # same seed, same run
-    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:   # a line logged after the last ckpt
-        f.write(json.dumps({"step": 3, "loss_D": 0.0}) + "\n")
+    assert untimed(a_lines[:2]) == untimed(b_lines)              # same seed, same run
     resumed = run(tmp_path / "b", "--steps", "3", "--resume", *flags)
-    assert drop(full) == drop(resumed)
+    assert untimed([full]) == untimed([resumed])
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("a", "b"))
-    for net in ("G", "D"):
-        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net])
+    for net in ("G", "D", "fixed_z"):
+        items = a[net].items() if net != "fixed_z" else [("z", a[net])]
+        other = b[net] if net != "fixed_z" else {"z": b[net]}
+        assert all(torch.equal(v, other[k]) for k, v in items)
     assert [r["step"] for r in read_metrics(tmp_path / "b")] == [1, 2, 3]
+    run(tmp_path / "b", "--steps", "4", "--resume", "--lr", "1e-4", *flags)   # lr is mutable
+    state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert all(g["lr"] == 1e-4 for o in ("opt_G", "opt_D") for g in state[o]["param_groups"])
+    assert read_metrics(tmp_path / "b")[-1]["lr"] == 1e-4
+    with pytest.raises(common.UserError, match="cannot change --d-ch"):
+        run(tmp_path / "b", "--steps", "5", "--resume", "--d-ch", "8", *flags)
+
+
+class FakeTrainingFID:
+    """fid.TrainingFID's contract (/work/prompts/plumbing.md): records what sngan passes."""
+    made = []
+
+    def __init__(self, dataset, data_root, img_size, device, n_samples, weights=None,
+                 ref_split="train", ref_size=None, cache_dir=None, class_labels=(None,)):
+        self.kw = dict(dataset=dataset, img_size=img_size, n_samples=n_samples, weights=weights,
+                       ref_split=ref_split, ref_size=ref_size, class_labels=class_labels)
+        self.images = []
+        FakeTrainingFID.made.append(self)
+
+    def __call__(self, sample_fn, class_label=None, n_samples=None):
+        n = n_samples or self.kw["n_samples"]
+        self.images.append(torch.cat([sample_fn(min(50, n - i)) for i in range(0, n, 50)]))
+        return {"fid": 100.0 - len(self.images), "is": 1.5, "is_std": 0.25}
+
+
+def test_fid_every_logs_is_and_fid_from_eval_mode_samples_without_touching_training(
+        tmp_path, monkeypatch):
+    FakeTrainingFID.made = []
+    monkeypatch.setitem(sys.modules, "fid", types.SimpleNamespace(TrainingFID=FakeTrainingFID))
+    m = run(tmp_path / "fid", "--steps", "3", "--fid-every", "2", "--fid-samples", "12",
+            "--sample-every", "1")
+    (ev,) = FakeTrainingFID.made                                 # built once, at start-up
+    assert ev.kw == dict(dataset="shapes", img_size=32, n_samples=12, weights=None,
+                         ref_split="train", ref_size=10_000, class_labels=(None,))
+    rows = read_metrics(tmp_path / "fid")
+    assert [(r["step"], r.get("fid"), r.get("is"), r.get("is_std")) for r in rows] == [
+        (1, None, None, None), (2, 99.0, 1.5, 0.25), (3, 98.0, 1.5, 0.25)]   # and at the end
+    assert m["fid"] == 98.0
+    G = sngan.load_generator(tmp_path / "fid" / "ckpt.pt")
+    z = sngan.sample_z(12, 128, "normal", "cpu", torch.Generator().manual_seed(2))   # seed + 2
+    with torch.no_grad():
+        x = G(z)
+    assert torch.equal(ev.images[-1], sngan.to_uint8(x).float() / 127.5 - 1)   # eval mode
+    plain = run(tmp_path / "plain", "--steps", "3")              # the training stream is untouched
+    assert untimed([m], ("fid", "is", "is_std")) == untimed([plain])
+    monkeypatch.setitem(sys.modules, "fid", None)               # a copy without fid.py
+    with pytest.raises(common.UserError, match="--fid-every needs fid.py"):
+        run(tmp_path / "nofid", "--fid-every", "2")
+    assert not (tmp_path / "nofid").exists()
+
+
+def test_fake_training_fid_has_the_signature_of_the_real_one():
+    import fid
+    if not hasattr(fid, "TrainingFID"):
+        pytest.skip("fid.TrainingFID not in fid.py yet")
+    for name in ("__init__", "__call__"):
+        ours = inspect.signature(getattr(FakeTrainingFID, name)).parameters
+        assert list(ours) == list(inspect.signature(getattr(fid.TrainingFID, name)).parameters)
