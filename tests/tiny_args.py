@@ -28,7 +28,15 @@ TINY = {
                "--eps-dim", "8", "--eps-nbasis", "2", "--val-size", "16", "--num-workers", "0",
                "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--deterministic"],
     "progan.py": None,        # filled in by its issue
-    "pix2pixhd.py": None,
+    "pix2pixhd.py": ["--dataset", "shapes", "--device", "cpu", "--stage", "local", "--size",
+                     "16x16", "--ngf", "4", "--ndf", "4", "--n-downsample-global", "1",
+                     "--n-blocks-global", "1", "--n-blocks-local", "1", "--n-layers-D", "1",
+                     "--num-D", "2", "--no-vgg", "--instance-feat", "--nef", "4",
+                     "--n-downsample-E", "1", "--epochs", "2", "--niter-decay", "1",
+                     "--niter-fix-global", "1", "--max-dataset-size", "1", "--sample-features",
+                     "2", "--seg-every", "2", "--seg-steps", "5", "--seg-images", "2",
+                     "--export-samples", "2", "--num-workers", "0", "--log-every", "1",
+                     "--sample-every", "2", "--ckpt-every", "1", "--deterministic"],
     "stackganpp.py": None,
 }
 
@@ -43,4 +51,8 @@ TINY = {
 SPEC = {
     "sngan.py": dict(length="--steps", shape=("--g-ch", "24"), nan=["--lr", "1e30"], folder=True,
                      total=12, kill_at="step 5/"),
+    # one training pair per epoch (--max-dataset-size 1, batch 1): step = epoch, as these tests
+    # assume of the length flag
+    "pix2pixhd.py": dict(length="--epochs", shape=("--ngf", "6"), nan=["--lr", "1e30"],
+                         folder=False, total=12, kill_at="step 5/"),
 }
