@@ -17,8 +17,8 @@ TINY = {
                       "--ckpt-every", "1", "--deterministic", "--export-samples", "12", "--morph",
                       "0", "1"],
     "gd_stable.py": ["--device", "cpu", "--deterministic", "--batch-size", "64", "--steps", "3",
-                     "--hidden", "16", "--z-dim", "8", "--log-every", "1", "--sample-every", "2",
-                     "--ckpt-every", "2", "--eval-every", "2", "--mode-samples", "200"],
+                     "--g-width", "16", "--d-width", "16", "--z-dim", "8", "--log-every", "1",
+                     "--sample-every", "2", "--ckpt-every", "2", "--mode-samples", "200"],
     "dp_gan.py": ["--device", "cpu", "--n-train", "64", "--n-test", "32", "--sample-rate", "0.25",
                   "--epochs", "2", "--width", "0.0625", "--tstr-samples", "64", "--clf-steps", "20",
                   "--select-picks", "2", "--log-every", "2", "--sample-every", "4", "--ckpt-every",
@@ -51,6 +51,8 @@ TINY = {
 SPEC = {
     "sngan.py": dict(length="--steps", shape=("--g-ch", "24"), nan=["--lr", "1e30"], folder=True,
                      total=12, kill_at="step 5/"),
+    "gd_stable.py": dict(length="--steps", shape=("--g-width", "24"), nan=["--lr", "1e10"],
+                         folder=True, total=40, kill_at="step 5/"),
     # one training pair per epoch (--max-dataset-size 1, batch 1): step = epoch, as these tests
     # assume of the length flag
     "pix2pixhd.py": dict(length="--epochs", shape=("--ngf", "6"), nan=["--lr", "1e30"],
