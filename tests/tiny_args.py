@@ -19,10 +19,12 @@ TINY = {
     "gd_stable.py": ["--device", "cpu", "--deterministic", "--batch-size", "64", "--steps", "3",
                      "--g-width", "16", "--d-width", "16", "--z-dim", "8", "--log-every", "1",
                      "--sample-every", "2", "--ckpt-every", "2", "--mode-samples", "200"],
-    "dp_gan.py": ["--device", "cpu", "--n-train", "64", "--n-test", "32", "--sample-rate", "0.25",
+    # dp_gan: q = 1 (one step an epoch, so --epochs counts the logged steps); private, hence
+    # --spend-more-epsilon: the plumbing tests extend a finished run with --resume --epochs n+1
+    "dp_gan.py": ["--device", "cpu", "--n-train", "64", "--n-test", "32", "--batch-size", "64",
                   "--epochs", "2", "--width", "0.0625", "--tstr-samples", "64", "--clf-steps", "20",
-                  "--select-picks", "2", "--log-every", "2", "--sample-every", "4", "--ckpt-every",
-                  "3", "--deterministic"],
+                  "--select-picks", "2", "--log-every", "2", "--sample-every", "2", "--ckpt-every",
+                  "3", "--deterministic", "--spend-more-epsilon"],
     "avb.py": ["--dataset", "shapes", "--device", "cpu", "--steps", "2", "--batch-size", "8",
                "--width", "4", "--adv-hidden", "16", "--adv-feat", "32", "--z-dim", "4",
                "--eps-dim", "8", "--eps-nbasis", "2", "--val-size", "16", "--num-workers", "0",
@@ -57,4 +59,6 @@ SPEC = {
     # assume of the length flag
     "pix2pixhd.py": dict(length="--epochs", shape=("--ngf", "6"), nan=["--lr", "1e30"],
                          folder=False, total=12, kill_at="step 5/"),
+    "dp_gan.py": dict(length="--epochs", shape=("--width", "0.125"), nan=["--lr", "1e30"],
+                      folder=False, total=12, kill_at="step 5/"),
 }
