@@ -31,13 +31,14 @@ Datasets: sprint_synth (default) | npz:<path> (x (N, H, W) records, y (N,) label
   X_processed.pkl / y_processed.pkl fit as np.savez(path, x=X, y=y)) | mnist | shapes.
 A step (the logs' unit) = one D step on one Poisson lot + one G step; an epoch (--epochs) =
   round(1/q) steps (official: N / batch).
-Covered by (eps, delta): G and D weights (generators/G_*.pt), samples/*.png, samples_N.npz, the
-  selected epochs, privacy.json. NOT covered (computed on real records without noise; for the data
-  holder only): reals.png; loss_D, clip_frac and the per-epoch transfer scores (real training set)
-  in the log lines, metrics.jsonl and curves.png; the eval line and eval.json (held-out TSTR
-  accuracies, the real-data baseline, real means and correlations). args.json, ckpt.pt and the
-  printed flags hold the seed, which regenerates every lot and noise draw: never release them.
-  The noise is torch's PRNG (no CSPRNG, no floating-point hardening, Mironov 2012).
+Covered by (eps, delta): the G snapshots generators/G_*.pt, samples/*.png, samples_N.npz, the
+  selected epochs, privacy.json (no figure ever draws a real record). NOT covered (computed on
+  real records without noise; for the data holder only): loss_D, clip_frac and the per-epoch
+  transfer scores (real training set) in the log lines, metrics.jsonl and curves.png; the eval
+  line and eval.json (held-out TSTR accuracies, the real-data baseline, real means and
+  correlations). args.json, ckpt.pt (RNG states) and the printed flags hold the seed, which
+  regenerates every lot and noise draw: never release them. The noise is torch's PRNG (no
+  CSPRNG, no floating-point hardening, Mironov 2012).
 Run
   python dp_gan.py --seed $SECRET                 # SPRINT: q=1/6000, sigma 1, C 1e-4, 500 epochs
   python dp_gan.py --dataset mnist --seed $SECRET # L=64, sigma 1, C 1, 20 epochs: eps 0.9415
@@ -581,18 +582,33 @@ def check_resume_budget(state, args, total, n, accountant):
         print(f"resume: spending more budget (--spend-more-epsilon): {line}", flush=True)
 
 
-def write_privacy_report(accountant, args, eps_select, path):
-    """privacy.json (releasable: no record, no seed) and the closing privacy line."""
+def announce_privacy(args, total, n):
+    if args.noise_multiplier == 0:
+        print("!!! NON-PRIVATE BASELINE (--noise-multiplier 0): NO differential privacy, eps = "
+              "inf !!!", flush=True)
+        return
+    print("privacy plan: " + privacy_plan(args, total, n)[0], flush=True)
+    if args.seed == DEFAULT_SEED:
+        print(f"warning: a private run with the default --seed {DEFAULT_SEED}: anyone can "
+              "regenerate its lots and noise; for a release pass a secret --seed, e.g. "
+              "$(python -c 'import secrets; print(secrets.randbits(128))')", flush=True)
+
+
+def write_privacy_report(accountant, args, st):
+    """privacy.json (releasable: no record, no seed), eval.json (NOT releasable: real records),
+    and the closing privacy line."""
     private, (eps, order) = args.noise_multiplier > 0, accountant.get_epsilon(args.delta,
                                                                               args.conversion)
-    with open(path, "w") as f:
-        json.dump({"epsilon": eps if private else None, "delta": args.delta, "best_order": order,
-                   "conversion": args.conversion, "steps": sum(h[2] for h in accountant.history),
-                   "history": accountant.history, "epsilon_selection": eps_select,
-                   "epsilon_total": eps + eps_select if private else None,
-                   "non_private": not private}, f, indent=1)
+    report = {"epsilon": eps if private else None, "delta": args.delta, "best_order": order,
+              "conversion": args.conversion, "steps": sum(h[2] for h in accountant.history),
+              "history": accountant.history, "epsilon_selection": st["eps_select"],
+              "epsilon_total": eps + st["eps_select"] if private else None,
+              "non_private": not private}
+    for name, obj in (("privacy", report), ("eval", st["eval"])):
+        with open(os.path.join(args.out_dir, f"{name}.json"), "w") as f:
+            json.dump(obj, f, indent=1)
     print(f"privacy: eps {eps:.4f} (training; alpha {order:g}, {args.conversion}) + "
-          f"{eps_select:.4g} (epoch selection) at delta {args.delta:g}"
+          f"{st['eps_select']:.4g} (epoch selection) at delta {args.delta:g}"
           + ("" if private else "  -- NON-PRIVATE RUN"), flush=True)
 
 
@@ -751,6 +767,16 @@ def transfer_score(G, kind, real, cfg, seed, post):
                                    cfg["image"])[0], real)
 
 
+def score_epoch(G, g_config, epoch, scores, real_tr, cfg, args, snap_dir, post):
+    """Card 2.9 step 1 after each epoch: snapshot G for the selection, score LR and NN transfer."""
+    common.save_checkpoint(f"{snap_dir}/G_{epoch:04d}.pt", {"G": G.state_dict(),
+                                                           "G_config": g_config})
+    for kind in ("lr", "nn"):
+        seed = derive_seed(args.seed, "transfer", epoch)
+        scores[kind].append(transfer_score(G, kind, real_tr, cfg, seed, post))
+    return {"transfer_lr": scores["lr"][-1], "transfer_nn": scores["nn"][-1]}
+
+
 def report_noisy_max(scores, n_picks, scale, generator):
     """Card 2.9 step 2: picks without replacement of argmax(score + Laplace(scale)); scale
     2 Delta / eps_pick makes each pick eps_pick-DP (Dwork & Roth Sec. 3.3); 0 = plain argmax."""
@@ -811,11 +837,11 @@ def evaluate(G, args, cfg, real_tr, real_te, scores, snap_dir, post):
     return out, eps_select
 
 
-def figure(x, y, path, title, info, real=False):
+def figure(x, y, path, title, info):
     """Images: an 8x8 grid, one class per row. Tables: row 0 (SBP for SPRINT) of each record
     against the visit month, one panel per class (<= 4), the class median thick. Title strip."""
     from PIL import Image, ImageDraw
-    rgb, key = (common.REAL_RGB, "real") if real else (common.FAKE_RGB, "generated")
+    rgb = common.FAKE_RGB                                     # generated only: never real records
     if not info["table"]:
         grid = torchvision.utils.make_grid(x.float().cpu(), nrow=8, normalize=True,
                                            value_range=(-1, 1))          # quantised as save_image
@@ -840,13 +866,14 @@ def figure(x, y, path, title, info, real=False):
             d.text((c * pw + 12, 4), f"class {c}: {int((y == c).sum())} records", fill="black")
         axes = f"x: {'visit month' if t is MONTHS else 'column'} 0..{t[-1]} | y: row 0 (SBP) " \
             f"in [{lo}, {hi}] | thick: the class median"
-    common.title_strip(img, [title, axes], key=[(key, rgb)]).save(path)
+    common.title_strip(img, [title, axes], key=[("generated", rgb)]).save(path)
 
 
-def export_samples(G, n, cfg, path, seed, post):
+def export_samples(G, n, cfg, args, post):
     """samples_N.npz, labels cycling 0..K-1: images uint8 NHWC quantised as save_image
     (common.quantize), records float (N, H, W) post-processed as the official analysis."""
-    gen, c = torch.Generator().manual_seed(seed), torch.arange(n) % cfg["n_classes"]
+    gen = torch.Generator().manual_seed(derive_seed(args.seed, "export"))
+    c, path = torch.arange(n) % cfg["n_classes"], f"{args.out_dir}/samples_{n}.npz"
     with torch.no_grad():
         x = torch.cat([G((torch.rand(len(ci), cfg["latent"], generator=gen) * 2 - 1).to(
             cfg["device"]), ci.to(cfg["device"])).float().cpu() for ci in c.split(4096)])
@@ -881,6 +908,26 @@ def step_config(args, info, device):
             "image": not info["table"]}
 
 
+def fixed_grid(args, info, device):
+    """The sample figures' z (dedicated generator: the training RNG is untouched), 8 per class."""
+    gen = torch.Generator().manual_seed(derive_seed(args.seed, "grid"))
+    z = torch.rand(64, args.z_dim, generator=gen) * 2 - 1
+    return z.to(device), torch.arange(64, device=device) // 8 % info["n_classes"]
+
+
+def restore(state, args, G, D, opt_G, opt_D, accountant, cfg):
+    """Everything for an exact resume: nets, Adam moments (a new --lr takes effect), the privacy
+    ledger, the noise stream and the RNGs. -> step."""
+    for m, k in ((G, "G"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):
+        m.load_state_dict(state[k])
+    for group in opt_G.param_groups + opt_D.param_groups:
+        group["lr"] = args.lr
+    accountant.history = [list(h) for h in state["accountant"]]
+    cfg["noise_gen"].set_state(state["noise_rng"].cpu())
+    common.set_rng_state(state["rng"])
+    return state["step"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = setup(args)
@@ -893,42 +940,20 @@ def main(argv=None):
     opt_G, opt_D = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=tuple(args.betas))
                     for m in (G, D))                                # NoisyAdam = privatize + Adam
     cfg, accountant, step = step_config(args, info, device), RDPAccountant(), 0
-    real_tr, real_te = (as_tensors(train, device), as_tensors(test, device)) if \
-        args.tstr_samples else (None, None)
-    grid_z = torch.rand(64, args.z_dim, generator=torch.Generator().manual_seed(derive_seed(
-        args.seed, "grid"))) * 2 - 1
-    fixed_z, fixed_c = grid_z.to(device), torch.arange(64, device=device) // 8 % info["n_classes"]
+    real_tr, real_te = (as_tensors(d, device) if args.tstr_samples else None for d in (train, test))
+    fixed_z, fixed_c = fixed_grid(args, info, device)
     st = {"scores": {"lr": [], "nn": []}, "window": torch.zeros(5, dtype=torch.float64,
           device=device), "eps_select": 0.0, "finished": False, "eval": {}}
     state = run.load(device)
     if state:
-        for m, k in ((G, "G"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):
-            m.load_state_dict(state[k])
-        for group in opt_G.param_groups + opt_D.param_groups:
-            group["lr"] = args.lr                                   # a new --lr takes effect
-        st, step, accountant = {k: state[k] for k in st}, state["step"], RDPAccountant(
-            state["accountant"])                                    # the privacy ledger resumes
-        cfg["noise_gen"].set_state(state["noise_rng"].cpu())
-        common.set_rng_state(state["rng"])
+        step = restore(state, args, G, D, opt_G, opt_D, accountant, cfg)
+        st = {k: state[k] for k in st}                              # scores, log window, budget
         check_resume_budget(state, args, total, info["n_train"], accountant)
         st["finished"] &= total == step                             # a longer run selects again
     run.start(step, device, G=G, D=D)
-    if args.noise_multiplier > 0:
-        print("privacy plan: " + privacy_plan(args, total, info["n_train"])[0], flush=True)
-        if args.seed == DEFAULT_SEED:
-            print(f"warning: a private run with the default --seed {DEFAULT_SEED}: anyone can "
-                  "regenerate its lots and noise; for a release pass a secret --seed, e.g. "
-                  "$(python -c 'import secrets; print(secrets.randbits(128))')", flush=True)
-    else:
-        print("!!! NON-PRIVATE BASELINE (--noise-multiplier 0): NO differential privacy, eps = "
-              "inf !!!", flush=True)
+    announce_privacy(args, total, info["n_train"])
     snap_dir, post = os.path.join(args.out_dir, "generators"), args.dataset == "sprint_synth"
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if step == 0:                                                   # real records: NOT covered
-        x, y = (t[:64] for t in train) if info["table"] else _collate(
-            info["shape"], [train[i] for i in range(min(64, info["n_train"]))])
-        figure(x, y, os.path.join(args.out_dir, "reals.png"),
-               "dp_gan | training records: NOT covered by (eps, delta)", info, real=True)
 
     def save():
         run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
@@ -943,12 +968,8 @@ def main(argv=None):
         step += 1
         epoch_end, values = step % per_epoch == 0, {}
         if epoch_end and args.tstr_samples and args.select_picks:  # card 2.9 step 1
-            common.save_checkpoint(f"{snap_dir}/G_{step // per_epoch:04d}.pt",
-                                   {"G": G.state_dict(), "G_config": g_config})
-            for kind in ("lr", "nn"):
-                st["scores"][kind].append(transfer_score(G, kind, real_tr, cfg, derive_seed(
-                    args.seed, "transfer", step), post))
-                values[f"transfer_{kind}"] = st["scores"][kind][-1]
+            values = score_epoch(G, g_config, step // per_epoch, st["scores"], real_tr, cfg,
+                                 args, snap_dir, post)
         if epoch_end or step % args.log_every == 0 or step == total:  # card 2.3: eps every epoch
             eps = accountant.get_epsilon(args.delta, args.conversion)[0]
             run.log(step, {"epoch": step / per_epoch, **window_means(st["window"]), "eps": eps,
@@ -965,14 +986,11 @@ def main(argv=None):
             st["eval"], spent = evaluate(G, args, cfg, real_tr, real_te, st["scores"], snap_dir,
                                          post)
             st["eps_select"] += spent                               # every selection counts
-            with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-                json.dump(st["eval"], f, indent=1)
         st["finished"] = True
         save()
-    write_privacy_report(accountant, args, st["eps_select"], f"{args.out_dir}/privacy.json")
+    write_privacy_report(accountant, args, st)
     if args.export_samples and not run.stopping:
-        export_samples(G, args.export_samples, cfg, f"{args.out_dir}/samples_"
-                       f"{args.export_samples}.npz", derive_seed(args.seed, "export"), post)
+        export_samples(G, args.export_samples, cfg, args, post)
     return {**run.finish(step, device), **st["eval"], "eps_select": st["eps_select"]}
 
 
