@@ -3,58 +3,54 @@ Wang, Liu, Zhu, Tao, Kautz, Catanzaro. CVPR 2018. arXiv:1711.11585
 Official code: NVIDIA/pix2pixHD (models/networks.py, models/pix2pixHD_model.py, train.py)
 
 Paper -> code
-  Sec. 3.1  input s = one-hot labels (+ boundary map, + E features) .. one_hot_labels(), build_input()
-  Sec. 3.2  global generator G1 (App. A: c7s1-64, d128..d1024, R1024 x9) GlobalGenerator, ResnetBlock
-  Sec. 3.2  local enhancer G2 around G1, element-wise sum ........... LocalEnhancer
-  Sec. 3.2  coarse-to-fine: G1 alone, then G2 alone, then all ........ --stage, --load-global, main()
-  Eq. (2)   three multi-scale PatchGAN discriminators ................ MultiscaleDiscriminator
+  Sec. 3.1  s = one-hot labels + boundary map (+ E features) ......... one_hot_labels(), prepare()
+  Sec. 3.2  global generator G1 (App. A) ............................. GlobalGenerator, ResnetBlock
+  Sec. 3.2  local enhancer G2 around G1, element-wise sum ............ LocalEnhancer
+  Sec. 3.2  coarse-to-fine: G1 alone, then G2 alone, then all of G ... --stage, load_global_run()
+  Eq. (2)   multi-scale PatchGAN discriminators ...................... MultiscaleDiscriminator
   Eq. (3)   feature matching over D's intermediate layers ............ feature_matching_loss()
-  Eq. (4)   full objective; Sec. 4 LSGAN (official halves L_D) ...... gan_loss(), train_step()
+  Eq. (4)   full objective with Sec. 4's LSGAN ....................... gan_loss(), train_step()
   Sec. 4    VGG19 perceptual loss, weights 1/32 .. 1 ................. VGG19Features, vgg_loss()
   Sec. 3.3  instance boundary map, 4-neighbour rule .................. boundary_map()
-  Sec. 3.4  instance-wise feature encoder with instance average pool Encoder, instance_average_pool()
-  Sec. 3.4  K-means (K = 10) per class, sampling per instance ........ encode_features(), kmeans(),
-                                                                       sample_features()
+  Sec. 3.4  instance-wise feature encoder, instance average pooling .. Encoder
+  Sec. 3.4  K-means (K = 10) per class, one centre per instance ...... kmeans(), sample_features()
   App. A    Adam(2e-4, 0.5, 0.999), constant then linear decay ....... lr_at()
-  Sec. 4.1  semantic-consistency score (pixel acc, mean IoU) ........ segmentation_scores()
+  Sec. 4.1  semantic-consistency score (pixel acc, mean IoU) ......... segmentation_scores()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. PAPER-VS-CODE  3 discriminators (paper, official 1024p scripts); the official 512p script
      trains G1 with 2 (--num-D 2).
-  2. PAPER-VS-CODE  FM weight 1/num_D * 4/(n_layers_D + 1) per layer (official); Eq. (4) has no
-     1/num_D. L_D is halved, 0.5 (L_real + L_fake) (official train.py).
+  2. PAPER-VS-CODE  FM weight lambda/num_D * 4/(n_layers_D + 1) per layer (official; Eq. 4 has no
+     1/num_D); L_D halved, 0.5 (L_real + L_fake) (official train.py).
   3. PAPER-VS-CODE  VGG sees [-1, 1] images without ImageNet normalisation (official; the paper is
      silent; --vgg-imagenet-norm normalises).
   4. PAPER-VS-CODE  after --niter-fix-global epochs a fresh Adam over G1 + G2 (+ E) is stepped and
-     decayed (the intended behaviour, the 2017 train.py); the current official train.py caches the
-     first optimizer, so its 1024p run never fine-tunes G1 and never decays G's lr.
-  5. PAPER-VS-CODE  lr decay of the official code: niter + 1 epochs at lr, then lr - lr/niter_decay
-     per epoch, the last epoch at lr/niter_decay ("decay linearly to zero", App. A).
+     decayed (the intent, and the 2017 train.py); the current official train.py caches the first
+     optimizer, so its 1024p run never fine-tunes G1 and never decays G's lr.
+  5. PAPER-VS-CODE  official lr rule: niter + 1 epochs at lr, then lr - lr/niter_decay per epoch,
+     the last epoch at lr/niter_decay ("decay linearly to zero", App. A).
   6. PAPER-VS-CODE  D: 4x4 convs with padding 2, strides 2, 2, 2, 1, 1 (official networks.py).
-  7. DEVIATION  images and maps are resized to one --size H x W (official 512p: scale the width to
-     1024 keeping the aspect); the same for Cityscapes' 2:1 frames, ADE20K frames are squeezed.
-  8. DEVIATION  scipy.cluster.vq.kmeans2 (one k-means++ start) instead of sklearn KMeans(n_init
-     10); the class of an instance is read from the label map at its median pixel (official:
-     from the Cityscapes id code, id // 1000, the same on Cityscapes).
-  9. DEVIATION  PSPNet (Tab. 1) is not available: --seg-model takes a user segmenter, otherwise a
-     small segmenter trained on the real training pairs first is the proxy (ours).
-  10. DEVIATION  local stage from a global run: D's scales move by resolution (global scale k ->
-     local scale k + 1); the official loads by key name, the same mapping for its 2-D 512p -> 3-D
-     1024p scripts.
-  11. DEVIATION  --amp bf16 (paper fp32). Scope: no RGB inputs (label_nc 0), no precomputed
-     feature maps (--load_features), no image pool (official pool_size 0), no editing UI.
+  7. DEVIATION  everything is resized to one --size H x W (official 512p: scale the width to 1024,
+     keep the aspect): the same on Cityscapes' 2:1 frames; ADE20K frames are squeezed.
+  8. DEVIATION  scipy kmeans2 (one k-means++ start) instead of sklearn KMeans (10 starts); an
+     instance's class is the label at its median pixel (official: Cityscapes' id // 1000, equal).
+  9. DEVIATION  no PSPNet (Tab. 1): --seg-model takes the user's segmenter, else a small one the
+     script trains on the real training pairs first is the proxy (ours).
+  10. DEVIATION  local stage: D's scale k of the global run becomes scale k + 1 (same resolution);
+     the official loads by key name, the same mapping for its 2-D 512p -> 3-D 1024p scripts.
+  11. DEVIATION  --amp bf16 (paper fp32). Not here: RGB inputs (label_nc 0), precomputed
+     features (--load_features), the image pool (official default pool_size 0), the editing UI.
 Run
-  python pix2pixhd.py --dataset cityscapes                 # G1 at 512x1024, 3 Ds, 100 + 100 epochs
-  python pix2pixhd.py --dataset cityscapes --stage local --load-global \
-      runs/pix2pixhd-cityscapes-s0/ckpt.pt                 # G1 + G2 at 1024x2048, 50 + 50 epochs
-  python pix2pixhd.py --dataset cityscapes --num-D 2       # official scripts/train_512p.sh
+  python pix2pixhd.py --dataset cityscapes              # G1 at 512x1024, 3 Ds, 100 + 100 epochs
+  python pix2pixhd.py --dataset cityscapes --stage local --load-global runs/pix2pixhd-cityscapes-s0
+                                                        # G1 + G2 at 1024x2048, 50 + 50 epochs
+  python pix2pixhd.py --dataset cityscapes --num-D 2    # official scripts/train_512p.sh
   python pix2pixhd.py --dataset cityscapes --instance-feat --sample-features 4   # Sec. 3.4
   python pix2pixhd.py --dataset cityscapes --size 256x512 --seg-every 10000 --fid-every 10000
   python pix2pixhd.py --dataset ade20k --size 256x256 --no-vgg
-  python pix2pixhd.py --dataset pix2pixhd:/data/mine --label-nc 20   # train_label/inst/img layout
-  python pix2pixhd.py --dataset shapes --device cpu --size 32x32 --ngf 8 --ndf 8 \
-      --n-downsample-global 2 --n-blocks-global 1 --n-layers-D 2 --no-vgg --epochs 1 \
-      --max-dataset-size 64                                # smoke test, offline
-  G = load_generator("runs/.../ckpt.pt", "cuda"); x = G(build_input(...))   # reuse
+  python pix2pixhd.py --dataset pix2pixhd:/data/mine --label-nc 20   # train_label/_inst/_img
+  python pix2pixhd.py --dataset shapes --device cpu --size 32x32 --ngf 8 --ndf 8 --no-vgg \
+      --n-downsample-global 2 --n-blocks-global 1 --n-layers-D 2 --epochs 1 --max-dataset-size 64
+  G = load_generator("runs/.../ckpt.pt", "cuda"); x_fake = G(prepare(batch, args, "cuda")["s"])
 Paper reports (Tab. 1, Cityscapes 2048x1024, PSPNet): pixel accuracy 83.78%, mean IoU 0.6389
 (real images: 84.29% / 0.6857). SPADE's re-training at 256x512: mIoU 58.3, acc 81.4, FID 95.0.
 Our numbers: README.
@@ -252,34 +248,29 @@ class PairDataset(Dataset):
     def __len__(self):
         return len(self.shapes) if self.shapes is not None else len(self.files)
 
-    def _read(self, i):
+    def __getitem__(self, i):
         if self.shapes is not None:
             img, info = self.shapes.sample(i)
-            return info["label_map"], info["instance_map"], Image.fromarray(img), f"shapes[{i}]"
-        label_f, inst_f, img_f = self.files[i]
-        try:
-            label = np.array(Image.open(label_f)).astype(np.int64)
-            inst = np.array(Image.open(inst_f)).astype(np.int64) if inst_f else label
-            img = Image.open(img_f).convert("RGB")
-        except Exception as err:  # PIL raises many types; name the file instead
-            raise common.UserError(f"cannot read {label_f!r} / {img_f!r}: {err}") from None
-        return label, inst, img, label_f
-
-    def __getitem__(self, i):
-        label, inst, img, name = self._read(i)
+            label, inst, img, name = info["label_map"], info["instance_map"], Image.fromarray(
+                img), f"shapes[{i}]"
+        else:
+            name, inst_f, img_f = self.files[i]
+            try:
+                label = np.array(Image.open(name)).astype(np.int64)
+                inst = np.array(Image.open(inst_f)).astype(np.int64) if inst_f else label
+                img = Image.open(img_f).convert("RGB")
+            except Exception as err:  # PIL raises many types; name the file instead
+                raise common.UserError(f"cannot read {name!r} / {img_f!r}: {err}") from None
         bad = label[(label < 0) | (label >= self.label_nc)]
         if bad.size:
             raise common.UserError(f"{name}: label value {int(bad[0])} outside [0, "
                                    f"{self.label_nc}); set --label-nc or fix the label map")
-        h, w = self.size
-
-        def nearest(a):
-            return np.array(Image.fromarray(a.astype(np.int32)).resize((w, h), Image.NEAREST))
-
-        x = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.float32)    # (H, W, 3)
-        return {"label": torch.from_numpy(nearest(label)).long()[None],         # (1, H, W)
-                "inst": torch.from_numpy(nearest(inst)).long()[None],
-                "image": torch.from_numpy(x).permute(2, 0, 1) / 127.5 - 1.0}    # [-1, 1]
+        size = self.size[::-1]                      # PIL takes (W, H)
+        label, inst = (torch.from_numpy(np.array(Image.fromarray(a.astype(np.int32)).resize(
+            size, Image.NEAREST))).long()[None] for a in (label, inst))   # (1, H, W)
+        x = np.asarray(img.resize(size, Image.BICUBIC), dtype=np.float32)     # (H, W, 3)
+        return {"label": label, "inst": inst,
+                "image": torch.from_numpy(x).permute(2, 0, 1) / 127.5 - 1.0}   # [-1, 1]
 
 
 def _sorted_files(d):
@@ -295,7 +286,7 @@ def load_pairs(args, train=True):
         shapes = common.ShapesDataset(2975 if train else 500, max(args.size), seed=1 - train)
         ds = PairDataset(None, args.size, args.label_nc, shapes)
     elif name == "cityscapes":
-        try:   # torchvision lists the official layout: leftImg8bit, gtFine *_labelIds, *_instanceIds
+        try:   # torchvision lists its files: leftImg8bit, gtFine *_labelIds, *_instanceIds
             cs = torchvision.datasets.Cityscapes(os.path.join(root, "cityscapes"), split=split,
                                                  mode="fine", target_type=["semantic", "instance"])
         except (RuntimeError, ValueError) as err:
@@ -303,23 +294,22 @@ def load_pairs(args, train=True):
                                    f" ({err}); it needs registration at cityscapes-dataset.com: "
                                    "unzip gtFine and leftImg8bit there") from None
         ds = [(t[0], t[1], im) for im, t in zip(cs.images, cs.targets)]
-    elif name == "ade20k":
-        d = os.path.join(root, "ADEChallengeData2016")
-        sub = "training" if train else "validation"
-        imgs = _sorted_files(os.path.join(d, "images", sub))
+    elif name == "ade20k":   # MIT Scene Parsing: images/<sub>/*.jpg, annotations/<sub>/*.png
+        d, sub = os.path.join(root, "ADEChallengeData2016"), "training" if train else "validation"
         ds = [(os.path.join(d, "annotations", sub, os.path.basename(f)[:-4] + ".png"), None, f)
-              for f in imgs]
+              for f in _sorted_files(os.path.join(d, "images", sub))]
     else:   # official layout: <root>/train_label, train_inst, train_img, paired by sorted order
         path = name[len("pix2pixhd:"):]
         if not train and not os.path.isdir(os.path.join(path, "val_label")):
             print(f"note: {path!r} has no val_label folder; evaluating on train pairs", flush=True)
             split = "train"
-        lists = [_sorted_files(os.path.join(path, f"{split}_{k}")) if k != "inst" or
-                 args.instance_feat or args.instance else None for k in ("label", "inst", "img")]
-        if len({len(v) for v in lists if v is not None}) != 1:
+        labels, imgs = (_sorted_files(os.path.join(path, f"{split}_{k}")) for k in ("label", "img"))
+        insts = (_sorted_files(os.path.join(path, f"{split}_inst")) if args.instance
+                 or args.instance_feat else [None] * len(labels))
+        if not len(labels) == len(insts) == len(imgs):
             raise common.UserError(f"{path!r}: {split}_label, _inst and _img hold different "
                                    "numbers of files")
-        ds = [(a, b, c) for a, b, c in zip(lists[0], lists[1] or [None] * len(lists[0]), lists[2])]
+        ds = list(zip(labels, insts, imgs))
     if isinstance(ds, list):
         if not ds:
             raise common.UserError(f"no {split} pairs found for --dataset {name} in {root!r}")
@@ -585,12 +575,13 @@ class VGG19Features(nn.Module):
         self.slices = nn.ModuleList(features[a:b] for a, b in zip((0,) + self.CUTS, self.CUTS))
         self.requires_grad_(False)
         self.eval()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406], device=device))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225], device=device))
+        stats = torch.tensor([[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]], device=device)
+        self.register_buffer("mean", stats[0, :, None, None])     # (3, 1, 1)
+        self.register_buffer("std", stats[1, :, None, None])
 
     def forward(self, x, imagenet_norm=False):
-        if imagenet_norm:
-            x = ((x + 1) / 2 - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+        if imagenet_norm:                           # ImageNet statistics of [0, 1] images
+            x = ((x + 1) / 2 - self.mean) / self.std
         out = []
         for s in self.slices:
             x = s(x)
@@ -632,7 +623,7 @@ VGG_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)   # official VGGLoss, relu1_1 
 
 
 def vgg_loss(vgg, x_fake, x_real, lambda_feat=10.0, imagenet_norm=False):
-    """Sec. 4: lambda sum_i w_i (1/M_i) ||F^(i)(x) - F^(i)(G(s))||_1, VGG frozen, target detached."""
+    """Sec. 4: lambda sum_i w_i (1/M_i) ||F^(i)(x) - F^(i)(G(s))||_1; VGG frozen, x detached."""
     with torch.no_grad():
         f_real = vgg(x_real, imagenet_norm)
     f_fake = vgg(x_fake, imagenet_norm)
@@ -696,8 +687,8 @@ def g_params(G, E, g1_fixed):
 # ==== Eval ====
 @torch.no_grad()
 def generate(G, E, b, centres=None, gen=None):
-    """G(s) with E's pooled features of the real image (official --use_encoded_image), or with
-    per-instance cluster centres drawn by sample_features when `centres` is given."""
+    """G(s) with E's pooled features of the real image (official --use_encoded_image), or with a
+    cluster centre drawn per instance (sample_features) when `centres` is given."""
     if E is not None and centres is not None:
         return G(torch.cat([b["s"], sample_features(b, *centres, gen)], 1)).float()
     return G(g_input(b["s"], E, b)).float()
@@ -707,36 +698,30 @@ def val_batch(ds, i, args, device):
     return prepare(default_collate([ds[i % len(ds)]]), args, device)
 
 
-def label_colors(label, n):
-    """(B, 1, H, W) labels -> (B, 3, H, W) in [-1, 1], the bit-interleaved colour map."""
-    i = torch.arange(n)
-    rgb = sum(((i[:, None] >> (3 * j + torch.arange(3))) & 1) << (7 - j) for j in range(8))
-    return (rgb.float() / 127.5 - 1)[label[:, 0].cpu()].permute(0, 3, 1, 2)
-
-
-def save_figure(rows, path, lines, key=(("real", common.REAL_RGB), ("generated",
-                                                                    common.FAKE_RGB))):
-    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=rows[0].shape[0],
-                                       normalize=True, value_range=(-1, 1), padding=2)
+def save_figure(G, E, val, args, device, path, title, centres=None, draws=1):
+    """Rows of val pairs: label map (bit-interleaved colours), real, then `draws` generated
+    images; readable (>= 512 px wide) with a title strip. Returns the rows."""
+    i = torch.arange(args.label_nc)
+    colors = sum(((i[:, None] >> (3 * j + torch.arange(3))) & 1) << (7 - j) for j in range(8))
+    gen, rows = torch.Generator().manual_seed(args.seed + 4), []
+    for k in range(3 if centres else 4):
+        b = val_batch(val, k, args, device)
+        label = colors[b["label"][0, 0].cpu()].permute(2, 0, 1) / 127.5 - 1   # (3, H, W)
+        rows.append([label, b["x"][0].cpu()] + [generate(G, E, b, centres, gen)[0].cpu()
+                                                for _ in range(draws)])
+    grid = torchvision.utils.make_grid(torch.stack(sum(rows, [])), nrow=2 + draws,
+                                       normalize=True, value_range=(-1, 1))
     img = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy())
-    scale = max(1, math.ceil(512 / img.width))      # readable: at least 512 px wide
+    scale = math.ceil(512 / img.width)
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    common.title_strip(img, lines, key=key).save(path)
-
-
-def sample_grid(G, E, val, args, device, path, step):
-    rows = []
-    for i in range(4):
-        b = val_batch(val, i, args, device)
-        rows.append(torch.stack([label_colors(b["label"].cpu(), args.label_nc)[0],
-                                 b["x"][0].cpu(), generate(G, E, b)[0].cpu()]))
-    save_figure(rows, path, [f"pix2pixhd | step {step} | {args.dataset} val | columns: label map,"
-                             " real, generated"])
+    common.title_strip(img, [title], key=[("real", common.REAL_RGB),
+                                          ("generated", common.FAKE_RGB)]).save(path)
+    return rows
 
 
 class Segmenter(nn.Module):
     """DEVIATION (ours): the proxy for the paper's PSPNet, a small conv net trained on the real
-    training pairs (c7s1-32, d64, d128, 2 x R128, u64, u32, conv to the classes)."""
+    training pairs: c7s1-32, d64, d128, 2 x R128, u64, u32, conv 3x3 to the eval classes."""
 
     def __init__(self, n_classes, w=32):
         super().__init__()
@@ -749,14 +734,14 @@ class Segmenter(nn.Module):
 
 
 def eval_classes(args):
+    """labelId -> eval class (255 = ignored) and the number of eval classes."""
     _, _, emap, n_eval = dataset_info(args.dataset, args.label_nc)
-    emap = torch.tensor(emap if emap is not None else range(args.label_nc))
-    return emap, n_eval
+    return torch.tensor(emap if emap is not None else range(args.label_nc)), n_eval
 
 
 def train_segmenter(train, args, device):
-    """Ours: cross entropy on (real image, label map -> eval classes) pairs, Adam 1e-3, batch 1;
-    its own seeded stream, so the GAN's RNG is untouched."""
+    """Ours: cross entropy on (real image, label map) training pairs, Adam 1e-3, batch 1, from
+    its own seeded stream (the GAN's RNG is untouched)."""
     emap, n_eval = eval_classes(args)
     seg = Segmenter(n_eval).to(device)
     opt = torch.optim.Adam(seg.parameters(), lr=1e-3)
@@ -764,8 +749,8 @@ def train_segmenter(train, args, device):
     prog = common.Progress("proxy segmenter", args.seg_steps, unit="step")
     for _ in range(args.seg_steps):
         item = train[int(torch.randint(len(train), (1,), generator=gen))]
-        target = emap[item["label"]].to(device)    # (1, H, W), 255 = ignored
-        loss = F.cross_entropy(seg(item["image"][None].to(device)), target, ignore_index=255)
+        logits = seg(item["image"][None].to(device))
+        loss = F.cross_entropy(logits, emap[item["label"]].to(device), ignore_index=255)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -774,58 +759,54 @@ def train_segmenter(train, args, device):
 
 
 def load_segmenter(path, device):
-    if not os.path.isfile(path):
-        raise common.UserError(f"--seg-model {path!r} not found")
+    """--seg-model: a torch.export program (.pt2) or a TorchScript file."""
     try:
         if path.endswith(".pt2"):
             return torch.export.load(path).module().to(device)
         return torch.jit.load(path, map_location=device)
-    except Exception as err:
+    except Exception as err:  # missing file, foreign format: one line naming the file
         raise common.UserError(f"cannot load --seg-model {path!r}: {common._first_line(err)}"
                                ) from None
 
 
 @torch.no_grad()
-def segmentation_scores(segmenter, images, labels, emap, n_eval):
-    """Sec. 4.1: segment the images and compare with the input label maps: pixel accuracy and
-    mean IoU over the eval classes (Cityscapes: 19 trainIds), ignored pixels left out."""
-    conf = torch.zeros(n_eval, n_eval, dtype=torch.long)
-    for x, label in zip(images, labels):
+def segmentation_scores(segmenter, pairs, emap, n_eval):
+    """Sec. 4.1: segment each image, compare with its input label map: pixel accuracy and mean
+    IoU over the eval classes (Cityscapes: the 19 trainIds); ignored pixels are left out."""
+    conf = torch.zeros(n_eval * n_eval, dtype=torch.long)
+    for x, label in pairs:
         logits = segmenter(x).float()
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear")
         pred, gt = logits.argmax(1).flatten().cpu(), emap[label.flatten().cpu()]
         keep = gt != 255
-        conf += torch.bincount(gt[keep] * n_eval + pred[keep], minlength=n_eval ** 2).view(
-            n_eval, n_eval)
+        conf += torch.bincount(gt[keep] * n_eval + pred[keep], minlength=n_eval ** 2)
+    conf = conf.view(n_eval, n_eval)                # rows: label, columns: prediction
     inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
-    acc = inter.sum() / conf.sum().clamp(min=1)
     iou = inter[union > 0] / union[union > 0]       # classes absent from both are left out
-    return float(acc), float(iou.mean()) if len(iou) else 0.0
+    return float(inter.sum() / conf.sum().clamp(min=1)), float(iou.mean()) if len(iou) else 0.0
 
 
 def semantic_consistency(segmenter, G, E, val, args, device, real=False):
-    emap, n_eval = eval_classes(args)
-    images, labels = [], []
-    for i in range(min(args.seg_images, len(val))):
-        b = val_batch(val, i, args, device)
-        images.append(b["x"] if real else generate(G, E, b))
-        labels.append(b["label"])
-    return segmentation_scores(segmenter, images, labels, emap, n_eval)
+    """Tab. 1 on the first --seg-images val label maps: generated images, or the real ones."""
+    def pairs():
+        for i in range(min(args.seg_images, len(val))):
+            b = val_batch(val, i, args, device)
+            yield (b["x"] if real else generate(G, E, b)), b["label"]
+    return segmentation_scores(segmenter, pairs(), *eval_classes(args))
 
 
 @torch.no_grad()
 def encode_features(E, train, args, device):
-    """Sec. 3.4 / official encode_features: E on every training pair (no flip); per instance the
-    feature at its median pixel, its class and area; keeps area > H*W/64 (official filter)."""
+    """Sec. 3.4 (official encode_features): E on every training pair, unflipped; per instance
+    the feature at its median pixel and its class, kept if its area > H*W/64 (official)."""
     feats, classes = [], []
     prog = common.Progress("encode features", len(train), unit="img")
     for i in range(len(train)):
         b = val_batch(train, i, args, device)
         f = E(b["x"], b["seg"], b["n_seg"]).permute(0, 2, 3, 1).reshape(-1, args.feat_num)
         area, median, cls = segment_stats(b["seg"], b["n_seg"], b["label"])
-        h, w = args.size
-        keep = area / (h * w // 32) > 0.5           # official: num / (h*w // block_num) > 0.5
+        keep = area / (args.size[0] * args.size[1] // 32) > 0.5   # official block_num 32
         feats.append(f[median[keep]].cpu())
         classes.append(cls[keep].cpu())
         prog.update(1)
@@ -833,8 +814,8 @@ def encode_features(E, train, args, device):
 
 
 def kmeans(feats, classes, args):
-    """Sec. 3.4: K-means with K = 10 (or fewer points) per class -> centres (label_nc, K, F) and
-    counts (label_nc,). DEVIATION: scipy kmeans2 with k-means++ init, not sklearn KMeans."""
+    """Sec. 3.4: K-means, K = 10 (or the number of points), per class -> centres (label_nc, K,
+    feat_num) and counts (label_nc,). DEVIATION: scipy kmeans2, k-means++ init, one start."""
     centres = torch.zeros(args.label_nc, args.n_clusters, args.feat_num)
     counts = torch.zeros(args.label_nc, dtype=torch.long)
     rng = np.random.default_rng(args.seed)
@@ -848,37 +829,19 @@ def kmeans(feats, classes, args):
 
 
 def sample_features(b, centres, counts, gen=None):
-    """Sec. 3.4 test time: every instance gets one randomly chosen centre of its class; classes
-    without centres get 0 (UNSPECIFIED: the official leaves that memory uninitialised)."""
-    _, _, cls = segment_stats(b["seg"], b["n_seg"], b["label"])
-    cls = cls.cpu()
-    pick = (torch.rand(len(cls), generator=gen) * counts[cls]).long()    # (n_seg,)
+    """Sec. 3.4 at test time: each instance gets one random centre of its class. UNSPECIFIED:
+    classes without centres get 0 (the official leaves that memory uninitialised)."""
+    cls = segment_stats(b["seg"], b["n_seg"], b["label"])[2].cpu()
+    pick = (torch.rand(len(cls), generator=gen) * counts[cls]).long()     # (n_seg,)
     f = centres[cls, pick.clamp(max=centres.shape[1] - 1)].to(b["s"].device)   # (n_seg, F)
     bsz, h, w = b["seg"].shape
-    return f[b["seg"].reshape(-1)].view(bsz, h, w, -1).permute(0, 3, 1, 2)
-
-
-def multimodal_figure(G, E, centres, val, args, device, path):
-    """Sec. 3.4 / Fig. 1: one label map, --sample-features different feature draws."""
-    gen = torch.Generator().manual_seed(args.seed + 4)
-    rows = []
-    for i in range(3):
-        b = val_batch(val, i, args, device)
-        draws = [generate(G, E, b, centres, gen)[0].cpu() for _ in range(args.sample_features)]
-        rows.append(torch.stack([label_colors(b["label"].cpu(), args.label_nc)[0],
-                                 b["x"][0].cpu(), *draws]))
-    save_figure(rows, path, [f"pix2pixhd | {args.dataset} val | label map, real, then "
-                             f"{args.sample_features} draws of per-instance cluster features "
-                             f"(K = {args.n_clusters})"])
-    return float((rows[0][2] - rows[0][3]).abs().mean()) if args.sample_features > 1 else 0.0
+    return f[b["seg"].reshape(-1)].view(bsz, h, w, -1).permute(0, 3, 1, 2)   # (B, F, H, W)
 
 
 def val_sampler(G, E, val, args, device, crop=False):
-    """sample_fn(n) for FID / export: generated images of the val label maps in order (cycling),
-    a fresh sampler per evaluation; crop: the central min(H, W) square (fid.py's reference
-    transform resizes the short side and centre-crops)."""
-    seen = [0]
-    h, w = args.size
+    """sample_fn(n) for FID and --export-samples: G on the val label maps in order (cycling);
+    crop: the central min(H, W) square, as fid.py's reference transform (short side, centre)."""
+    seen, (h, w) = [0], args.size
     m = min(h, w)
 
     def sample_fn(n):
@@ -890,24 +853,22 @@ def val_sampler(G, E, val, args, device, crop=False):
 
 
 def build_fid(args, device):
+    """fid.TrainingFID against the real val images (ours: SPADE compares with the val set)."""
     try:
         import fid  # evaluation only: a copy of this script without fid.py still trains
     except ImportError:
         raise common.UserError("--fid-every needs fid.py (the project's metric file) next to "
                                "pix2pixhd.py") from None
+    folders = {"cityscapes": ("cityscapes", "leftImg8bit", "val"),
+               "ade20k": ("ADEChallengeData2016", "images", "validation")}
     if args.dataset == "shapes":
         if args.size[0] != args.size[1]:
             raise common.UserError("FID on shapes needs a square --size (its reference images)")
         ref = "shapes"
+    elif args.dataset in folders:
+        ref = "folder:" + os.path.join(args.data_root, *folders[args.dataset])
     else:
-        ref = {"cityscapes": os.path.join(args.data_root, "cityscapes", "leftImg8bit", "val"),
-               "ade20k": os.path.join(args.data_root, "ADEChallengeData2016", "images",
-                                      "validation")}.get(args.dataset)
-        if ref is None:
-            path = args.dataset[len("pix2pixhd:"):]
-            ref = os.path.join(path, "val_img" if os.path.isdir(os.path.join(
-                path, "val_img")) else "train_img")
-        ref = "folder:" + ref
+        ref = "folder:" + os.path.join(args.dataset[len("pix2pixhd:"):], "val_img")
     return fid.TrainingFID(ref, args.data_root, min(args.size), device, args.fid_samples,
                            weights=args.fid_weights)
 
@@ -978,10 +939,10 @@ def main(argv=None):
                 else contextlib.nullcontext)
 
     train, val = load_pairs(args, train=True), load_pairs(args, train=False)
-    per_epoch = len(train) // args.batch_size
+    per_epoch = len(train) // args.batch_size       # official: full batches only
     if per_epoch == 0:
         raise common.UserError(f"{len(train)} training pairs, fewer than --batch-size")
-    total = args.epochs * per_epoch                # steps = G iterations, the loop's unit
+    total = args.epochs * per_epoch                 # the loop counts G iterations (steps)
     run = common.Run(args, "pix2pixhd", total=total, mutable=(
         "epochs", "niter_decay", "seg_every", "seg_images", "seg_model", "seg_steps",
         "sample_features"))
@@ -1007,11 +968,9 @@ def main(argv=None):
     if args.fid_every:
         ev_fid = build_fid(args, device)
     if state:
-        for k, net in (("G", G), ("D", D), ("E", E)):
+        for k, net in (("G", G), ("D", D), ("E", E), ("opt_G", opt_G), ("opt_D", opt_D)):
             if net is not None:
                 net.load_state_dict(state[k])
-        opt_G.load_state_dict(state["opt_G"])
-        opt_D.load_state_dict(state["opt_D"])
         common.set_rng_state(state["rng"])
     elif args.load_global:
         load_global_run(G, D, E, args, device)
@@ -1019,27 +978,26 @@ def main(argv=None):
         print("warning: local stage without --load-global: G1 starts from scratch (Sec. 3.2 "
               "trains G1 first; NVIDIA/pix2pixHD#294)", flush=True)
     if local:
-        G.G1.requires_grad_(not g1_fixed)          # no weight gradients for a fixed G1
-    seg_real = None
-    if segmenter is not None:                        # Tab. 1 "oracle": real val images
+        G.G1.requires_grad_(not g1_fixed)           # no weight gradients for a fixed G1
+    if segmenter is not None:                       # Tab. 1's "oracle" row: real val images
         seg_real = semantic_consistency(segmenter, G, E, val, args, device, real=True)
         print(f"segmenter on real val images: pixel acc {seg_real[0]:.4f}, mIoU "
               f"{seg_real[1]:.4f}", flush=True)
 
+    def snapshot():
+        out = {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
+               "opt_D": opt_D.state_dict(), "rng": common.rng_state()}
+        if E is not None:
+            out["E"] = E.state_dict()
+        if segmenter is not None and not args.seg_model:
+            out["segmenter"] = segmenter.state_dict()
+        return out
+
     run.start(step, device, G=G, D=D, **({"E": E} if E is not None else {}))
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    saved = step
     batches = common.infinite_batches(train, args.batch_size, args.seed, start_step=step,
                                       num_workers=args.num_workers)
-    def snapshot():
-        ckpt = {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
-                "opt_D": opt_D.state_dict(), "rng": common.rng_state()}
-        if E is not None:
-            ckpt["E"] = E.state_dict()
-        if segmenter is not None and not args.seg_model:
-            ckpt["segmenter"] = segmenter.state_dict()
-        return ckpt
-
+    saved = step
     while step < total and not run.stopping:
         epoch = step // per_epoch + 1               # 1-based, as the official loop
         lr = lr_at(epoch, args)
@@ -1065,16 +1023,17 @@ def main(argv=None):
             run.log(step, values)
         if g1_fixed and step == args.niter_fix_global * per_epoch:
             # PAPER-VS-CODE (card item 8): at the end of epoch niter_fix_global a fresh Adam over
-            # G1 + G2 (+ E) replaces G2's, and it is the one stepped and decayed from here on
-            # (the 2017 code); the current official train.py keeps stepping the G2-only one.
+            # G1 + G2 (+ E) replaces G2's; it is the one stepped and decayed from here on (the
+            # 2017 code). The current official train.py keeps stepping the G2-only one.
             g1_fixed = False
             G.G1.requires_grad_(True)
             opt_G = make_opt(g_params(G, E, False), args, lr, device)
             print(f"epoch {epoch} done: G1 joins training, fresh Adam over all of G"
                   + (" and E" if E is not None else ""), flush=True)
         if args.sample_every and (step % args.sample_every == 0 or step == total):
-            sample_grid(G, E, val, args, device,
-                        os.path.join(args.out_dir, "samples", f"{step:07d}.png"), step)
+            save_figure(G, E, val, args, device, os.path.join(
+                args.out_dir, "samples", f"{step:07d}.png"), f"pix2pixhd | step {step} | "
+                f"{args.dataset} val | label map, real, generated")
         if step % args.ckpt_every == 0 or step == total or stop:
             run.save(step, snapshot())
             saved = step
@@ -1082,12 +1041,15 @@ def main(argv=None):
         run.save(step, snapshot())
 
     if step == total and not run.stopping:
-        if args.sample_features:                     # Sec. 3.4, saved with the checkpoint
+        if args.sample_features:                    # Sec. 3.4, kept in the checkpoint
             centres = kmeans(*encode_features(E, train, args, device), args)
             run.save(step, {**snapshot(), "centres": centres[0], "n_centres": centres[1]})
-            diff = multimodal_figure(G, E, centres, val, args, device,
-                                     os.path.join(args.out_dir, "multimodal.png"))
-            print(f"multimodal.png: mean |draw 1 - draw 2| = {diff:.4f}", flush=True)
+            rows = save_figure(G, E, val, args, device, os.path.join(
+                args.out_dir, "multimodal.png"), f"pix2pixhd | {args.dataset} val | label map, "
+                f"real, {args.sample_features} draws of cluster features (K = {args.n_clusters})",
+                centres, args.sample_features)
+            diff = float((rows[0][2] - rows[0][-1]).abs().mean())
+            print(f"multimodal.png: mean |first - last draw| = {diff:.4f}", flush=True)
         if args.export_samples:
             sample_fn, n = val_sampler(G, E, val, args, device), args.export_samples
             x = torch.cat([sample_fn(min(50, n - k)) for k in range(0, n, 50)])

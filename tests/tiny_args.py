@@ -53,8 +53,6 @@ TINY = {
 SPEC = {
     "sngan.py": dict(length="--steps", shape=("--g-ch", "24"), nan=["--lr", "1e30"], folder=True,
                      total=12, kill_at="step 5/"),
-    "projection.py": dict(length="--steps", shape=("--d-ch", "24"), nan=["--lr", "1e30"],
-                          folder=True, total=12, kill_at="step 5/"),
     "gd_stable.py": dict(length="--steps", shape=("--g-width", "24"), nan=["--lr", "1e10"],
                          folder=True, total=40, kill_at="step 5/"),
     # one training pair per epoch (--max-dataset-size 1, batch 1): step = epoch, as these tests
