@@ -29,7 +29,12 @@ TINY = {
                "--width", "4", "--adv-hidden", "16", "--adv-feat", "32", "--z-dim", "4",
                "--eps-dim", "8", "--eps-nbasis", "2", "--val-size", "16", "--num-workers", "0",
                "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--deterministic"],
-    "progan.py": None,        # filled in by its issue
+    # progan: 4 iterations of 250 per kimg: 4x4 stabilize (2), 8x8 fade-in (alpha 0.5), 8x8 stabilize
+    "progan.py": ["--dataset", "shapes", "--device", "cpu", "--resolution", "8", "--fmap-base", "16",
+                  "--fmap-max", "8", "--z-dim", "8", "--batch-size", "250", "--stabilize-kimg",
+                  "0.25", "--fade-kimg", "0.5", "--kimg", "1", "--num-workers", "0", "--log-every",
+                  "1", "--sample-every", "2", "--ckpt-every", "2", "--export-samples", "8",
+                  "--deterministic"],
     "pix2pixhd.py": ["--dataset", "shapes", "--device", "cpu", "--stage", "local", "--size",
                      "16x16", "--ngf", "4", "--ndf", "4", "--n-downsample-global", "1",
                      "--n-blocks-global", "1", "--n-blocks-local", "1", "--n-layers-D", "1",
@@ -53,6 +58,9 @@ TINY = {
 SPEC = {
     "sngan.py": dict(length="--steps", shape=("--g-ch", "24"), nan=["--lr", "1e30"], folder=True,
                      total=12, kill_at="step 5/"),
+    # progan counts kimg (a float step); 250-image batches keep every kimg value exact in binary
+    "progan.py": dict(length="--kimg", shape=("--fmap-max", "4"), nan=["--lr", "1e30"], folder=True,
+                      total=5, kill_at="kimg 1/"),
     "gd_stable.py": dict(length="--steps", shape=("--g-width", "24"), nan=["--lr", "1e10"],
                          folder=True, total=40, kill_at="step 5/"),
     # one training pair per epoch (--max-dataset-size 1, batch 1): step = epoch, as these tests
