@@ -1,22 +1,21 @@
-"""AVB: Adversarial Variational Bayes: Unifying Variational Autoencoders and Generative Adversarial Networks.
+"""AVB: Adversarial Variational Bayes: Unifying Variational Autoencoders and GANs.
 Mescheder, Nowozin, Geiger. ICML 2017. arXiv:1701.04722 (v4)
-Official code: LMescheder/AdversarialVariationalBayes @ee29153 (avb/, notebooks/AVB_toy_example.ipynb)
+Official code: LMescheder/AdversarialVariationalBayes @ee29153 (avb/, notebooks/AVB_toy_example)
 
 Paper -> code   (sections after Sec. 3 are cited by name: their numbers were not checked)
-  Sec. 3      neural sampler z_phi(x, eps), noise inside the net .. Encoder (conv0, conv0_ac), ToyEncoder
-  Sec. 3      decoder p_theta(x|z), Bernoulli logits ............... Decoder (official decoders/conv0)
-  Eq. (3.3)   adversary objective, maximized over T ............... adversary_loss(), Adversary, ToyAdversary
-  Prop. 1     T* = log q(z|x) - log p(z); log p(z) built into T ... Adversary.forward (official issue #4)
-  Eq. (3.7)   reparametrized primal objective (number unverified) . primal_loss(), elbo_terms()
-  Prop. 2     T held fixed when differentiating w.r.t. phi ........ train_step(): backward(inputs=...)
-  Alg. 1      theta, phi, psi updated from the same sample ........ train_step(), --update simultaneous
-  AC section  r_alpha = N(mu(x), sd(x)^2), z~ = (z - mu) / sd ...... Encoder(ac=True), contrast_log_ratio()
-  Tab. 2      VAE baseline; log p(x) by AIS with HMC .............. GaussianEncoder, ais_log_likelihood(), evaluate()
-  Toy expt.   4-point data, per-input latent scatter .............. toy_batch(), latent_scatter()
+  Sec. 3     neural sampler z_phi(x, eps), noise inside the net ..... Encoder, ToyEncoder
+  Sec. 3     decoder p_theta(x|z), Bernoulli logits ................. Decoder (official conv0)
+  Eq. (3.3)  adversary objective, maximized over T .................. adversary_loss(), Adversary
+  Prop. 1    T* = log q(z|x) - log p(z); log p(z) built into T ...... Adversary.forward
+  Eq. (3.7)  reparametrized primal objective (number unverified) .... primal_loss(), elbo_terms()
+  Prop. 2    T held fixed when differentiating w.r.t. phi ........... train_step(), backward(inputs)
+  Alg. 1     theta, phi, psi updated from the same sample ........... train_step()
+  AC sect.   r_alpha = N(mu(x), sd(x)^2), z~ = (z - mu) / sd ......... Encoder(ac=True), elbo_terms
+  Tab. 2     VAE baseline; log p(x) by AIS with HMC ................. GaussianEncoder, evaluate()
+  Toy expt.  4-point data, per-input latent scatter ................. toy_batch(), posterior_figure
 Deviations and code facts (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  Simultaneous updates (official train.py, = Alg. 1); the toy notebook alternates
-     1 primal and 2 adversary steps. Each default follows its official script (--update). Alg. 1
-     uses one step size for all players; the code uses lr 5e-5 (primal) and 1e-4 (T): we follow it.
+  1. PAPER-VS-CODE  Simultaneous updates (official train.py, = Alg. 1); the toy notebook: 1 primal,
+     then 2 adversary steps (--update). Alg. 1 has one step size; the code 5e-5 / 1e-4: we follow it.
   2. PAPER-VS-CODE  AC: KL term = single-sample log r_alpha - log p at the drawn z, stop-gradient
      moments (official avb/__init__.py), not the closed-form Gaussian KL (same expectation).
   3. PAPER-VS-CODE  sd = sqrt(var + 1e-4) in z~, but log r_alpha uses log var without 1e-4 (kept).
@@ -26,12 +25,17 @@ Deviations and code facts (each also tagged in the code; grep DEVIATION|PAPER-VS
   7. PAPER-VS-CODE  The toy adversary adds ||z||^2 (notebook), not the log prior's 1/2 ||z||^2.
   8. PAPER-VS-CODE  Decoder ConvTs 1-3 use ReLU, the official conv2d_transpose default (the ELU
      arg-scope never reaches it); whether the paper's text says ELU is unverified.
-  9. DEVIATION  --model vae: AVB's conv0 decoder, lr 5e-5, batch 128 (like-for-like) where the VAE
-     scripts use conv1, lr 1e-4, batch 64; toy VAE: closed-form KL, not the notebook's 1-sample one.
+  9. DEVIATION  --model vae: AVB's conv0 decoder, lr 5e-5, batch 128 (like-for-like; the official VAE
+     scripts: conv1, 1e-4, 64); toy VAE: closed-form KL, not the notebook's 1-sample one.
  10. DEVIATION  MNIST via torchvision (first 5,000 train images = validation, as the official TF
-     loader); `shapes` made gray, 28x28, binarized alike: an offline stand-in. No CelebA/8 schools.
+     loader); shapes and folder:<path> made gray, 28x28, binarized alike. No CelebA, 8 schools.
+ 11. DEVIATION  AIS: the official code adapts the HMC step inside each weighted chain, so a chain's
+     kernel depends on its own past (biased on small batches); --ais-adapt pilot (default) adapts it
+     by the same rule on one extra chain per image, and the weighted chains replay it.
 Unverified in the card: Eq. number (3.7) (early versions: 3.9), Tab. 2 values other than the 32-dim
 AIS column, the toy table number.
+Datasets: mnist, shapes (offline), folder:<path> (its first --val-size images are validation and
+test), toy4. --steps counts primal (encoder + decoder) updates.
 Run
   python avb.py --dataset mnist                                   # AVB + AC, d = 32 (Tab. 2), 1 GPU
   python avb.py --dataset mnist --z-dim 8 --eps-dim 32 --eps-nbasis 16   # AVB + AC, d = 8
@@ -39,21 +43,22 @@ Run
   python avb.py --dataset mnist --model vae [--z-dim 8]           # VAE, d = 32 [8], same decoder
   python avb.py --evaluate runs/avb-mnist-s0/ckpt.pt              # ELBO estimate, AIS 8 x 2000
   python avb.py --evaluate CKPT --ais-chains 5 --ais-steps 1000   # AIS of the d = 8 no-AC row
-  python avb.py --dataset toy4                                    # toy, samples/latent_*.png
-  python avb.py --dataset shapes --steps 200 --log-every 50       # benchmark: steps/s, peak memory
-  python avb.py --dataset mnist --fid-every 100000 --export-samples 10000   # FID monitor: not the paper's metric
+  python avb.py --dataset toy4 [--model vae]                      # samples/*.png: posteriors
+  python avb.py --resume --out-dir RUN --export-samples 10000     # samples_10000.npz for fid.py
+Sampling (the decoder is the generator; it has no BatchNorm):
+  decoder, z_dim = avb.load_generator("runs/avb-mnist-s0/ckpt.pt", "cpu")
+  x = torch.sigmoid(decoder(torch.randn(64, z_dim)))   # Bernoulli means, (64, 1, 28, 28) in [0, 1]
 Paper reports: AIS log p(x) = -80.2 nats, AVB + AC, d = 32, binarized MNIST (Tab. 2; +- and other
 rows unverified). Our numbers: README.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import os
 import random
-import resource
-import time
 
 import numpy as np
 import torch
@@ -64,111 +69,144 @@ import torchvision
 import common
 
 LOG_2PI = math.log(2 * math.pi)
-TOY_DEFAULTS = dict(z_dim=2, eps_dim=64, adv_hidden=256, batch_size=512, lr=2e-5, betas=[0.9, 0.999],
-                    update="alternating", steps=100_000, ac=False)        # notebooks/AVB_toy_example
-IMAGE_DEFAULTS = dict(z_dim=32, eps_dim=64, adv_hidden=1024, batch_size=128, lr=5e-5, betas=[0.5, 0.999],
-                      update="simultaneous", steps=2_500_000, ac=True)    # experiments/avb_mnist_32_ac
-SHAPE_FLAGS = ("dataset", "model", "ac", "z_dim", "eps_dim", "eps_nbasis", "width", "adv_hidden", "adv_feat")
+EVAL_FLAGS = ("evaluate", "ais_chains", "ais_steps", "ais_batches", "ais_eps", "ais_schedule",
+              "ais_adapt", "elbo_batches")  # used by --evaluate only: free to change on --resume
 
 
 # ==== Args ====
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("paper (None = set by --dataset in derive_defaults, printed at start)")
-    o = "official experiments/*/run.py"
-    g.add_argument("--dataset", default="mnist", choices=["mnist", "shapes", "toy4"],
-                   help="binarized MNIST, binarized shapes (offline, DEVIATION), 4-point toy [Tab. 2, toy expt.]")
-    g.add_argument("--model", default="avb", choices=["avb", "vae"], help="AVB or the VAE baseline [Tab. 2]")
-    g.add_argument("--ac", action=argparse.BooleanOptionalAction, default=None,
-                   help="adaptive contrast; on for AVB on images, off for the toy [AC section; " + o + "]")
-    g.add_argument("--z-dim", type=int, default=None, help="latent d; 32 images, 2 toy [Tab. 2; " + o + "]")
-    g.add_argument("--eps-dim", type=int, default=None, help="encoder noise size; 64 (32 for d=8) [" + o + "]")
-    g.add_argument("--eps-nbasis", type=int, default=32, help="AC basis vectors m (16 for d=8) [" + o + "]")
-    g.add_argument("--width", type=int, default=64, help="df_dim = gf_dim; toy MLP width [official run_avae.py]")
-    g.add_argument("--adv-hidden", type=int, default=None,
-                   help="adversary width; 1024 images, 256 toy [official models/conv0.py, toy notebook]")
-    g.add_argument("--adv-feat", type=int, default=8192, help="size of theta(x), s(z) [official models/conv0.py]")
-    g.add_argument("--update", default=None, choices=["simultaneous", "alternating"],
-                   help="simultaneous (images), primal then adversary (toy) [Alg. 1; official train.py, notebook]")
-    g.add_argument("--adv-steps", type=int, default=2, help="adversary steps per primal step if alternating [notebook]")
-    g.add_argument("--lr", type=float, default=None, help="primal Adam lr; 5e-5 images, 2e-5 toy [" + o + ", notebook]")
-    g.add_argument("--lr-adv", type=float, default=1e-4, help="adversary Adam lr [" + o + ", notebook]")
-    g.add_argument("--betas", type=float, nargs=2, default=None,
-                   help="Adam betas; (0.5, 0.999) images, (0.9, 0.999) toy [official train.py, notebook]")
-    g.add_argument("--batch-size", type=int, default=None, help="128 images, 512 toy [" + o + ", notebook]")
-    g.add_argument("--steps", type=int, default=None,
-                   help="primal updates; 2.5M images (a bound), 100k toy [UNSPECIFIED: official nsteps, notebook]")
-    g.add_argument("--val-size", type=int, default=5000, help="first N train images = val [official download_mnist.py]")
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--evaluate", default=None, metavar="CKPT", help="ELBO estimate and AIS log p(x) of CKPT [Tab. 2]")
-    e.add_argument("--ais-chains", type=int, default=8, help="chains per image (5 for d=8 no AC) [" + o + "]")
-    e.add_argument("--ais-steps", type=int, default=2000, help="annealing steps K (1000 for d=8 no AC) [" + o + "]")
-    e.add_argument("--ais-batches", type=int, default=20, help="test batches for AIS [" + o + " --test-nais]")
-    e.add_argument("--ais-eps", type=float, default=0.01, help="initial HMC step, times sd(x) [official ais.py]")
-    e.add_argument("--elbo-batches", type=int, default=200, help="test batches, ELBO estimate [official validate]")
-    r = p.add_argument_group("run")
-    r.add_argument("--data-root", default="data", help="torchvision download folder [run]")
-    r.add_argument("--out-dir", default=None, help="default runs/avb-<dataset>-s<seed> [run]")
-    r.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch [run]")
-    r.add_argument("--device", default="cuda", help="cuda or cpu; no silent fallback [run]")
-    r.add_argument("--num-workers", type=int, default=4, help="DataLoader workers [run]")
-    r.add_argument("--log-every", type=int, default=100, help="steps between log lines [run]")
-    r.add_argument("--sample-every", type=int, default=1000, help="steps between grids (toy: scatters), 0 = off [run]")
-    r.add_argument("--ckpt-every", type=int, default=10_000, help="steps between checkpoints [run]")
-    r.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
-    r.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels; on CUDA set CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
-    r.add_argument("--export-samples", type=int, default=0, help="images: N Bernoulli means p of p(x|z), "
-                   "z ~ N(0, I), round(255 p), to samples_N.npz at the end, 0 = off (UNSPECIFIED: means, the usual "
-                   "choice for binarized-MNIST sample figures) [run]")
-    r.add_argument("--fid-every", type=int, default=0, help="images: FID of 2p - 1 via fid.py every K steps, 0 = off; "
-                   "not the paper's metric (AIS log p(x), --evaluate) [run]")
-    r.add_argument("--fid-samples", type=int, default=10_000, help="generated images per FID [run]")
-    r.add_argument("--fid-weights", default=None, help="FID Inception weight file (fid.py) [run]")
-    return p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=common.HelpFormatter)
+    pos, nonneg, lr = common.positive_int, common.nonnegative_int, common.positive_float
+    o, nb = "official experiments/*/run.py", "toy notebook"
+    g = p.add_argument_group("paper").add_argument
+    g("--dataset", default="mnist", help="mnist (binarized); shapes, folder:<path> (gray 28x28, "
+      "binarized: DEVIATION); toy4 (4-point toy) [Tab. 2, toy expt.]")
+    g("--model", default="avb", choices=["avb", "vae"], help="AVB or the VAE baseline [Tab. 2]")
+    g("--ac", action=argparse.BooleanOptionalAction, help="adaptive contrast; default: on for "
+      f"AVB on images, off for the toy and the VAE [AC sect.; {o}]")
+    g("--z-dim", type=pos, help=f"latent d; default 32 images, 2 toy [Tab. 2; {o}]")
+    g("--eps-dim", type=pos, help=f"encoder noise size; default 64 [{o}, {nb}]")
+    g("--eps-nbasis", type=pos, default=32, help=f"AC basis vectors m [{o}]")
+    g("--g-width", type=pos, default=64, help="encoder and decoder base width (df_dim = gf_dim); "
+      "toy MLP width [official run_avae.py, notebook]")
+    g("--d-width", type=pos, help="adversary width; default 1024 images, 256 toy [official "
+      "models/conv0.py, notebook]")
+    g("--adv-feat", type=pos, default=8192, help="size of theta(x), s(z) [official models/conv0.py]")
+    g("--update", choices=["simultaneous", "alternating"], help="default: simultaneous for images, "
+      f"alternating for the toy [Alg. 1; official train.py, {nb}]")
+    g("--d-steps", "--adv-steps", dest="d_steps", type=pos, default=2,
+      help=f"adversary steps per primal step with --update alternating [{nb}]")
+    g("--lr", type=lr, help=f"primal Adam lr; default 5e-5 images, 2e-5 toy [{o}, {nb}]")
+    g("--lr-d", "--lr-adv", dest="lr_d", type=lr, default=1e-4, help=f"adversary lr [{o}, {nb}]")
+    g("--betas", type=common.unit_float, nargs=2, help="Adam betas; default 0.5 0.999 images, "
+      f"0.9 0.999 toy [official train.py, {nb}]")
+    g("--batch-size", type=pos, help=f"default 128 images, 512 toy [{o}, {nb}]")
+    g("--steps", type=pos, help="primal updates; default 2.5M images (an upper bound), 100k toy "
+      "[UNSPECIFIED: official nsteps, notebook]")
+    g("--val-size", type=nonneg, default=5000,
+      help="first N train images = validation [official download_mnist.py]")
+    e = p.add_argument_group("eval").add_argument
+    e("--evaluate", metavar="CKPT", help="ELBO estimate and AIS log p(x) of CKPT, also written "
+      "to eval.json beside it [Tab. 2]")
+    e("--ais-chains", type=pos, default=8, help=f"chains per image (5 for d=8 no AC) [{o}]")
+    e("--ais-steps", type=pos, default=2000, help=f"annealing steps K (1000 for d=8 no AC) [{o}]")
+    e("--ais-batches", type=pos, default=20, help=f"test batches [{o} --test-nais]")
+    e("--ais-eps", type=lr, default=0.01, help="initial HMC step, times sd(x) [official ais.py]")
+    e("--ais-schedule", choices=["linear", "sigmoid"], default="linear",
+      help="beta schedule [official ais.py: linear; Wu et al. 2017: sigmoid]")
+    e("--ais-adapt", choices=["pilot", "chain", "off"], default="pilot", help="step adaptation "
+      "(/1.1 below acceptance 0.6, x1.1 above 0.7) on a pilot chain replayed by the weighted "
+      "ones, within each chain (official: biased), or none [DEVIATION, official ais.py]")
+    e("--elbo-batches", type=pos, default=200, help="test batches of the ELBO [official validate]")
+    r = p.add_argument_group("run").add_argument
+    r("--data-root", default="data", help="torchvision download folder [run]")
+    r("--out-dir", help="default: runs/avb-<dataset>-s<seed>[-<hash of other flags>] [run]")
+    r("--seed", type=nonneg, default=0, help="seeds python, numpy, torch [run]")
+    r("--device", default="cuda", help="cuda or cpu; no silent fallback [run]")
+    r("--num-workers", type=nonneg, default=4, help="DataLoader workers [run]")
+    r("--log-every", type=pos, default=100, help="steps between log lines [run]")
+    r("--sample-every", type=nonneg, default=1000,
+      help="steps between grids (toy: posterior figures), 0 = off [run]")
+    r("--ckpt-every", type=pos, default=10_000, help="steps between checkpoints [run]")
+    r("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
+    r("--deterministic", action="store_true",
+      help="deterministic kernels; on CUDA sets CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
+    r("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast of forward passes "
+      "(the paper trained in fp32) [run]")
+    r("--export-samples", type=nonneg, default=0, help="images: N decoder means of p(x|z), "
+      "z ~ N(0, I), uint8 as save_image rounds, to samples_N.npz at the end, 0 = off "
+      "(UNSPECIFIED: means, as binarized-MNIST sample figures) [run]")
+    r("--fid-every", type=nonneg, default=0, help="images: FID, IS of 2p - 1 via fid.py every K "
+      "steps, 0 = off; not the paper's metric (that is --evaluate) [run]")
+    r("--fid-samples", type=pos, default=10_000, help="generated images per FID [run]")
+    r("--fid-weights", help="FID Inception weight file (fid.py) [run]")
+    args = p.parse_args(argv)
 
-
-def derive_defaults(args):
-    """The per-configuration values of the official scripts, in one visible place (STYLE 2.3)."""
-    for k, v in (TOY_DEFAULTS if args.dataset == "toy4" else IMAGE_DEFAULTS).items():
+    # Values that depend on the configuration (the card's defaults table), in one place
+    if args.out_dir is None:
+        args.out_dir = common.default_out_dir("avb", args, vars(p.parse_args([])))
+    toy = args.dataset == "toy4"
+    if not (toy or args.dataset in ("mnist", "shapes") or args.dataset.startswith("folder:")):
+        raise common.UserError(f"unknown dataset {args.dataset!r}; avb.py takes mnist, shapes, "
+                               "folder:<path> or toy4")
+    if toy:      # notebooks/AVB_toy_example.ipynb
+        table = dict(z_dim=2, eps_dim=64, d_width=256, batch_size=512, lr=2e-5,
+                     betas=[0.9, 0.999], update="alternating", steps=100_000)
+    else:        # experiments/avb_mnist_32_ac/run.py
+        table = dict(z_dim=32, eps_dim=64, d_width=1024, batch_size=128, lr=5e-5,
+                     betas=[0.5, 0.999], update="simultaneous", steps=2_500_000)
+    for k, v in table.items():
         if getattr(args, k) is None:
-            setattr(args, k, v and args.model == "avb" if k == "ac" else v)
-    if args.ac and (args.dataset == "toy4" or args.model == "vae"):
-        raise ValueError("--ac needs AVB's basis-vector image encoder (--model avb, an image --dataset)")
-    if args.dataset == "toy4" and (args.fid_every or args.export_samples):
-        raise ValueError("--fid-every / --export-samples are for the image datasets (mnist, shapes)")
+            setattr(args, k, v)
+    if args.ac is None:
+        args.ac = args.model == "avb" and not toy
+    if args.ac and (toy or args.model == "vae"):
+        raise common.UserError("--ac needs AVB's image encoder (--model avb, an image --dataset)")
+    if toy and (args.fid_every or args.export_samples):
+        raise common.UserError("--fid-every / --export-samples are for the image datasets")
+    if max(args.betas) >= 1:
+        raise common.UserError(f"--betas {args.betas}: Adam needs each beta < 1")
     return args
 
 
 # ==== Data ====
-def toy_batch(n, device):
+def toy_batch(n, device, gen=None):
     """x uniform over the four one-hot 2x2 images [toy expt.; notebook get_data_samples]."""
-    return F.one_hot(torch.randint(0, 4, (n,), device=device), 4).float()     # (n, 4)
+    return F.one_hot(torch.randint(0, 4, (n,), device=device, generator=gen), 4).float()  # (n, 4)
 
 
-def binarize(x):
+def binarize(x, gen=None):
     """Dynamic binarization 1[u <= intensity], fresh on every read [official inputs.py]."""
-    p = (x + 1) / 2                                                            # [-1, 1] -> [0, 1]
-    if p.shape[1] == 3:                                       # DEVIATION: shapes RGB -> ITU-R 601 gray
-        p = (p * p.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)  # (B, 1, H, W)
-    return (torch.rand_like(p) <= p).float()
+    p = (x + 1) / 2                                                      # [-1, 1] -> [0, 1]
+    if p.shape[1] == 3:                              # DEVIATION: RGB stand-ins -> ITU-R 601 gray
+        p = (p * p.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (torch.rand(p.shape, generator=gen, device=p.device) <= p).float()  # (B, 1, H, W)
 
 
-def binary_batches(dataset, args, start_step, device):
-    """Endless binarized batches (B, 1, 28, 28); batch k is the same after a resume."""
-    for x, _ in common.infinite_batches(dataset, args.batch_size, args.seed, start_step, args.num_workers):
-        yield binarize(x.to(device, non_blocking=True))                  # torch RNG: part of the checkpoint
-
-
-def split_mnist(args):
-    """(train, val, test); the first val_size training images are validation [official download_mnist.py].
-    DEVIATION: torchvision's MNIST files instead of the official TFRecords (same images and split)."""
-    size = 28 if args.dataset == "shapes" else None
+def load_images(args):
+    """(train, test); the first val_size training images are validation, left out [official
+    download_mnist.py]. DEVIATION: torchvision's MNIST files, not the official TFRecords."""
+    size = None if args.dataset == "mnist" else 28
     full = common.load_dataset(args.dataset, args.data_root, size, train=True)
-    return (torch.utils.data.Subset(full, range(args.val_size, len(full))),
-            torch.utils.data.Subset(full, range(args.val_size)),
-            common.load_dataset(args.dataset, args.data_root, size, train=False))
+    full[0]                                          # an unreadable image fails now, at start-up
+    train = torch.utils.data.Subset(full, range(args.val_size, len(full)))
+    if len(train) < args.batch_size:
+        raise common.UserError(f"{args.dataset}: {len(full)} images, --val-size {args.val_size} "
+                               f"leaves {len(train)} for training, fewer than --batch-size")
+    if args.dataset.startswith("folder:"):           # no test split: the validation images
+        return train, torch.utils.data.Subset(full, range(args.val_size))
+    return train, common.load_dataset(args.dataset, args.data_root, size, train=False)
+
+
+def data_stream(train_set, args, step, device):
+    """draw_x() -> the next training batch; batch k is the same after a resume."""
+    if train_set is None:
+        return lambda: toy_batch(args.batch_size, device)                # training RNG: resumable
+    per_step = 1 + args.d_steps if args.update == "alternating" and args.model == "avb" else 1
+    batches = common.infinite_batches(train_set, args.batch_size, args.seed, step * per_step,
+                                      args.num_workers, device=device)
+    return lambda: binarize(next(batches)[0].to(device, non_blocking=True))
 
 
 # ==== Models ====
@@ -181,7 +219,8 @@ def init_tf(module, tiny=()):
                 nn.init.trunc_normal_(m.weight, std=1e-5, a=-2e-5, b=2e-5)
             else:
                 nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias) if m.bias is not None else None
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     return module
 
 
@@ -198,7 +237,7 @@ def convs_5x5(width, bias):
 
 
 class ConvTrunk(nn.Module):
-    """x -> 2x - 1 -> convs_5x5, BN + ELU on convs 1-3, ELU on conv 4 [official conv0_ac.py, vae conv0]."""
+    """x -> 2x - 1 -> convs_5x5, BN + ELU on convs 1-3, ELU on conv 4 [official conv0_ac.py]."""
 
     def __init__(self, width):
         super().__init__()
@@ -215,14 +254,14 @@ class ConvTrunk(nn.Module):
 
 
 class BasisMLP(nn.Module):
-    """m independent MLPs v_i(eps_i): eps_dim -> 128 -> 128 -> 128 -> d, ELU [official conv0_ac.py]."""
+    """m independent MLPs v_i(eps_i): eps_dim -> 128 -> 128 -> 128 -> d, ELU [official conv0_ac]."""
 
     def __init__(self, m, eps_dim, z_dim, hidden=128):
         super().__init__()
-        sizes = [eps_dim, hidden, hidden, hidden, z_dim]                 # Xavier-uniform per basis
+        sizes = list(zip([eps_dim, hidden, hidden, hidden], [hidden, hidden, hidden, z_dim]))
         self.W = nn.ParameterList(nn.Parameter((torch.rand(m, i, o) * 2 - 1) * math.sqrt(6 / (i + o)))
-                                  for i, o in zip(sizes[:-1], sizes[1:]))
-        self.b = nn.ParameterList(nn.Parameter(torch.zeros(m, 1, o)) for o in sizes[1:])
+                                  for i, o in sizes)                     # Xavier-uniform per basis
+        self.b = nn.ParameterList(nn.Parameter(torch.zeros(m, 1, o)) for _, o in sizes)
 
     def forward(self, eps):                                              # eps (m, B, eps_dim)
         for k, (W, b) in enumerate(zip(self.W, self.b)):
@@ -232,14 +271,13 @@ class BasisMLP(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Neural sampler z_phi(x, eps) for 28x28 binary x; returns z, E[z|x], Var[z|x] [Sec. 3, AC section].
-
+    """Neural sampler z_phi(x, eps) for 28x28 binary x -> z, E[z|x], Var[z|x] [Sec. 3, AC sect.].
     ac=False (official conv0): eps (B, eps_dim) enters after every conv through a learned Linear.
-    ac=True (official conv0_ac): z = z0(x) + sum_i a_i(x) * v_i(eps_i), moments from batch stats of v_i."""
+    ac=True (official conv0_ac): z = z0(x) + sum_i a_i(x) v_i(eps_i), moments from batch stats."""
 
     def __init__(self, z_dim, eps_dim, eps_nbasis, width, ac):
         super().__init__()
-        self.ac, self.eps_dim, self.m, self.z_dim, feat = ac, eps_dim, eps_nbasis, z_dim, 8 * width * 49
+        self.ac, self.eps_dim, self.m, feat = ac, eps_dim, eps_nbasis, 8 * width * 49
         if ac:
             self.trunk, self.z0 = ConvTrunk(width), nn.Linear(feat, z_dim)
             self.a = nn.ModuleList(nn.Linear(feat, z_dim) for _ in range(eps_nbasis))
@@ -247,7 +285,7 @@ class Encoder(nn.Module):
         else:
             self.convs = convs_5x5(width, bias=True)
             sizes = [width * 784, 2 * width * 784, 4 * width * 196, 8 * width * 49]
-            self.inject = nn.ModuleList(nn.Linear(eps_dim, s) for s in sizes)  # official ops.add_linear
+            self.inject = nn.ModuleList(nn.Linear(eps_dim, s) for s in sizes)  # ops.add_linear
             self.fc = nn.Linear(feat, z_dim)
         init_tf(self, tiny=[self.z0] if ac else [])
 
@@ -273,11 +311,12 @@ class Encoder(nn.Module):
 
 class GaussianEncoder(nn.Module):
     """VAE baseline q(z|x) = N(mu, sd^2): ConvTrunk, or 3 x [Linear 64, ELU] (toy) [official vae/].
-    DEVIATION: paired with AVB's conv0 decoder; the released VAE scripts use the smaller conv1 nets."""
+    DEVIATION: paired with AVB's conv0 decoder; the released VAE scripts use the smaller conv1."""
 
     def __init__(self, z_dim, width, toy):
         super().__init__()
-        self.trunk = nn.Sequential(mlp([4, width, width, width], nn.ELU), nn.ELU()) if toy else ConvTrunk(width)
+        self.trunk = (nn.Sequential(mlp([4, width, width, width], nn.ELU), nn.ELU()) if toy
+                      else ConvTrunk(width))
         feat = width if toy else 8 * width * 49
         self.mean, self.log_sd = nn.Linear(feat, z_dim), nn.Linear(feat, z_dim)
         init_tf(self)
@@ -290,18 +329,17 @@ class GaussianEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Bernoulli logits: Linear + ELU, ConvT 5x5 4w s2, 2w s2, w s1 (ReLU), 1 s1 [official decoders/conv0]."""
+    """Bernoulli logits: Linear + ELU, ConvT 5x5 4w s2, 2w s2, w s1 (ReLU), 1 s1 [official conv0]."""
 
     def __init__(self, z_dim, width):
         super().__init__()
         self.width, self.fc = width, nn.Linear(z_dim, 8 * width * 49)
         # PAPER-VS-CODE: ReLU, the default of the custom conv2d_transpose (the ELU scope misses it).
-        # UNSPECIFIED-equivalent: TF SAME pads stride-2 ConvT asymmetrically; same shapes, 1-px shift.
-        self.net = nn.Sequential(
-            nn.ConvTranspose2d(8 * width, 4 * width, 5, stride=2, padding=2, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(4 * width, 2 * width, 5, stride=2, padding=2, output_padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(2 * width, width, 5, stride=1, padding=2), nn.ReLU(),
-            nn.ConvTranspose2d(width, 1, 5, stride=1, padding=2))
+        # UNSPECIFIED-equivalent: TF SAME pads stride-2 ConvT asymmetrically; same shapes, 1-px shift
+        convt = lambda i, o, s: nn.ConvTranspose2d(i, o, 5, stride=s, padding=2, output_padding=s - 1)
+        w = [8 * width, 4 * width, 2 * width, width]
+        self.net = nn.Sequential(convt(w[0], w[1], 2), nn.ReLU(), convt(w[1], w[2], 2), nn.ReLU(),
+                                 convt(w[2], w[3], 1), nn.ReLU(), convt(w[3], 1, 1))
         init_tf(self)
 
     def forward(self, z):
@@ -310,12 +348,13 @@ class Decoder(nn.Module):
 
 
 class Adversary(nn.Module):
-    """T(x, z) = sum_k theta_k(x) s_k(z) + T_x(x) + T_z(z) + 1/2 ||z||^2 [official models/conv0.py]."""
+    """T(x, z) = sum_k theta_k(x) s_k(z) + T_x(x) + T_z(z) + 1/2 ||z||^2 [official models/conv0]."""
 
     def __init__(self, z_dim, hidden=1024, feat=8192, x_dim=784):
         super().__init__()
         tower = lambda i, o: mlp([i, hidden, hidden, hidden, o], lambda: nn.LeakyReLU(0.2))
-        self.theta, self.s, self.T_x, self.T_z = tower(x_dim, feat), tower(z_dim, feat), tower(x_dim, 1), tower(z_dim, 1)
+        self.theta, self.s = tower(x_dim, feat), tower(z_dim, feat)
+        self.T_x, self.T_z = tower(x_dim, 1), tower(z_dim, 1)
         init_tf(self, tiny=[self.theta[-1], self.T_x[-1], self.T_z[-1]])  # std 1e-5 output layers
 
     def forward(self, x, z):
@@ -330,7 +369,8 @@ class ToyEncoder(nn.Module):
 
     def __init__(self, z_dim, eps_dim, width):
         super().__init__()
-        self.eps_dim, self.net = eps_dim, init_tf(mlp([4 + eps_dim, width, width, width, z_dim], nn.ELU))
+        self.eps_dim = eps_dim
+        self.net = init_tf(mlp([4 + eps_dim, width, width, width, z_dim], nn.ELU))
 
     def forward(self, x, eps=None):
         eps = torch.randn(x.shape[0], self.eps_dim, device=x.device) if eps is None else eps
@@ -338,7 +378,7 @@ class ToyEncoder(nn.Module):
 
 
 class ToyAdversary(nn.Module):
-    """Linear 256 + ELU, 5 blocks h <- ELU(h + L1(ReLU(L0 h))) with L1 = 0 at init, Linear 1 [notebook]."""
+    """Linear 256 + ELU, 5 blocks h <- ELU(h + L1(ReLU(L0 h))), L1 = 0 at init, Linear 1 [notebook]."""
 
     def __init__(self, z_dim, hidden=256, n_blocks=5):
         super().__init__()
@@ -356,17 +396,30 @@ class ToyAdversary(nn.Module):
         return self.out(h).squeeze(1) + (z ** 2).sum(1)
 
 
-def build_models(args):
-    """(encoder, decoder, T); T is None for the VAE."""
-    toy, w = args.dataset == "toy4", args.width
+def build_models(args, device="cpu"):
+    """(encoder, decoder, T) on `device`; T is None for the VAE."""
+    toy, w, T = args.dataset == "toy4", args.g_width, None
     if args.model == "vae":
         encoder = GaussianEncoder(args.z_dim, w, toy)
+    elif toy:
+        encoder = ToyEncoder(args.z_dim, args.eps_dim, w)
     else:
-        encoder = (ToyEncoder(args.z_dim, args.eps_dim, w) if toy
-                   else Encoder(args.z_dim, args.eps_dim, args.eps_nbasis, w, args.ac))
-    decoder = init_tf(mlp([args.z_dim, w, w, w, 4], nn.ELU)) if toy else Decoder(args.z_dim, w)  # notebook
-    return encoder, decoder, (None if args.model == "vae" else ToyAdversary(args.z_dim, args.adv_hidden) if toy
-                              else Adversary(args.z_dim, args.adv_hidden, args.adv_feat))
+        encoder = Encoder(args.z_dim, args.eps_dim, args.eps_nbasis, w, args.ac)
+    decoder = init_tf(mlp([args.z_dim, w, w, w, 4], nn.ELU)) if toy else Decoder(args.z_dim, w)
+    if args.model == "avb":
+        T = (ToyAdversary(args.z_dim, args.d_width) if toy
+             else Adversary(args.z_dim, args.d_width, args.adv_feat))
+    return encoder.to(device), decoder.to(device), None if T is None else T.to(device)
+
+
+def load_generator(ckpt_path, device="cpu"):
+    """(decoder, z_dim) from the checkpoint alone: sigmoid(decoder(z)), z ~ N(0, I), are the
+    Bernoulli means the paper shows as samples (toy: 4 logits per sample)."""
+    state = common.load_checkpoint(ckpt_path, device)
+    args = argparse.Namespace(**state["args"])
+    decoder = build_models(args, device)[1]
+    decoder.load_state_dict(state["decoder"])
+    return decoder.eval().requires_grad_(False), args.z_dim
 
 
 # ==== Losses ====
@@ -380,8 +433,8 @@ def log_prior(z):
 
 
 def contrast_log_ratio(z, z_norm, var):
-    """log r_alpha(z|x) - log p(z) at the drawn z [AC section; official avb/__init__.py]."""
-    log_r = -0.5 * (z_norm ** 2 + var.log() + LOG_2PI).sum(1)           # PAPER-VS-CODE: log var, no 1e-4
+    """log r_alpha(z|x) - log p(z) at the drawn z [AC sect.; official avb/__init__.py]."""
+    log_r = -0.5 * (z_norm ** 2 + var.log() + LOG_2PI).sum(1)           # PAPER-VS-CODE: no 1e-4
     return log_r - log_prior(z)
 
 
@@ -392,7 +445,7 @@ def gaussian_kl(mean, var):
 
 
 def primal_loss(recon, kl, scale):
-    """Negated Eq. (3.7): mean over the batch of recon + KL^, times 1/(H*W*C) [official loss_primal]."""
+    """Negated Eq. (3.7): mean over the batch of recon + KL^, times 1/(H*W*C) [official]."""
     return scale * (recon + kl).mean()
 
 
@@ -403,165 +456,252 @@ def adversary_loss(T_q, T_p):
 
 
 def elbo_terms(encoder, decoder, T, x, ac):
-    """One forward pass: per-example recon and KL^ (phi gets T's gradient through z~ only), plus T on
-    the detached q-pairs and on prior pairs with the same x [Eq. 3.3, 3.7; official AVB class]."""
+    """One forward pass: per-example recon and KL^ (phi gets T's gradient through z~ only), plus T
+    on the detached q-pairs and on prior pairs with the same x [Eq. 3.3, 3.7; official AVB]."""
     z, mean, var = encoder(x)
     recon = reconstruction_error(decoder(z), x)
     if T is None:                                                        # VAE: closed-form KL
         return dict(recon=recon, kl=gaussian_kl(mean, var))
-    if ac:                                                               # KL^ = T(x, z~) + log r_alpha - log p
+    if ac:                                                               # KL^ = T(x, z~) + log r - log p
         mean, var = mean.detach(), var.detach()                          # stop-gradient moments
         z_norm = (z - mean) / (var + 1e-4).sqrt()                        # z~ = (z - mu) / sd
-        kl = T(x, z_norm) + contrast_log_ratio(z, z_norm, var)          # PAPER-VS-CODE: 1-sample, not closed form
+        kl = T(x, z_norm) + contrast_log_ratio(z, z_norm, var)          # PAPER-VS-CODE: 1 sample
     else:
-        z_norm = z                                                       # mu = 0, sd = 1: KL^ = T(x, z)
+        z_norm = z                                                       # mu = 0, sd = 1: KL^ = T
         kl = T(x, z)
     return dict(recon=recon, kl=kl, T_q=T(x, z_norm.detach()), T_p=T(x, torch.randn_like(z)))
 
 
 # ==== Train step ====
-def train_step(encoder, decoder, T, opt_G, opt_D, draw_x, args, scale):
+def train_step(encoder, decoder, T, opt_G, opt_D, draw_x, args, scale,
+               autocast=contextlib.nullcontext):
     """Alg. 1: theta, phi descend the negated Eq. (3.7), psi (T) ascends Eq. (3.3)."""
+    def forward():
+        with autocast():
+            return elbo_terms(encoder, decoder, T, draw_x(), args.ac)
+
     def step_D(t):
-        loss_D = adversary_loss(t["T_q"], t["T_p"])
+        loss_D = adversary_loss(t["T_q"].float(), t["T_p"].float())
         opt_D.zero_grad(set_to_none=True)
         loss_D.backward(inputs=list(T.parameters()))                     # z~ detached: psi only
         opt_D.step()
         return loss_D
 
-    t = elbo_terms(encoder, decoder, T, draw_x(), args.ac)
-    loss_G = primal_loss(t["recon"], t["kl"], scale)
+    t = forward()
+    recon, kl = t["recon"].float(), t["kl"].float()
+    loss_G = primal_loss(recon, kl, scale)
     opt_G.zero_grad(set_to_none=True)
-    loss_G.backward(inputs=[*encoder.parameters(), *decoder.parameters()])  # T held fixed (Prop. 2)
-    out = dict(loss_G=loss_G, elbo=-(t["recon"] + t["kl"]).mean(), recon=t["recon"].mean(), kl=t["kl"].mean())
+    loss_G.backward(inputs=[*encoder.parameters(), *decoder.parameters()])  # T fixed (Prop. 2)
+    out = dict(loss_G=loss_G, elbo=-(recon + kl).mean(), recon=recon.mean(), kl=kl.mean())
     if T is not None and args.update == "simultaneous":
-        out["loss_D"] = step_D(t)            # same sample, gradients at the same parameters [official train.py]
+        out["loss_D"] = step_D(t)          # same sample, gradients at the same parameters [train.py]
     opt_G.step()
     if T is not None and args.update == "alternating":
-        for _ in range(args.adv_steps):      # PAPER-VS-CODE: toy notebook, fresh x, eps, z_p per step
-            out["loss_D"] = step_D(elbo_terms(encoder, decoder, T, draw_x(), args.ac))
-    if T is not None:                        # T on q- and prior pairs of the primal sample
-        out.update(T_q=t["T_q"].mean(), T_p=t["T_p"].mean())
+        for _ in range(args.d_steps):      # PAPER-VS-CODE: toy notebook, fresh x, eps, z_p per step
+            out["loss_D"] = step_D(forward())
+    if T is not None:                      # T on q- and prior pairs of the primal sample
+        out.update(T_q=t["T_q"].float().mean(), T_p=t["T_p"].float().mean())
     return {k: v.detach() for k, v in out.items()}
 
 
 # ==== Eval ====
-def ais_log_likelihood(x, log_joint, init_mean, init_std, n_chains=8, n_steps=1000, eps=0.01, n_leapfrog=10):
-    """AIS with HMC (Wu et al. 2017; official validate/ais.py): log p^(x) per example, shape (B,).
-
-    r_0 = N(init_mean, diag init_std^2), both (B, d); log_joint(z, x) = log p(x, z) per example;
-    U_beta = -beta log p(x, z) - (1 - beta) log r_0(z) with beta linear over n_steps + 1 points."""
-    C, (B, d) = n_chains, init_mean.shape
-    mean, std = init_mean.expand(C, B, d), init_std.expand(C, B, d)
-    xs = x.repeat(C, *[1] * (x.dim() - 1))                               # (C*B, ...), chain-major
-
-    def terms(z):  # log p(x, z) and its gradient, log r_0(z) and its gradient (normalized densities)
-        with torch.enable_grad():
-            zg = z.detach().requires_grad_(True)
-            lj = log_joint(zg.reshape(C * B, d), xs).view(C, B)
-            g, = torch.autograd.grad(lj.sum(), zg)
-        lr = (-0.5 * ((z - mean) / std) ** 2 - std.log() - 0.5 * LOG_2PI).sum(-1)
-        return lj.detach(), g, lr, -(z - mean) / std ** 2
-
-    def energy(c, beta):  # U_beta and its gradient from terms()
-        return -(beta * c[0] + (1 - beta) * c[2]), -(beta * c[1] + (1 - beta) * c[3])
-
-    betas = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64).tolist()
-    z = mean + std * torch.randn_like(mean)                              # z ~ r_0
-    cur, log_w = terms(z), torch.zeros(C, B, dtype=mean.dtype, device=mean.device)
-    step = torch.full((C, 1, 1), eps, dtype=mean.dtype, device=mean.device)  # adapted per chain
-    for i in range(n_steps):
-        log_w += (betas[i + 1] - betas[i]) * (cur[0] - cur[2])          # U_i(z) - U_{i+1}(z) at the current z
-        if i == n_steps - 1:
-            break
-        beta, h = betas[i + 1], step * std                               # per-dimension step eps * sd(x)
-        U0, gU = energy(cur, beta)
-        p = torch.randn_like(z)
-        H0, p, zq = U0 + 0.5 * (p ** 2).sum(-1), p - 0.5 * h * gU, z    # half momentum step
-        for l in range(n_leapfrog + 1):                                  # 11 position updates
-            zq = zq + h * p
-            new = terms(zq)
-            U1, gU = energy(new, beta)
-            p = p - h * gU if l < n_leapfrog else p - 0.5 * h * gU      # 10 full steps, closing half step
-        accept = torch.rand_like(H0) < torch.exp(H0 - U1 - 0.5 * (p ** 2).sum(-1))  # Metropolis; NaN rejects
-        z = torch.where(accept[..., None], zq, z)
-        cur = tuple(torch.where(accept if c.dim() == 2 else accept[..., None], n, c) for n, c in zip(new, cur))
-        rate = accept.to(mean.dtype).mean(1).view(C, 1, 1)               # batch acceptance per chain
-        step = torch.where(rate < 0.6, step / 1.1, torch.where(rate > 0.7, step * 1.1, step))
-    return torch.logsumexp(log_w, 0) - math.log(C)                      # log-mean-exp over chains
+def annealing_schedule(n_steps, kind="linear", rad=4.0):
+    """beta_0 = 0, ..., beta_K = 1: linear [official ais.py], or sigmoid(rad (2t/K - 1)) rescaled
+    to [0, 1] (Wu et al. 2017, after Grosse et al.: denser near 0 and 1)."""
+    t = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
+    if kind == "sigmoid":
+        s = torch.sigmoid(rad * (2 * t - 1))
+        t = (s - s[0]) / (s[-1] - s[0])
+    return t.tolist()
 
 
-def latent_scatter(encoder, path, noise_dim, n=512, size=256, seed=0):
-    """z ~ q(z|x) for each of the 4 toy inputs, on [-3, 3] x [-3.5, 3.5] as the notebook's figure."""
-    dev = next(encoder.parameters()).device
-    colors = torch.tensor([[.12, .47, .71], [1., .5, .05], [.17, .63, .17], [.84, .15, .16]])
-    canvas = torch.ones(3, size, size)
-    eps = torch.randn(n, noise_dim, generator=torch.Generator().manual_seed(seed)).to(dev)  # shared noise
+def ais_log_likelihood(x, log_joint, init_mean, init_std, n_chains=8, n_steps=1000, eps=0.01,
+                       schedule="linear", adapt="pilot", n_leapfrog=10, gen=None, progress=None):
+    """AIS with HMC (Wu et al. 2017; official validate/ais.py) -> (log p^(x) per example (B,), HMC
+    steps used (K - 1,), mean acceptance). r_0 = N(init_mean, diag init_std^2), both (B, d);
+    log_joint(z, x) = log p(x, z) per example. The step eps * sd(x) adapts by the official rule
+    (/1.1 below batch acceptance 0.6, x1.1 above 0.7) on adapt="pilot": one extra chain, weights
+    discarded, replayed by the weighted chains (DEVIATION); "chain": inside each chain (official,
+    biased: a chain's kernel depends on its own past); "off": fixed."""
+    betas, (B, d), dev, dt = annealing_schedule(n_steps, schedule), init_mean.shape, x.device, x.dtype
+
+    def run(C, steps):  # C x B chains; steps (K - 1,) fixed, or None: each chain adapts its own
+        mean, std = init_mean.expand(C, B, d), init_std.expand(C, B, d)
+        xs = x.repeat(C, *[1] * (x.dim() - 1))                           # (C*B, ...), chain-major
+        randn = lambda: torch.randn(mean.shape, generator=gen, device=dev, dtype=dt)
+
+        def terms(z):  # log p(x, z), log r_0(z) (normalized) and their gradients
+            with torch.enable_grad():
+                zg = z.detach().requires_grad_(True)
+                lj = log_joint(zg.reshape(C * B, d), xs).view(C, B)
+                g, = torch.autograd.grad(lj.sum(), zg)
+            lr = (-0.5 * ((z - mean) / std) ** 2 - std.log() - 0.5 * LOG_2PI).sum(-1)
+            return lj.detach(), lr, g, -(z - mean) / std ** 2
+
+        # U_beta = -beta log p(x, z) - (1 - beta) log r_0(z), and its gradient
+        energy = lambda c, b: (-(b * c[0] + (1 - b) * c[1]), -(b * c[2] + (1 - b) * c[3]))
+        z = mean + std * randn()                                         # z ~ r_0
+        cur, log_w = terms(z), torch.zeros(C, B, dtype=dt, device=dev)
+        step, used, acc = torch.full((C, 1, 1), eps, dtype=dt, device=dev), [], 0.0
+        for i in range(n_steps):
+            log_w += (betas[i + 1] - betas[i]) * (cur[0] - cur[1])      # U_i(z) - U_i+1(z)
+            if progress is not None:
+                progress.update(1)
+            if i == n_steps - 1:
+                break
+            step = step if steps is None else steps[i].expand(C, 1, 1)
+            used.append(step[:, 0, 0])
+            h, beta = step * std, betas[i + 1]                           # per-dimension eps * sd(x)
+            U0, gU = energy(cur, beta)
+            p = randn()
+            H0, p, zq = U0 + 0.5 * (p ** 2).sum(-1), p - 0.5 * h * gU, z    # half momentum step
+            for l in range(n_leapfrog + 1):                                  # 11 position updates
+                zq = zq + h * p
+                new = terms(zq)
+                U1, gU = energy(new, beta)
+                p = p - h * gU if l < n_leapfrog else p - 0.5 * h * gU  # 10 full, 1 closing half
+            u = torch.rand(H0.shape, generator=gen, device=dev, dtype=dt)
+            accept = u < torch.exp(H0 - U1 - 0.5 * (p ** 2).sum(-1))    # Metropolis; NaN rejects
+            z = torch.where(accept[..., None], zq, z)
+            cur = [torch.where(accept if c.dim() == 2 else accept[..., None], n, c)
+                   for n, c in zip(new, cur)]
+            rate = accept.to(dt).mean(1).view(C, 1, 1)                   # batch acceptance, per chain
+            acc = acc + rate.mean() / (n_steps - 1)
+            if steps is None:
+                step = torch.where(rate < 0.6, step / 1.1, torch.where(rate > 0.7, step * 1.1, step))
+        return log_w, torch.stack(used) if used else step.new_zeros(0, C), float(acc)
+
+    steps = torch.full((max(n_steps - 1, 0),), eps, dtype=dt, device=dev)  # adapt="off"
+    if adapt == "pilot":
+        steps = run(1, None)[1][:, 0]
+    log_w, used, acc = run(n_chains, None if adapt == "chain" else steps)
+    return torch.logsumexp(log_w, 0) - math.log(n_chains), used[:, 0], acc  # log-mean-exp
+
+
+def decoder_means(decoder, n, z_dim, gen, device):
+    """sigmoid(decoder(z)), z ~ N(0, I) from `gen` (never the training RNG): (n, 1, 28, 28)."""
     with torch.no_grad():
-        for i in range(4):
-            z = encoder(F.one_hot(torch.full((n,), i, device=dev), 4).float(), eps)[0].cpu()
-            row, col = ((3.5 - z[:, 1]) / 7 * size).long(), ((z[:, 0] + 3) / 6 * size).long()
-            for dr, dc in itertools.product((-1, 0, 1), repeat=2):       # 3x3 dots, alpha 0.5
-                r, c = (row + dr).clamp(0, size - 1), (col + dc).clamp(0, size - 1)
-                canvas[:, r, c] = 0.5 * canvas[:, r, c] + 0.5 * colors[i][:, None]
-    torchvision.utils.save_image(canvas, path)
+        return torch.sigmoid(decoder(torch.randn(n, z_dim, generator=gen).to(device)))
 
 
-def decoder_means(decoder, n, args, gen):
-    """Bernoulli means sigmoid(decoder(z)), z ~ N(0, I) drawn from `gen` (training RNG untouched): (n, 1, 28, 28)."""
-    with torch.no_grad():
-        return torch.sigmoid(decoder(torch.randn(n, args.z_dim, generator=gen).to(args.device)))
-
-
-def export_samples(decoder, args, path, chunk=500):
-    """uint8 NHWC, round(255 p) of the decoder means (UNSPECIFIED: means, not binary draws)."""
+def export_samples(decoder, args, device, chunk=500):
+    """samples_N.npz, uint8 NHWC for `python fid.py`: decoder means rounded as save_image rounds
+    (UNSPECIFIED: means, not binary draws)."""
     gen, n = torch.Generator().manual_seed(args.seed + 2), args.export_samples
-    x = torch.cat([decoder_means(decoder, min(chunk, n - i), args, gen).cpu() for i in range(0, n, chunk)])
-    np.savez_compressed(path, images=(x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    x = [common.quantize(2 * decoder_means(decoder, min(chunk, n - i), args.z_dim, gen, device) - 1)
+         for i in range(0, n, chunk)]
+    np.savez_compressed(os.path.join(args.out_dir, f"samples_{n}.npz"), images=torch.cat(x).numpy())
 
 
-def evaluate_fid(decoder, args):
-    import fid  # evaluation only: a copy of this script without fid.py still trains
-    gen = torch.Generator().manual_seed(args.seed + 3)
-    return fid.fid_for_training(lambda n: 2 * decoder_means(decoder, n, args, gen) - 1, args.dataset,
-                                args.data_root, 28, args.fid_samples, args.device, weights=args.fid_weights)
+def build_fid(args, device):
+    """fid.TrainingFID, built at start-up: missing weights or reference data fail before step 1."""
+    try:
+        import fid  # evaluation only: a copy of this script without fid.py still trains
+    except ImportError:
+        raise common.UserError("--fid-every needs fid.py (the project's metric file) next to "
+                               "avb.py") from None
+    ev = fid.TrainingFID(args.dataset, args.data_root, 28, device, args.fid_samples,
+                         weights=args.fid_weights)
+
+    def evaluate_fid(decoder):  # {"fid", "is", "is_std"} of 2p - 1, p the decoder means
+        gen = torch.Generator().manual_seed(args.seed + 3)  # re-seeded per use: not training RNG
+        return ev(lambda n: 2 * decoder_means(decoder, n, args.z_dim, gen, device) - 1)
+    return evaluate_fid
 
 
-def evaluate(args):
-    """ELBO estimate (not a bound for AVB) and AIS log p(x), mean +- std / sqrt(#batches) [Tab. 2]."""
-    state = common.load_checkpoint(args.evaluate, args.device)
-    a, device = argparse.Namespace(**state["args"]), torch.device(args.device)
-    encoder, decoder, T = (m if m is None else m.to(device).eval() for m in build_models(a))
-    for m, k in ((encoder, "encoder"), (decoder, "decoder"), (T, "T")):
-        m is None or m.load_state_dict(state[k])
+TOY_RGB = ((31, 119, 180), (214, 39, 40), (148, 103, 189), (23, 190, 207))  # x = e1 .. e4
+
+
+def posterior_figure(encoder, path, lines, noise_dim, n=600, size=360, lim=3.5, seed=0):
+    """z ~ q(z|x) for each toy input on [-lim, lim]^2, grey prior circles at radius 1, 2, 3 (the
+    paper's toy latent-space figure), with a title strip and a colour key."""
+    from PIL import Image, ImageDraw
+    dev, m = next(encoder.parameters()).device, 28                       # m: margin for the axes
+    eps = torch.randn(n, noise_dim, generator=torch.Generator().manual_seed(seed)).to(dev)
+    px = lambda v: m + (v + lim) / (2 * lim) * size                      # z1 -> column, -z2 -> row
+    img = Image.new("RGBA", (size + 2 * m, size + 2 * m), "white")
+    d = ImageDraw.Draw(img)
+    for r in (1, 2, 3):                                                  # prior N(0, I) contours
+        d.ellipse([px(-r), px(-r), px(r), px(r)], outline=(190, 190, 190))
+    d.rectangle([m, m, m + size, m + size], outline=(120, 120, 120))
+    for v in (-3, 0, 3):                                                 # tick labels
+        d.text((px(v) - 4, m + size + 4), str(v), fill="black")
+        d.text((6, px(-v) - 6), str(v), fill="black")
+    for i, rgb in enumerate(TOY_RGB):
+        with torch.no_grad():
+            z = encoder(F.one_hot(torch.full((n,), i, device=dev), 4).float(), eps)[0].cpu()
+        layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+        dl = ImageDraw.Draw(layer)
+        for a, b in zip(px(z[:, 0]).tolist(), px(-z[:, 1]).tolist()):
+            dl.ellipse([a - 1.5, b - 1.5, a + 1.5, b + 1.5], fill=(*rgb, 150))
+        img = Image.alpha_composite(img, layer)
+    key = [(f"q(z|x=e{i + 1})", rgb) for i, rgb in enumerate(TOY_RGB)]
+    common.title_strip(img.convert("RGB"), lines, key=key).save(path)
+
+
+def save_samples(step, encoder, decoder, fixed_z, args):
+    """samples/<step>.png: 8x8 decoder means of the fixed z (images) or the posteriors (toy)."""
+    path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
+    if args.dataset != "toy4":
+        with torch.no_grad():
+            torchvision.utils.save_image(torch.sigmoid(decoder(fixed_z)), path, nrow=8)
+        return
+    lines = [f"avb.py --model {args.model} | toy4 | step {step} | 600 z ~ q(z|x) per input x",
+             "z1 (right), z2 (up) in [-3.5, 3.5]; grey: prior N(0, I) at radius 1, 2, 3"]
+    posterior_figure(encoder, path, lines, args.eps_dim if args.model == "avb" else args.z_dim,
+                     seed=args.seed)
+
+
+def evaluate(args, device):
+    """ELBO estimate (not a bound for AVB) and AIS log p(x), mean +- std/sqrt(#batches) [Tab. 2]."""
+    state = common.load_checkpoint(args.evaluate, device)
+    if state.get("script") != "avb":
+        raise common.UserError(f"{args.evaluate!r} is not a checkpoint of avb.py")
+    a = argparse.Namespace(**{**state["args"], "data_root": args.data_root})
+    encoder, decoder, T = build_models(a, device)
+    for k, m in (("encoder", encoder), ("decoder", decoder), ("T", T)):
+        if m is not None:
+            m.load_state_dict(state[k])
+            m.eval()                                 # BN running statistics (card pitfall 8)
     decoder.requires_grad_(False)
-    if a.dataset == "toy4":
-        draw = lambda s, n: [toy_batch(a.batch_size, device) for _ in range(n)]
-    else:
-        a.data_root = args.data_root
-        test = split_mnist(a)[2]
-        draw = lambda s, n: [binarize(x.to(device)) for x, _ in itertools.islice(
-            common.infinite_batches(test, a.batch_size, s, 0, args.num_workers), n)]  # seeded test batches
-    with torch.no_grad():
-        elbos = [-(t["recon"] + t["kl"]).mean().item() for t in
-                 (elbo_terms(encoder, decoder, T, x, a.ac) for x in draw(args.seed, args.elbo_batches))]
-    ais, log_joint = [], lambda z, x: -reconstruction_error(decoder(z), x) + log_prior(z)
-    # PAPER-VS-CODE: dynamically binarized test images (one binarization for all chains), 20 x 128 of them
-    for k, x in enumerate(draw(args.seed + 1, args.ais_batches)):
-        with torch.no_grad():  # r_0: AC moments (sd = sqrt(var + 1e-4)), the VAE's q, else the prior
+    gen = torch.Generator(device).manual_seed(args.seed)                 # evaluation RNG
+    test = None if a.dataset == "toy4" else load_images(a)[1]
+
+    def batches(seed, n):  # PAPER-VS-CODE: test images binarized afresh (once for all chains)
+        if test is None:
+            return (toy_batch(a.batch_size, device, gen) for _ in range(n))
+        stream = common.infinite_batches(test, a.batch_size, seed, 0, args.num_workers)
+        return (binarize(x.to(device), gen) for x, _ in itertools.islice(stream, n))
+
+    elbos, prog = [], common.Progress("ELBO estimate", args.elbo_batches, unit="batch")
+    for x in batches(args.seed, args.elbo_batches):
+        with torch.no_grad():
+            t = elbo_terms(encoder, decoder, T, x, a.ac)
+        elbos.append(-(t["recon"] + t["kl"]).mean().item())
+        prog.update(1)
+    ais, rates, log_joint = [], [], lambda z, x: log_prior(z) - reconstruction_error(decoder(z), x)
+    prog = common.Progress("AIS", args.ais_batches * args.ais_steps * (
+        2 if args.ais_adapt == "pilot" else 1), unit="annealing step")
+    for k, x in enumerate(batches(args.seed + 1, args.ais_batches)):
+        with torch.no_grad():  # r_0: AC moments (sd = sqrt(var + 1e-4)), the VAE's q, else prior
             z, mean, var = encoder(x)
-        if var is None:                                                  # PAPER-VS-CODE: prior without AC
+        if var is None:                                                  # PAPER-VS-CODE: prior
             mean, var = torch.zeros_like(z), torch.ones_like(z)
-        std = (var + 1e-4 * a.ac).sqrt()
-        ais.append(ais_log_likelihood(x, log_joint, mean, std, args.ais_chains, args.ais_steps, args.ais_eps)
-                   .mean().item())
-        print(f"AIS batch {k + 1}/{args.ais_batches}: log p(x) {ais[-1]:.3f}", flush=True)
+        std = (var + 1e-4).sqrt() if a.ac else var.sqrt()
+        log_px, _, rate = ais_log_likelihood(x, log_joint, mean, std, args.ais_chains,
+                                             args.ais_steps, args.ais_eps, args.ais_schedule,
+                                             args.ais_adapt, gen=gen, progress=prog)
+        ais.append(log_px.mean().item())
+        rates.append(rate)
+        print(f"AIS batch {k + 1}/{args.ais_batches}: log p(x) {ais[-1]:.3f} | acceptance "
+              f"{rate:.2f}", flush=True)
     se = lambda v: float(np.std(v) / math.sqrt(len(v)))  # [official validate process_stats]
     res = {"step": state["step"], "elbo_estimate": float(np.mean(elbos)), "elbo_se": se(elbos),
            "ais_log_px": float(np.mean(ais)), "ais_se": se(ais), "ais_images": len(ais) * a.batch_size,
-           "ais_chains": args.ais_chains, "ais_steps": args.ais_steps}
-    print(f"ELBO {'estimate (not a bound)' if T is not None else 'bound'} {res['elbo_estimate']:.2f} +- "
-          f"{res['elbo_se']:.2f} | AIS log p(x) {res['ais_log_px']:.2f} +- {res['ais_se']:.2f} | " + json.dumps(res))
+           **{k: getattr(args, k) for k in EVAL_FLAGS[1:]}, "ais_acceptance": float(np.mean(rates))}
+    kind = "estimate (not a bound)" if T is not None else "bound"
+    print(f"ELBO {kind} {res['elbo_estimate']:.2f} +- {res['elbo_se']:.2f} | AIS log p(x) "
+          f"{res['ais_log_px']:.2f} +- {res['ais_se']:.2f} | {json.dumps(res)}", flush=True)
     with open(os.path.join(os.path.dirname(os.path.abspath(args.evaluate)), "eval.json"), "w") as f:
         json.dump(res, f, indent=1)
     return res
@@ -569,95 +709,67 @@ def evaluate(args):
 
 # ==== Main ====
 def main(argv=None):
-    args = derive_defaults(parse_args(argv))
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("CUDA not available; pass --device cpu")
+    args = parse_args(argv)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    device = common.get_device(args.device)
+    if args.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
     if args.evaluate:
-        return evaluate(args)
-    device, toy = torch.device(args.device), args.dataset == "toy4"
-    args.out_dir = args.out_dir or os.path.join("runs", f"avb-{args.dataset}-s{args.seed}")
-    ckpt_path = common.prepare_run(args.out_dir, args.resume)
-    scale = 1.0 if toy else 1.0 / (28 * 28)                              # PAPER-VS-CODE: official 1/(H*W*C)
-    train_set = None if toy else split_mnist(args)[0]
-    encoder, decoder, T = (m if m is None else m.to(device) for m in build_models(args))
-    opt_G = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=args.lr, betas=tuple(args.betas))
+        return evaluate(args, device)
+    run = common.Run(args, "avb", total=args.steps, mutable=("steps", *EVAL_FLAGS))
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
+                else contextlib.nullcontext)
+    toy = args.dataset == "toy4"
+    train_set = None if toy else load_images(args)[0]
+    encoder, decoder, T = build_models(args, device)
+    opt_G = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=args.lr,
+                             betas=tuple(args.betas))
     # PAPER-VS-CODE: two learning rates (official run.py) where Alg. 1 has one step size h_i
-    opt_D = None if T is None else torch.optim.Adam(T.parameters(), lr=args.lr_adv, betas=tuple(args.betas))
+    opt_D = None if T is None else torch.optim.Adam(T.parameters(), lr=args.lr_d,
+                                                    betas=tuple(args.betas))
     nets = dict(encoder=encoder, decoder=decoder, T=T, opt_G=opt_G, opt_D=opt_D)
-    fixed_z = torch.randn(64, args.z_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    step = 0
-    if ckpt_path:
-        s = common.load_checkpoint(ckpt_path, device, args, shape_flags=SHAPE_FLAGS)
+    evaluate_fid = build_fid(args, device) if args.fid_every else None
+    fixed_z = torch.randn(64, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
+    if not toy:                                      # reals.png, read now: bad files fail here
+        reals = binarize(torch.stack([train_set[i][0] for i in range(min(64, len(train_set)))]),
+                         torch.Generator().manual_seed(args.seed))
+    step, fixed_z = 0, fixed_z.to(device)
+    state = run.load(device)
+    if state:
         for k, obj in nets.items():
-            obj is None or obj.load_state_dict(s[k])
-        step, fixed_z = s["step"], s["fixed_z"]
-        common.set_rng_state(s["rng"])
-    print(json.dumps(vars(args), indent=1), flush=True)
-    print(f"device {device} | torch {torch.__version__} | params " + " | ".join(
-        f"{k} {sum(p.numel() for p in m.parameters()):,}" for k, m in list(nets.items())[:3] if m is not None)
-        + f" | loss scale {scale:.6g}", flush=True)
-    with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    mpath = os.path.join(args.out_dir, "metrics.jsonl")
-    if ckpt_path and os.path.exists(mpath):                              # log each step once across resumes
-        with open(mpath) as f:
-            keep = [ln for ln in f if json.loads(ln)["step"] <= step]
-        with open(mpath, "w") as f:
-            f.writelines(keep)
-    if toy:
-        draw_x = lambda: toy_batch(args.batch_size, device)              # torch RNG, resumable
-    else:
-        per_step = 1 + args.adv_steps if (args.update == "alternating" and T is not None) else 1
-        batches = binary_batches(train_set, args, step * per_step, device)
-        draw_x = lambda: next(batches)
+            if obj is not None:
+                obj.load_state_dict(state[k])
+        step, fixed_z = state["step"], state["fixed_z"].to(device)
+        common.set_rng_state(state["rng"])
+
+    run.start(step, device, **{k: m for k, m in list(nets.items())[:3] if m is not None})
+    scale = 1.0 if toy else 1.0 / (28 * 28)                              # PAPER-VS-CODE: 1/(H*W*C)
+    print(f"loss scale {scale:.6g} (official: 1/(H*W*C) for images, 1 for the toy)", flush=True)
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if not ckpt_path:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training RNG untouched
-            reals = (toy_batch(64, device).view(64, 1, 2, 2) if toy
-                     else binarize(torch.stack([train_set[i][0] for i in range(min(64, len(train_set)))]).to(device)))
+    if step == 0 and not toy:
         torchvision.utils.save_image(reals, os.path.join(args.out_dir, "reals.png"), nrow=8)
-    metrics, t0, t_start, step0 = {"step": step}, time.time(), time.time(), step
-    while step < args.steps:
-        out = train_step(encoder, decoder, T, opt_G, opt_D, draw_x, args, scale)
+    draw_x = data_stream(train_set, args, step, device)
+    while step < args.steps and not run.stopping:
+        out = train_step(encoder, decoder, T, opt_G, opt_D, draw_x, args, scale, autocast)
         step += 1
-        fid_now = args.fid_every and (step % args.fid_every == 0 or step == args.steps)
-        if step % args.log_every == 0 or step == args.steps or fid_now:   # a FID step is a log step
-            it_s = (step - metrics["step"]) / max(time.time() - t0, 1e-9)
-            metrics = {"step": step, **{k: v.item() for k, v in out.items()},
-                       "it_s": it_s, "eta_s": (args.steps - step) / max(it_s, 1e-9)}
+        fid_now = args.fid_every > 0 and (step % args.fid_every == 0 or step == args.steps)
+        if step % args.log_every == 0 or step == args.steps or fid_now:  # a FID step is a log step
             if fid_now:
-                metrics["fid"] = evaluate_fid(decoder, args)
-            print(f"step {step}/{args.steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                                             if k not in ("step", "eta_s"))
-                  + f" | eta {metrics['eta_s'] / 3600:.1f}h", flush=True)
-            with open(mpath, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            t0 = time.time()
+                out.update(evaluate_fid(decoder))
+            run.log(step, out)
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-            with torch.no_grad():                                        # decoder means of fixed z ~ p(z)
-                grid = torch.sigmoid(decoder(fixed_z)).view(64, 1, *((2, 2) if toy else (28, 28)))
-            torchvision.utils.save_image(grid, os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=8)
-            if toy:
-                latent_scatter(encoder, os.path.join(args.out_dir, "samples", f"latent_{step:07d}.png"),
-                               args.eps_dim if args.model == "avb" else args.z_dim, seed=args.seed)
-        if step % args.ckpt_every == 0 or step == args.steps:
-            common.save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
-                "step": step, "args": vars(args), "fixed_z": fixed_z, "rng": common.rng_state(),
-                **{k: None if m is None else m.state_dict() for k, m in nets.items()}})
-    if args.export_samples:
-        export_samples(decoder, args, os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"))
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    rate = (step - step0) / max(time.time() - t_start, 1e-9)
-    print(f"done: {step - step0} steps at {rate:.2f} steps/s (incl. logging/sampling) | peak memory {peak:.0f} "
-          f"MiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})", flush=True)
-    return metrics
+            save_samples(step, encoder, decoder, fixed_z, args)
+        if step % args.ckpt_every == 0 or step == args.steps or run.stopping:
+            run.save(step, {"fixed_z": fixed_z.cpu(), "rng": common.rng_state(),
+                            **{k: None if m is None else m.state_dict() for k, m in nets.items()}})
+    if args.export_samples and not run.stopping:
+        export_samples(decoder, args, device)
+    return run.finish(step, device)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

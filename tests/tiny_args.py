@@ -26,7 +26,7 @@ TINY = {
                   "--select-picks", "2", "--log-every", "2", "--sample-every", "2", "--ckpt-every",
                   "3", "--deterministic", "--spend-more-epsilon"],
     "avb.py": ["--dataset", "shapes", "--device", "cpu", "--steps", "2", "--batch-size", "8",
-               "--width", "4", "--adv-hidden", "16", "--adv-feat", "32", "--z-dim", "4",
+               "--g-width", "4", "--d-width", "16", "--adv-feat", "32", "--z-dim", "4",
                "--eps-dim", "8", "--eps-nbasis", "2", "--val-size", "16", "--num-workers", "0",
                "--log-every", "1", "--sample-every", "2", "--ckpt-every", "2", "--deterministic"],
     # progan: 4 iterations of 250 per kimg: 4x4 stabilize (2), 8x8 fade-in (alpha 0.5), 8x8 stabilize
@@ -61,12 +61,16 @@ SPEC = {
     # progan counts kimg (a float step); 250-image batches keep every kimg value exact in binary
     "progan.py": dict(length="--kimg", shape=("--fmap-max", "4"), nan=["--lr", "1e30"], folder=True,
                       total=5, kill_at="kimg 1/"),
+    "projection.py": dict(length="--steps", shape=("--d-ch", "24"), nan=["--lr", "1e30"],
+                          folder=True, total=12, kill_at="step 5/"),
     "gd_stable.py": dict(length="--steps", shape=("--g-width", "24"), nan=["--lr", "1e10"],
                          folder=True, total=40, kill_at="step 5/"),
     # one training pair per epoch (--max-dataset-size 1, batch 1): step = epoch, as these tests
     # assume of the length flag
     "pix2pixhd.py": dict(length="--epochs", shape=("--ngf", "6"), nan=["--lr", "1e30"],
                          folder=False, total=12, kill_at="step 5/"),
+    "avb.py": dict(length="--steps", shape=("--z-dim", "6"), nan=["--lr", "1e30"], folder=True,
+                   total=12, kill_at="step 5/"),
     "dp_gan.py": dict(length="--epochs", shape=("--width", "0.125"), nan=["--lr", "1e30"],
                       folder=False, total=12, kill_at="step 5/"),
 }
