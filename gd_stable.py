@@ -6,7 +6,7 @@ Paper -> code  (Sec. 2, 3 checked; later section and equation numbers unverified
   Sec. 2     V = E f(D(x)) + E f(-D(G(z))), f concave ....... f_concave(), game_value()
   Sec. 2     gradient descent: D ascends V, G descends V .... train_step()
   Sec. 3     GAN stable, WGAN limit cycles (card 2.6) ....... toy_game(), toy_run()
-  reg. sec.  G descends V + eta ||grad_{theta_D} V||^2 ...... gradient_norm_penalty(), player_grads()
+  reg. sec.  G descends V + eta ||grad_{theta_D} V||^2 ...... gradient_norm_penalty(), player_grads
   exp. sec.  streamlines of the uniform/quadratic toy ....... streamline_figure()
   exp. sec.  8 Gaussians, official MLPs ..................... sample_mog8(), MLPGenerator/-Discr.
   exp. sec.  image run [unverified: stacked MNIST, DCGAN] ... StackedMNIST, DCGANGenerator/-Discr.
@@ -138,7 +138,7 @@ def parse_args(argv=None):
              f"(stacked_)mnist, not {args.dataset}: pass --eval-every 0"),
             (args.fid_every and args.dataset in ("mog8", "stacked_mnist"), "--fid-every needs a "
              "set common.load_dataset loads; for stacked_mnist score --export-samples with fid.py"),
-            (args.d_steps > 1 and args.update == "simultaneous", "--d-steps > 1 needs alternating")):
+            (args.d_steps > 1 and args.update == "simultaneous", "--d-steps: alternating only")):
         if bad:
             p.error(message)
     return args
@@ -173,32 +173,30 @@ class StackedMNIST(torch.utils.data.Dataset):
         return x, int((self.labels[j] * torch.tensor([100, 10, 1])).sum())
 
 
-def build_data(args):
-    """(dataset, reals for the figures); mog8 has no dataset. The first images are read now, so a
-    bad file fails at start-up."""
-    if args.dataset == "mog8":
-        return None, sample_mog8(512, "cpu", generator=torch.Generator().manual_seed(args.seed))
+def build_data(args, device, step):
+    """(reals for the figures, draw): draw() -> (x_real, z) is a fresh batch per player step, and
+    an image stream started at `step` gives the batches an uninterrupted run would. The first
+    images are read now, so a bad file fails at start-up."""
+    ds, batches = None, None
     if args.dataset == "stacked_mnist":
         ds = StackedMNIST(common.load_dataset("mnist", args.data_root), args.seed)
-    else:
+    elif args.dataset != "mog8":
         ds = common.load_dataset(args.dataset, args.data_root, args.img_size)
-    reals = torch.stack([ds[i][0] for i in range(min(64, len(ds)))])
-    if len(ds) < args.batch_size:
-        raise common.UserError(f"{args.dataset}: {len(ds)} items < --batch-size {args.batch_size}")
-    return ds, reals
-
-
-def batch_stream(args, ds, device, step):
-    """draw() -> (x_real, z), a fresh batch per player step; an image stream started at `step`
-    gives the batches an uninterrupted run would."""
-    per_step = 1 if args.update == "simultaneous" else args.d_steps + 1   # batches per iteration
-    batches = None if ds is None else common.infinite_batches(
-        ds, args.batch_size, args.seed, step * per_step, args.num_workers)
+    if ds is None:
+        reals = sample_mog8(512, "cpu", generator=torch.Generator().manual_seed(args.seed))
+    else:
+        reals = torch.stack([ds[i][0] for i in range(min(64, len(ds)))])
+        per_step = 1 if args.update == "simultaneous" else args.d_steps + 1   # batches per step
+        batches = common.infinite_batches(ds, args.batch_size, args.seed, step * per_step,
+                                          args.num_workers)
+        if len(ds) < args.batch_size:
+            raise common.UserError(f"{args.dataset}: {len(ds)} items < --batch-size "
+                                   f"{args.batch_size}")
 
     def draw():
         x = sample_mog8(args.batch_size, device) if ds is None else next(batches)[0].to(device)
         return x, torch.randn(len(x), args.z_dim, device=device)
-    return draw
+    return reals, draw
 
 
 # ==== Models ====
@@ -321,8 +319,7 @@ def load_generator(ckpt_path, device="cpu"):
 
 # ==== Losses ====
 def f_concave(t, loss):
-    """f(t) = -log(1 + e^-t) = log sigmoid(t) (GAN; f'(0) = 1/2, f''(0) = -1/4) or t (WGAN)
-    [Sec. 2]."""
+    """f(t) = -log(1 + e^-t) = log sigmoid(t) (GAN: f''(0) = -1/4 < 0), or t (WGAN) [Sec. 2]."""
     return -F.softplus(-t) if loss == "gan" else t
 
 
@@ -581,8 +578,7 @@ class Evaluator:
             self.fid = fid.TrainingFID(args.dataset, args.data_root, args.img_size, device,
                                        args.fid_samples, weights=args.fid_weights)
 
-    def due(self, step):
-        """The metrics step `step` computes: each every K steps and at the last step."""
+    def due(self, step):                      # the metrics of `step`: every K steps and the last
         a = self.args
         return [k for k, every in (("modes", a.eval_every), ("fid", a.fid_every))
                 if every and (step % every == 0 or step == a.steps)]
@@ -647,21 +643,21 @@ def main(argv=None):
     torch.use_deterministic_algorithms(args.deterministic)
     run = common.Run(args, "gd_stable", total=args.steps, mutable=MUTABLE)
 
-    dataset, reals = build_data(args)
+    state = run.load(device)
+    step = 0 if state is None else state["step"]
+    reals, draw = build_data(args, device, step)
     G, D, opt_G, opt_D = build_models(args, reals.shape[1], device)
-    fixed_z = torch.randn(len(reals) if dataset is None else 64, args.z_dim,
+    fixed_z = torch.randn(len(reals) if args.dataset == "mog8" else 64, args.z_dim,
                           generator=torch.Generator().manual_seed(args.seed))
-    step, state = 0, run.load(device)
     if state is not None:
         for obj, key in ((G, "G"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):
             obj.load_state_dict(state[key])
         for group in opt_G.param_groups + opt_D.param_groups:
             group["lr"] = args.lr                 # a new --lr on --resume takes effect (MUTABLE)
-        step, fixed_z = state["step"], state["fixed_z"].cpu()
+        fixed_z = state["fixed_z"].cpu()
     rng = state["rng"] if state is not None else common.rng_state()
     evaluator = Evaluator(args, device, state)     # a classifier, FID: not the training stream
     common.set_rng_state(rng)
-    draw = batch_stream(args, dataset, device, step)
     run.start(step, device, G=G, D=D)
     if step == 0:
         save_figure(args, 0, reals)

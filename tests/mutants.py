@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+T_GDS = "tests/test_gd_stable.py"
+
 MUTANTS = {
     # ---- common.py: the run plumbing every script relies on ----
     "common.py": [
@@ -182,7 +184,142 @@ MUTANTS = {
     "wgan_gp.py": [
     ],
     # ---- gd_stable.py ----
-    "gd_stable.py": [
+    "gd_stable.py": [  # one or more per checklist item of the card (Sec. 7), then issues 11, 12
+        # 1. unbounded D logit; V = mean f(D(x)) + mean f(-D(G(z))), f = -softplus(-t) or t
+        ("gd_stable.py", 'return -F.softplus(-t) if loss == "gan"',
+         'return -F.softplus(t) if loss == "gan"', T_GDS, "1: f(t) = -log(1 + e^t)"),
+        ("gd_stable.py", "+ expect(f_concave(-d_fake, loss), weights)\n",
+         "+ expect(f_concave(d_fake, loss), weights)\n", T_GDS, "1: f(D(G(z))) for f(-D(G(z)))"),
+        ("gd_stable.py", "return super().forward(x / 4.0)",
+         "return torch.sigmoid(super().forward(x / 4.0))", T_GDS, "1: a sigmoid on D's logit"),
+        ("gd_stable.py", "return v.mean(0).sum()", "return v.sum(0).sum()", T_GDS,
+         "1: batch sum for the batch mean"),
+        # 2. D step: ascent on V, no regularizer
+        ("gd_stable.py", "loss_D = -game_value(d_real, d_fake, loss=loss, weights=weights)",
+         "loss_D = game_value(d_real, d_fake, loss=loss, weights=weights)", T_GDS,
+         "2: D descends V"),
+        ("gd_stable.py", "torch.autograd.grad(loss_D, list(D.parameters()))",
+         "torch.autograd.grad(loss_D + eta * gradient_norm_penalty(loss_D, list(D.parameters())),"
+         " list(D.parameters()))", T_GDS, "2: eta regularizes D too"),
+        # 3. G minimizes V + eta R, R = sum of squared entries of dV/dtheta_D, create_graph
+        ("gd_stable.py", "grads = torch.autograd.grad(V, d_params, create_graph=True)",
+         "grads = [g.detach() for g in torch.autograd.grad(V, d_params, retain_graph=True)]",
+         T_GDS, "3: no double backprop: R is a constant for G"),
+        ("gd_stable.py", "    return sum(g.pow(2).sum() for g in grads)\n",
+         "    return sum(g.pow(2).sum() for g in grads).sqrt()\n", T_GDS, "3: the norm, unsquared"),
+        ("gd_stable.py", "    return sum(g.pow(2).sum() for g in grads)\n",
+         "    return max(g.pow(2).sum() for g in grads)\n", T_GDS, "3: one layer's norm"),
+        ("gd_stable.py", "loss_G = obj + eta * R if eta > 0 else obj",
+         "loss_G = obj - eta * R if eta > 0 else obj", T_GDS, "3: the flipped sign (pitfall 1)"),
+        # 4. R of the same V, real term included; the G step has its own real batch
+        ("gd_stable.py", "R = gradient_norm_penalty(V, d_params) if",
+         "R = gradient_norm_penalty(expect(f_concave(-d_fake, loss), weights), d_params) if",
+         T_GDS, "4: R without the real term"),
+        ("gd_stable.py", "g_G, _, out = player_grads(G, D, *batch_G,",
+         "g_G, _, out = player_grads(G, D, batches_D[0][0], batch_G[1],", T_GDS,
+         "4: the G step reuses the D step's reals"),
+        # 5. only theta_G moves in the G step
+        ("gd_stable.py", '    descend(opt_G, G, g_G)\n    return {**out, "loss_D": loss_D.detach()}',
+         '    descend(opt_G, G, g_G)\n    opt_D.step()\n    return {**out, "loss_D": loss_D.detach()}',
+         T_GDS, "5: D moves again after the G step"),
+        # 6. minimax by default
+        ("gd_stable.py", 'g("--g-objective", default="minimax"', 'g("--g-objective", default="nonsat"',
+         T_GDS, "6: non-saturating G by default"),
+        ("gd_stable.py", 'obj = V if g_objective == "minimax" else',
+         'obj = V if g_objective != "minimax" else', T_GDS, "6: the objectives swapped"),
+        # 7. mog8 data and networks
+        ("gd_stable.py", "MOG8_CENTERS = (2.0 *", "MOG8_CENTERS = (2.5 *", T_GDS, "7: radius 2.5"),
+        ("gd_stable.py", "def sample_mog8(n, device, std=0.02,", "def sample_mog8(n, device, std=0.05,",
+         T_GDS, "7: data std 0.05"),
+        ("gd_stable.py", "[_ANGLES.sin(), _ANGLES.cos()]", "[_ANGLES.cos(), _ANGLES.sin()]", T_GDS,
+         "7: centres (r cos, r sin)"),
+        ("gd_stable.py", "return super().forward(x / 4.0)", "return super().forward(x / 2.0)", T_GDS,
+         "7: D input x / 2"),
+        ("gd_stable.py", "nn.Linear(width, 1))\n        self.apply(orthogonal_init)",
+         "nn.Linear(width, 1))\n        self.apply(lambda m: orthogonal_init(m, gain=1.0))", T_GDS,
+         "7: D's orthogonal gain 1 (issue 12)"),
+        ("gd_stable.py", "def orthogonal_init(m, gain=0.8):", "def orthogonal_init(m, gain=1.0):",
+         T_GDS, "7: orthogonal gain 1 for both"),
+        ("gd_stable.py", "nn.init.orthogonal_(m.weight, gain=gain)\n        nn.init.zeros_(m.bias)",
+         "nn.init.orthogonal_(m.weight, gain=gain)\n        nn.init.normal_(m.bias, 0, 0.01)",
+         T_GDS, "7: non-zero biases"),
+        ("gd_stable.py", "super().__init__(nn.Linear(z_dim, width), nn.ReLU(),",
+         "super().__init__(nn.Linear(z_dim, width), nn.LeakyReLU(0.2),", T_GDS,
+         "7: a leaky ReLU in G"),
+        # 8. defaults: batch 512, Adam(1e-4, 0.5, 0.999, 1e-8) for both, 100,001 its, eta 0.5
+        ("gd_stable.py", "lr=(1e-4, 2e-4)", "lr=(2e-4, 2e-4)", T_GDS, "8: mog8 lr 2e-4"),
+        ("gd_stable.py", "batch_size=(512, 64)", "batch_size=(256, 64)", T_GDS, "8: batch 256"),
+        ("gd_stable.py", "steps=(100_001, 50_000)", "steps=(100_000, 50_000)", T_GDS,
+         "8: 100,000 iterations"),
+        ("gd_stable.py", "z_dim=(256, 100)", "z_dim=(128, 100)", T_GDS, "8: z 128"),
+        ("gd_stable.py", "betas=tuple(args.betas), eps=args.adam_eps)",
+         "betas=(0.5, 0.999), eps=args.adam_eps)", T_GDS, "8: Adam betas hard-wired (issue 12)"),
+        ("gd_stable.py", "betas=tuple(args.betas), eps=args.adam_eps)", "betas=tuple(args.betas))",
+         T_GDS, "8: --adam-eps ignored"),
+        ("gd_stable.py", "nargs=2, default=(0.5, 0.999),", "nargs=2, default=(0.5, 0.9),", T_GDS,
+         "8: beta2 0.9"),
+        ("gd_stable.py", 'g("--eta", type=common.nonnegative_float, default=0.5,',
+         'g("--eta", type=common.nonnegative_float, default=0.1,', T_GDS, "8: eta 0.1"),
+        ("gd_stable.py", 'g("--update", default="alternating"', 'g("--update", default="simultaneous"',
+         T_GDS, "8: simultaneous by default"),
+        ("gd_stable.py", "batches_D = [draw() for _ in range(args.d_steps)]", "batches_D = [draw()]",
+         T_GDS, "8: --d-steps ignored"),
+        # 9. simultaneous: both gradients at the same point
+        ("gd_stable.py", '        descend(opt_G, G, g_G)\n        return {**out, "loss_D": -out["V"]}',
+         '        descend(opt_G, G, player_grads(G, D, *batches_D[0], **kw)[0])\n'
+         '        return {**out, "loss_D": -out["V"]}', T_GDS, "9: G's gradient after D moved"),
+        ("gd_stable.py", "descend(opt_D, D, [-g for g in g_D], clip=d_clip)",
+         "descend(opt_D, D, g_D, clip=d_clip)", T_GDS, "9: simultaneous D descends V"),
+        # 10. --eta 0 is the plain GAN, same RNG stream
+        ("gd_stable.py", "loss_G = obj + eta * R if eta > 0 else obj",
+         "loss_G = obj + eta * R if eta > 0 else obj + 1e-3 * gradient_norm_penalty(V, d_params)",
+         T_GDS, "10: eta 0 still regularizes"),
+        ("gd_stable.py", "    fixed_z = torch.randn(len(reals) if args.dataset == \"mog8\" else 64, "
+         "args.z_dim,\n                          generator=torch.Generator().manual_seed(args.seed))",
+         "    fixed_z = torch.randn(len(reals) if args.dataset == \"mog8\" else 64, args.z_dim)",
+         T_GDS, "10: the figure z drawn from the training stream"),
+        # 11. logged V, ||grad_D V||, ||grad_G V||
+        ("gd_stable.py", "g_V = g_G if loss_G is V else torch.autograd.grad(V, g_params)",
+         "g_V = g_G", T_GDS, "11: grad_G logs the regularized gradient (issue 12)"),
+        ("gd_stable.py", "grad_D=R.detach().sqrt()", "grad_D=R.detach()", T_GDS,
+         "11: grad_D logs the squared norm"),
+        # 12. the toys through the same train_step
+        ("gd_stable.py", "torch.tensor(w / 2)", "torch.tensor(w)", T_GDS,
+         "12: quadrature weights sum to 2"),
+        ("gd_stable.py", "return Monomial(d0), Monomial(g0), 0 * one, one, None",
+         "return Monomial(d0), Monomial(g0), one, one, None", T_GDS, "12: Dirac data at 1"),
+        # 13. stacked MNIST: 3 independent digits, 1000 modes, in-script classifier >= 98%
+        ("gd_stable.py", "torch.tensor([100, 10, 1])", "torch.tensor([1, 10, 100])", T_GDS,
+         "13: label digits reversed"),
+        ("gd_stable.py", "(len(self.images), 3), generator=g)",
+         "(len(self.images), 1), generator=g).repeat(1, 3)", T_GDS, "13: one digit in all three"),
+        ("gd_stable.py", "mode = (digits * 10 ** torch.arange(c - 1, -1, -1)).sum(1)",
+         "mode = digits.sum(1)", T_GDS, "13: modes as digit sums"),
+        ("gd_stable.py", "kl = (p[p > 0] * (p[p > 0] * 10 ** c).log()).sum().item()",
+         "kl = -(p[p > 0] * p[p > 0].log()).sum().item()", T_GDS, "13: entropy for KL"),
+        ("gd_stable.py", "def load_classifier(args, device, state, min_acc=0.98):",
+         "def load_classifier(args, device, state, min_acc=0.0):", T_GDS,
+         "13: any classifier accepted"),
+        # 14. mog8 mode metric: 3 std, >= 1% of the samples
+        ("gd_stable.py", "hq = dist <= 3 * std", "hq = dist <= 4 * std", T_GDS, "14: 4 std"),
+        ("gd_stable.py", "def mog8_modes(x, std=0.02, min_frac=0.01):",
+         "def mog8_modes(x, std=0.02, min_frac=0.02):", T_GDS, "14: the 2% threshold (issue 12)"),
+        ("gd_stable.py", "counts >= min_frac * len(x)", "counts > min_frac * len(x)", T_GDS,
+         "14: strictly more than 1%"),
+        ("gd_stable.py", "counts = torch.bincount(k[hq], minlength=8)",
+         "counts = torch.bincount(k, minlength=8)", T_GDS, "14: low-quality samples cover modes"),
+        ("gd_stable.py", "mode_samples=(2500, 26_000)", "mode_samples=(512, 26_000)", T_GDS,
+         "14: 512 samples"),
+        # issues 11, 14: --lr on --resume, exports, sampling mode, figure colours
+        ("gd_stable.py", 'group["lr"] = args.lr', 'group["lr"] = group["lr"]', T_GDS,
+         "11: a new --lr on --resume ignored"),
+        ("gd_stable.py", "common.quantize(sample(G, zc, device))",
+         "((sample(G, zc, device) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1)", T_GDS,
+         "14: truncating export quantisation"),
+        ("gd_stable.py", "    G.eval()\n    out = torch.cat", "    G.train()\n    out = torch.cat",
+         T_GDS, "14: samples in train mode"),
+        ("gd_stable.py", "_paint(img, reals, common.REAL_RGB", "_paint(img, reals, common.FAKE_RGB",
+         T_GDS, "14: real points green"),
     ],
     # ---- dp_gan.py ----
     "dp_gan.py": [  # one or more per checklist item of the card (Sec. 7), then issues 11 and 12

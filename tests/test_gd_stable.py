@@ -30,70 +30,6 @@ def _main(out, *extra):
     return gs.main([*TINY["gd_stable.py"], "--out-dir", str(out), *extra])
 
 
-# ---- card Sec. 8, tests 1-4: the toys through train_step (simultaneous plain GD), checklist 12 ----
-def test_dirac_wgan_spectral_radii():
-    # eta = 0: map [[1, h], [-h, 1]], radius sqrt(1 + h^2)^k; eta = 0.5: [[1 - 2 h eta, h], [-h, 1]]
-    ps, th = gs.toy_run("dirac", "wgan", 0.0, 0.1, 100, 0.0, 1.0)
-    assert math.hypot(th, ps) == pytest.approx(1.01 ** 50, rel=1e-9)             # 1.6446
-    assert math.hypot(*gs.toy_run("dirac", "wgan", 0.0, 0.1, 900, ps, th)) > 100  # 144.77
-    ps, th = gs.toy_run("dirac", "wgan", 0.5, 0.1, 100, 0.0, 1.0)
-    assert math.hypot(th, ps) == pytest.approx(0.0107, abs=1e-3)
-    assert math.hypot(*gs.toy_run("dirac", "wgan", 0.5, 0.1, 900, ps, th)) < 1e-10
-
-
-def test_simultaneous_step_is_the_linear_map():
-    h, eta, th, ps = 0.1, 0.5, 0.7, -0.3
-    ps1, th1 = gs.toy_run("dirac", "wgan", eta, h, 1, ps, th)
-    # both gradients taken at (th, ps) before either player moves (checklist 9)
-    assert th1 == pytest.approx((1 - 2 * h * eta) * th + h * ps, abs=1e-15)
-    assert ps1 == pytest.approx(-h * th + ps, abs=1e-15)
-
-
-def test_dirac_gan_radii():
-    ps, th = gs.toy_run("dirac", "gan", 0.0, 0.1, 100, 0.0, 1.0)
-    assert math.hypot(th, ps) == pytest.approx(1.1125, abs=1e-3)
-    assert math.hypot(*gs.toy_run("dirac", "gan", 0.0, 0.1, 900, ps, th)) == pytest.approx(
-        2.4117, abs=1e-3)
-    ps, th = gs.toy_run("dirac", "gan", 0.5, 0.1, 100, 0.0, 1.0)
-    assert math.hypot(th, ps) == pytest.approx(0.3516, abs=1e-3)
-    assert math.hypot(*gs.toy_run("dirac", "gan", 0.5, 0.1, 900, ps, th)) < 1e-4
-
-
-def test_uniform_quadratic_wgan_field_and_orbit():
-    w = torch.tensor([0.3, -0.7, 1.2], dtype=torch.float64)
-    a = torch.tensor([1.0, 0.4, 1.7], dtype=torch.float64)
-    for eta in (0.0, 0.5):
-        dw, da = gs.uniform_quadratic_field("wgan", eta, w, a)
-        assert torch.allclose(dw, (1 - a ** 2) / 3, atol=1e-12)                   # dV/dw
-        assert torch.allclose(da, 2 * w * a / 3 + 4 * eta / 9 * a * (1 - a ** 2), atol=1e-12)
-    H = lambda w, a: w * w + a * a / 2 - math.log(a)                   # conserved by the flow
-    assert H(0.3, 1.0) == pytest.approx(0.59)
-    w1, a1 = gs.toy_run("uniform", "wgan", 0.0, 0.05, 1000, 0.3, 1.0)
-    assert H(w1, a1) == pytest.approx(0.7695, abs=1e-3)
-    w1, a1 = gs.toy_run("uniform", "wgan", 0.5, 0.05, 1000, 0.3, 1.0)
-    assert math.hypot(w1, a1 - 1) < 1e-4                                          # 7.0e-6
-
-
-def test_uniform_quadratic_gan_quadrature_converges():
-    w, a = gs.toy_run("uniform", "gan", 0.0, 0.05, 1000, 0.3, 1.0)
-    assert math.hypot(w, a - 1) == pytest.approx(2.54e-2, abs=1e-3)
-    w, a = gs.toy_run("uniform", "gan", 0.0, 0.05, 4000, w, a)                    # 5000 in all
-    assert math.hypot(w, a - 1) < 1e-5
-    w, a = gs.toy_run("uniform", "gan", 0.5, 0.05, 1000, 0.3, 1.0)
-    assert math.hypot(w, a - 1) == pytest.approx(1.52e-3, abs=1e-4)
-
-
-def test_streamline_figure_has_labelled_panels(tmp_path):
-    from PIL import Image
-    gs.streamline_figure(tmp_path / "s.png", eta=0.5, size=64, grid=3, n_steps=20)
-    img = np.asarray(Image.open(tmp_path / "s.png"))
-    panel = img[-64:]                                                  # the four panels, bottom
-    assert img.shape[1] == 4 * 240 and img.shape[0] > 64 + 3 * 14     # title strips above
-    assert (panel[:, :64] < 200).all(axis=2).any()                    # lines were drawn
-    red = (panel[..., 0] > 200) & (panel[..., 1] < 60)
-    assert red[:, :240].any() and red[:, 720:].any()                  # the equilibrium, each panel
-
-
 # ---- card Sec. 8, tests 5-8, and checklist 1-5, 9, 11 on small MLP pairs ----
 def _pair(seed=0, dtype=torch.float64, width=8):
     torch.manual_seed(seed)
@@ -264,7 +200,7 @@ def test_help_groups_and_refused_flag_combinations(capsys):
     for argv, message in ((["--fid-every", "5"], "--fid-every needs"),
                           (["--dataset", "stacked_mnist", "--fid-every", "5"], "--fid-every needs"),
                           (["--dataset", "shapes", "--eval-every", "5"], "mode metrics exist"),
-                          (["--update", "simultaneous", "--d-steps", "2"], "needs alternating"),
+                          (["--update", "simultaneous", "--d-steps", "2"], "alternating only"),
                           (["--dataset", "cifar10", "--img-size", "28"], "needs --img-size 32"),
                           (["--betas", "0.5", "1"], "must be < 1"),
                           (["--dataset", "imagenet"], "unknown dataset")):
@@ -304,7 +240,7 @@ def test_mog8_mode_metric_three_sigma_and_one_percent():
     for n7, expected in ((25, 8), (24, 7)):          # mode 7 holds exactly 1% / just under 1%
         pts = torch.cat([c[torch.arange(2500 - n7) % 7], c[7:].expand(n7, 2)])
         assert gs.mog8_modes(pts)[0] == expected
-    shifted = c + torch.tensor([0.059, 0.0])                          # 2.95 sigma: still high quality
+    shifted = c + torch.tensor([0.059, 0.0])                          # 2.95 sigma: high quality
     assert gs.mog8_modes(shifted.repeat(10, 1)) == (8, 1.0)
     assert gs.mog8_modes(c + torch.tensor([0.061, 0.0])) == (0, 0.0)  # 3.05 sigma: not
 
@@ -421,6 +357,14 @@ def test_stacked_mnist_dataset_and_mode_metric(tmp_path, capsys):
     assert gs.digit_modes(xs[:1].expand(50, -1, -1, -1), clf) == (1, pytest.approx(math.log(1000)))
 
 
+def test_a_weak_classifier_is_refused_before_the_run_starts(tmp_path):
+    _write_fake_mnist(tmp_path / "data")
+    with pytest.raises(common.UserError, match="accuracy .* < 0.98: raise --classifier-steps"):
+        gs.main(["--dataset", "stacked_mnist", "--data-root", str(tmp_path / "data"), "--device",
+                 "cpu", "--classifier-steps", "1", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_stacked_mnist_run_resumes_exactly(tmp_path):
     _write_fake_mnist(tmp_path / "data")
     argv = ["--dataset", "stacked_mnist", "--data-root", str(tmp_path / "data"), "--device", "cpu",
@@ -498,3 +442,65 @@ def test_shapes_with_the_other_branches(tmp_path):
     D = torch.load(tmp_path / "ckpt.pt", weights_only=True)["D"]
     assert max(v.abs().max().item() for k, v in D.items() if v.is_floating_point()
                and "running" not in k) <= 0.01
+
+
+# ---- card Sec. 8, tests 1-4 (last: the slowest): the toys through train_step; checklist 12 ----
+def test_dirac_wgan_spectral_radii():
+    # eta = 0: map [[1, h], [-h, 1]], radius sqrt(1 + h^2)^k; eta = 0.5: [[1 - 2 h eta, h], [-h, 1]]
+    ps, th = gs.toy_run("dirac", "wgan", 0.0, 0.1, 100, 0.0, 1.0)
+    assert math.hypot(th, ps) == pytest.approx(1.01 ** 50, rel=1e-9)             # 1.6446
+    assert math.hypot(*gs.toy_run("dirac", "wgan", 0.0, 0.1, 900, ps, th)) > 100  # 144.77
+    ps, th = gs.toy_run("dirac", "wgan", 0.5, 0.1, 100, 0.0, 1.0)
+    assert math.hypot(th, ps) == pytest.approx(0.0107, abs=1e-3)
+    assert math.hypot(*gs.toy_run("dirac", "wgan", 0.5, 0.1, 900, ps, th)) < 1e-10
+
+
+def test_simultaneous_step_is_the_linear_map():
+    h, eta, th, ps = 0.1, 0.5, 0.7, -0.3
+    ps1, th1 = gs.toy_run("dirac", "wgan", eta, h, 1, ps, th)
+    # both gradients taken at (th, ps) before either player moves (checklist 9)
+    assert th1 == pytest.approx((1 - 2 * h * eta) * th + h * ps, abs=1e-15)
+    assert ps1 == pytest.approx(-h * th + ps, abs=1e-15)
+
+
+def test_dirac_gan_radii():
+    ps, th = gs.toy_run("dirac", "gan", 0.0, 0.1, 100, 0.0, 1.0)
+    assert math.hypot(th, ps) == pytest.approx(1.1125, abs=1e-3)
+    assert math.hypot(*gs.toy_run("dirac", "gan", 0.0, 0.1, 900, ps, th)) == pytest.approx(
+        2.4117, abs=1e-3)
+    ps, th = gs.toy_run("dirac", "gan", 0.5, 0.1, 100, 0.0, 1.0)
+    assert math.hypot(th, ps) == pytest.approx(0.3516, abs=1e-3)
+    assert math.hypot(*gs.toy_run("dirac", "gan", 0.5, 0.1, 900, ps, th)) < 1e-4
+
+
+def test_uniform_quadratic_wgan_field_and_orbit():
+    w = torch.tensor([0.3, -0.7, 1.2], dtype=torch.float64)
+    a = torch.tensor([1.0, 0.4, 1.7], dtype=torch.float64)
+    for eta in (0.0, 0.5):
+        dw, da = gs.uniform_quadratic_field("wgan", eta, w, a)
+        assert torch.allclose(dw, (1 - a ** 2) / 3, atol=1e-12)                   # dV/dw
+        assert torch.allclose(da, 2 * w * a / 3 + 4 * eta / 9 * a * (1 - a ** 2), atol=1e-12)
+    H = lambda w, a: w * w + a * a / 2 - math.log(a)                   # conserved by the flow
+    assert H(0.3, 1.0) == pytest.approx(0.59)
+    w1, a1 = gs.toy_run("uniform", "wgan", 0.0, 0.05, 1000, 0.3, 1.0)
+    assert H(w1, a1) == pytest.approx(0.7695, abs=1e-3)
+    w1, a1 = gs.toy_run("uniform", "wgan", 0.5, 0.05, 1000, 0.3, 1.0)
+    assert math.hypot(w1, a1 - 1) < 1e-4                                          # 7.0e-6
+
+
+def test_uniform_quadratic_gan_quadrature_converges():
+    w, a = gs.toy_run("uniform", "gan", 0.0, 0.05, 1000, 0.3, 1.0)
+    assert math.hypot(w, a - 1) == pytest.approx(2.54e-2, abs=1e-3)
+    w, a = gs.toy_run("uniform", "gan", 0.0, 0.05, 4000, w, a)                    # 5000 in all
+    assert math.hypot(w, a - 1) < 1e-5
+
+
+def test_streamline_figure_has_labelled_panels(tmp_path):
+    from PIL import Image
+    gs.streamline_figure(tmp_path / "s.png", eta=0.5, size=64, grid=3, n_steps=20)
+    img = np.asarray(Image.open(tmp_path / "s.png"))
+    panel = img[-64:]                                                  # the four panels, bottom
+    assert img.shape[1] == 4 * 240 and img.shape[0] > 64 + 3 * 14     # title strips above
+    assert (panel[:, :64] < 200).all(axis=2).any()                    # lines were drawn
+    red = (panel[..., 0] > 200) & (panel[..., 1] < 60)
+    assert red[:, :240].any() and red[:, 720:].any()                  # the equilibrium, each panel
