@@ -19,6 +19,8 @@ TINY = {
     "gd_stable.py": ["--device", "cpu", "--deterministic", "--batch-size", "64", "--steps", "3",
                      "--g-width", "16", "--d-width", "16", "--z-dim", "8", "--log-every", "1",
                      "--sample-every", "2", "--ckpt-every", "2", "--mode-samples", "200"],
+    # dp_gan: q = 1 (one step an epoch, so --epochs counts the logged steps); private, hence
+    # --spend-more-epsilon: the plumbing tests extend a finished run with --resume --epochs n+1
     "dp_gan.py": ["--device", "cpu", "--n-train", "64", "--n-test", "32", "--batch-size", "64",
                   "--epochs", "2", "--width", "0.0625", "--tstr-samples", "64", "--clf-steps", "20",
                   "--select-picks", "2", "--log-every", "2", "--sample-every", "2", "--ckpt-every",
