@@ -15,50 +15,42 @@ Paper -> code
   Sec. 5.1   category morphing through CBN (Fig. 8) ........... --morph C1 C2, morph_grid()
   Sec. 5.1   IS, FID, intra-FID = mean of per-class FIDs ....... build_evaluator(), evaluate()
 Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  --disc concat joins the label embedding after the third D block (official
-     snresnet.py; SN-GAN Tab. 6c); the text says "fourth ResBlock". We follow the code.
-  2. PAPER-VS-CODE  CIFAR budget and schedule exist only in the official config (50K iterations,
-     lr decayed linearly from iteration 0); the ICLR text gives the ImageNet schedule only.
-  3. PAPER-VS-CODE  psi has no bias in the official 32x32 D and a bias in the 128x128 D; we
-     follow each.
-  4. DEVIATION  one device: the ImageNet run used 4 GPUs x (16 real, 32 G) images. Batch sizes are
-     the same in total, but G's batch-norm statistics here span the whole batch, not a quarter.
-  5. DEVIATION  ImageNet preprocessing is common.load_dataset's (antialiased short-side resize to
-     128, centre crop) instead of the official centre crop + bilinear resize, and images under
-     256 px are not dropped (official preprocess.sh).
-  6. DEVIATION  torch's spectral_norm starts u with 15 power iterations; the official SNLinear /
-     SNConvolution2D / SNEmbedID start from a random u. One iteration per training forward in both.
-  7. DEVIATION  IS, FID and intra-FID come from fid.py (its Inception port and reference
-     statistics), not the TensorFlow Inception the paper used (official issue #34).
-  8. DEVIATION  torch's Adam adds eps = 1e-8 to sqrt(v_hat); Chainer's (official) adds it to
-     sqrt(v) before the bias correction, i.e. torch eps = Chainer eps / sqrt(1 - beta2^t): at most
-     3.2x larger at t = 1, the same after ~50 updates.
-  9. DEVIATION  common.infinite_batches drops the last partial batch of each epoch (16 of 50K
-     CIFAR images, different ones each epoch); the official Chainer iterator fills it from the next
-     epoch's order.
-  10. DEVIATION  BN running variances start at 1 (torch); the official CBN starts avg_var at 0.
-     Only eval-mode samples of the first ~50 iterations see the difference (decay 0.9).
-  Not implemented: the AC-GAN baseline (its loss weights are not given, official issue #33) and
-  the super-resolution model (Eqs. 7, 9).
+  1. PAPER-VS-CODE  --disc concat joins the label after D block 3 (official snresnet.py, SN-GAN
+     Tab. 6c); the text says "fourth ResBlock". We follow the code.
+  2. PAPER-VS-CODE  CIFAR: 50K iterations, lr linearly to 0 from iteration 0 (official config
+     only; the ICLR text gives the ImageNet schedule only).
+  3. PAPER-VS-CODE  psi: no bias in the official 32x32 D, a bias in the 128x128 D; we follow each.
+  4. DEVIATION  one device: the ImageNet run used 4 GPUs x (16 real, 32 G) images; G's batch-norm
+     statistics here span the whole batch, not a quarter of it.
+  5. DEVIATION  ImageNet through common.load_dataset (antialiased resize to 128, centre crop), not
+     official preprocess.sh (centre crop, bilinear resize, images under 256 px dropped).
+  6. DEVIATION  torch's spectral_norm starts u with 15 power iterations (official: a random u).
+  7. DEVIATION  IS, FID and intra-FID from fid.py (its Inception port), not the TF Inception (#34).
+  8. DEVIATION  torch Adam adds eps to sqrt(v_hat), Chainer's (official) to sqrt(v): torch eps =
+     Chainer eps / sqrt(1 - beta2^t), at most 3.2x larger at t = 1, equal after ~50 updates.
+  9. DEVIATION  each epoch's last partial batch is dropped (16 of 50K CIFAR images); the official
+     Chainer iterator fills it from the next epoch.
+  10. DEVIATION  BN running variances start at 1 (torch), the official CBN's at 0: only eval-mode
+     samples of the first ~50 iterations differ (decay 0.9).
+  Not implemented: the AC-GAN baseline (loss weights not given, official issue #33) and the
+  super-resolution model (Eqs. 7, 9).
 Datasets (--dataset, labels required): cifar10 (default), cifar100, folder:<dir with one
   subfolder per class> (ImageNet: folder:<train dir>, 128x128), mnist, fashion-mnist (resized to
   32), shapes (6 classes, offline, procedural).
 Run
-  python projection.py --dataset cifar10                      # CIFAR-10 32x32, official config
+  python projection.py --dataset cifar10 --fid-every 5000     # CIFAR-10, official config, IS/FID
   python projection.py --dataset cifar100                     # CIFAR-100 32x32
   python projection.py --dataset folder:/data/imagenet/train  # ImageNet 128x128, 450K it (main)
   python projection.py --dataset folder:/data/imagenet/train --disc concat   # concat baseline
-  python projection.py --dataset cifar10 --fid-every 5000     # IS, FID and intra-FID (fid.py)
   python projection.py --dataset shapes --device cpu --steps 2 --g-ch 16 --d-ch 16 --batch-size 8
 Sample and score (--steps counts generator iterations; a finished run can be resumed to export)
   python projection.py --dataset cifar10 --resume --export-samples 50000   # labels cycle 0..K-1
   python fid.py runs/projection-cifar10-s0/samples_50000.npz dataset:cifar10 --isc
   G = projection.load_generator("runs/projection-cifar10-s0/ckpt.pt", "cuda")   # eval mode
   x = G(torch.randn(10, 128, device="cuda"), torch.arange(10, device="cuda"))  # one per class
-Paper reports: ImageNet 128 IS 29.7 / intra-FID 103.1 at 450K iterations (official
-README_paper.md; that the final Tab. 1 prints the same values is unverified); CIFAR-10 IS 8.62 /
-FID 17.5 and CIFAR-100 FID 23.2 (final-version Tab. 3, p. 14; FID protocol and the CIFAR-100
-values are unverified). Our numbers: README.
+Paper reports: ImageNet 128 IS 29.7 / intra-FID 103.1 at 450K iterations (official README_paper;
+the final Tab. 1: unverified); CIFAR-10 IS 8.62 / FID 17.5, CIFAR-100 FID 23.2 (final Tab. 3,
+p. 14; FID protocol and CIFAR-100 values unverified). Our numbers: README.
 """
 
 import argparse
@@ -92,8 +84,7 @@ def parse_args(argv=None):
                    "at 128 px [official sn_cifar10.yml, Sec. 5.1]")
     g.add_argument("--decay-start", type=nonneg, help="iteration where the linear lr decay to 0 "
                    "starts; default: 0 at 32 px, 400K at 128 px [Sec. 5.1, official configs]")
-    g.add_argument("--lr", type=common.positive_float, default=2e-4,
-                   help="Adam step size, both nets [Sec. 5]")
+    g.add_argument("--lr", type=common.positive_float, default=2e-4, help="Adam lr [Sec. 5]")
     g.add_argument("--betas", type=common.unit_float, nargs=2, default=[0.0, 0.9],
                    metavar=("B1", "B2"), help="Adam beta1 beta2, both nets [Sec. 5]")
     g.add_argument("--n-dis", "--d-steps", dest="n_dis", type=pos, default=5,
@@ -102,8 +93,7 @@ def parse_args(argv=None):
                    "each [official configs; 16 x 4 GPUs at 128 px]")
     g.add_argument("--g-batch-size", type=pos, default=128, help="G-update batch [UNSPECIFIED: "
                    "official n_gen_samples 128; 32 x 4 GPUs at 128 px]")
-    g.add_argument("--z-dim", type=pos, default=128,
-                   help="z ~ N(0, I) size [Sec. 5; official configs]")
+    g.add_argument("--z-dim", type=pos, default=128, help="z ~ N(0, I) size [Sec. 5]")
     g.add_argument("--g-ch", "--g-width", dest="g_ch", type=pos,
                    help="G width; default: 256 at 32 px, 64 at 128 px [official configs]")
     g.add_argument("--d-ch", "--d-width", dest="d_ch", type=pos,
@@ -115,28 +105,25 @@ def parse_args(argv=None):
     e = p.add_argument_group("eval")
     e.add_argument("--fid-every", type=nonneg, default=0, help="IS, FID and intra-FID through "
                    "fid.py every K iterations and at the end, 0 = off [run]")
-    e.add_argument("--fid-samples", type=pos, default=5000, help="generated images (uniform "
-                   "labels) for IS and FID; 50000 = the 10 x 5K IS protocol [UNSPECIFIED: card, "
-                   "CIFAR FID of 5K generated (unverified)]")
+    e.add_argument("--fid-samples", type=pos, default=5000, help="generated images for IS, FID "
+                   "(50000: 10 x 5K IS) [UNSPECIFIED: card, CIFAR FID of 5K generated, unverified]")
     e.add_argument("--fid-ref-split", choices=["train", "test"], default="train",
                    help="split of the real reference images [official calc_ref_stats.py: train]")
-    e.add_argument("--fid-ref-size", type=nonneg, default=10_000, help="at most N real images "
-                   "per reference set, 0 = all; a class with fewer keeps all [UNSPECIFIED: card, "
-                   "CIFAR FID of 10K real (unverified)]")
+    e.add_argument("--fid-ref-size", type=nonneg, default=10_000, help="at most N real images per "
+                   "reference set, 0 = all [UNSPECIFIED: card, CIFAR FID of 10K real, unverified]")
     e.add_argument("--intra-fid-samples", type=nonneg, default=5000, help="generated images per "
                    "class for intra-FID, 0 = off [official calc_intra_FID.py]")
     e.add_argument("--fid-weights", type=str, help="Inception weight file for fid.py [run]")
     e.add_argument("--export-samples", type=nonneg, default=0, help="write N samples (labels "
                    "cycling 0..K-1) to samples_N.npz at the end, 0 = off [run]")
-    e.add_argument("--morph", type=nonneg, nargs=2, metavar=("C1", "C2"), help="write morph.png "
-                   "at the end: CBN parameters interpolated from class C1 to C2, z fixed per row "
-                   "[Sec. 5.1, Fig. 8]")
+    e.add_argument("--morph", type=nonneg, nargs=2, metavar=("C1", "C2"), help="morph.png: CBN "
+                   "parameters from class C1 to C2, z fixed per row [Sec. 5.1, Fig. 8]")
     r = p.add_argument_group("run")
     r.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, folder:<ImageNet "
                    "train dir with class subfolders>, shapes (6 classes, offline) [Sec. 5]")
     r.add_argument("--data-root", type=str, default="data", help="dataset folder [run]")
-    r.add_argument("--out-dir", type=str, help="default: runs/projection-<dataset>-s<seed>[-<hash "
-                   "of the other changed flags>] [run]")
+    r.add_argument("--out-dir", type=str, help="default: runs/projection-<dataset>-s<seed>[-hash] "
+                   "[run]")
     r.add_argument("--seed", type=nonneg, default=0, help="seeds python, numpy, torch [run]")
     r.add_argument("--device", default="cuda", help="cuda or cpu; no silent fallback [run]")
     r.add_argument("--num-workers", type=nonneg, default=4, help="DataLoader workers [run]")
@@ -161,31 +148,27 @@ def parse_args(argv=None):
     if args.img_size is None:
         args.img_size = 128 if args.dataset.startswith("folder:") else 32
     big = args.img_size == 128
-    if args.g_ch is None:
-        args.g_ch = 64 if big else 256                 # resnet.py ch=64 / resnet_32.py ch=256
-    if args.d_ch is None:
-        args.d_ch = 64 if big else 128                 # snresnet.py ch=64 / snresnet_32.py 128
     # PAPER-VS-CODE: the CIFAR budget (50K, decay from iteration 0) is only in official configs
-    if args.steps is None:
-        args.steps = 450_000 if big else 50_000        # sn_projection.yml / sn_cifar10.yml
-    if args.decay_start is None:
-        args.decay_start = 400_000 if big else 0       # Sec. 5.1 / sn_cifar10.yml
+    derived = dict(g_ch=64 if big else 256,            # resnet.py ch=64 / resnet_32.py ch=256
+                   d_ch=64 if big else 128,            # snresnet.py ch=64 / snresnet_32.py 128
+                   steps=450_000 if big else 50_000,   # sn_projection.yml / sn_cifar10.yml
+                   decay_start=400_000 if big else 0)  # Sec. 5.1 / sn_cifar10.yml
+    for k, v in derived.items():
+        if getattr(args, k) is None:                   # a flag given explicitly wins, also 0
+            setattr(args, k, v)
     return args
 
 
 # ==== Data ====
 def dequantize(x):
-    """Official loader: x = pixel/128 - 1 + U(0, 1/128); common.load_dataset gives pixel/127.5 - 1.
-    UNSPECIFIED: the paper does not mention it; the official CIFAR and ImageNet loaders do it."""
+    """UNSPECIFIED (not in the paper): official loaders' pixel/128 - 1 + U(0, 1/128)."""
     pixels = torch.round((x + 1) * 127.5)                              # back to the 8-bit values
     return pixels / 128 - 1 + torch.rand_like(x) / 128
 
 
 def load_data(args):
-    """The labelled dataset; sets args.num_classes K (the size of V and of the CBN tables) and
-    args.img_channels, which the checkpoint keeps for load_generator."""
-    # DEVIATION: ImageNet through common's folder loader (short-side resize + centre crop to 128);
-    # the official preprocess.sh also drops images under 256 px and resizes bilinearly
+    """The labelled dataset; sets args.num_classes K (rows of V and CBN tables), img_channels."""
+    # DEVIATION: ImageNet through common's folder loader, not the official preprocess.sh
     ds = common.load_dataset(args.dataset, args.data_root, args.img_size)
     name = args.dataset
     if name == "shapes":
@@ -203,8 +186,7 @@ def load_data(args):
 
 # ==== Models ====
 def init_(layer, gain):
-    """Glorot-uniform weights, zero bias [official resblocks.py: GlorotUniform(sqrt 2) for residual
-    3x3 convs, GlorotUniform() for shortcuts, linears, embeddings and the output conv]."""
+    """GlorotUniform(gain) weights, zero bias [official resblocks.py, snresnet_32.py]."""
     nn.init.xavier_uniform_(layer.weight, gain=gain)
     if getattr(layer, "bias", None) is not None:
         nn.init.zeros_(layer.bias)
@@ -216,10 +198,8 @@ def conv(c_in, c_out, k, gain):
 
 
 def sn(layer):
-    """Spectral normalisation (Miyato et al. 2018, the SN-GAN paper) is not this paper's
-    contribution, so torch's built-in is used (STYLE 2.1): one power iteration per training
-    forward, persistent u as a buffer. dim 0 = rows, so for the embedding V (K x C) u has length
-    K, as official SNEmbedID."""
+    """SN (SN-GAN's, not this paper's contribution): torch's built-in (STYLE 2.1), one power
+    iteration per training forward, persistent u; dim 0, so V's u has length K (SNEmbedID)."""
     # DEVIATION: torch starts u with 15 power iterations; official SN links start from a random u
     return spectral_norm(layer, n_power_iterations=1, eps=1e-12, dim=0)
 
@@ -307,8 +287,7 @@ class DBlock(nn.Module):
 
 
 class OptimizedBlock(nn.Module):
-    """First D block: SNconv-ReLU-SNconv-avgpool, shortcut avgpool-SNconv1x1 [official
-    resblocks.py]; no ReLU on the image."""
+    """First D block: SNconv-ReLU-SNconv-avgpool, shortcut avgpool-SNconv1x1 [resblocks.py]."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
@@ -403,8 +382,7 @@ def sample_zy(n, z_dim, num_classes, device):
 
 def train_step(G, D, opt_G, opt_D, real_batches, args, num_classes, amp):
     """One iteration = one G update, then n_dis D updates [official updater.py, conditional]."""
-    # DEVIATION: one device. The ImageNet run split each batch over 4 GPUs (16 real, 32 G per
-    # GPU), so G's BN statistics spanned a quarter of the batch; here they span all of it
+    # DEVIATION: one device; the ImageNet run's 4 GPUs each normalised a quarter of G's batch
     device = next(G.parameters()).device
     # G update on a fresh batch; the same y goes to G and to D (card pitfall 2)
     D.requires_grad_(False)                                # no D weight gradients here
@@ -416,7 +394,7 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, num_classes, amp):
     opt_G.step()
     D.requires_grad_(True)
     for _ in range(args.n_dis):
-        x_real, y_real = next(real_batches)                # data pairs (x, y) ~ q
+        x_real, y_real = (t.to(device, non_blocking=True) for t in next(real_batches))  # (x, y) ~ q
         if args.dequantize:
             x_real = dequantize(x_real)
         z, y_fake = sample_zy(x_real.size(0), args.z_dim, num_classes, device)
@@ -436,8 +414,7 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, num_classes, amp):
 
 
 # ==== Eval ====
-# UNSPECIFIED: the paper does not say which BN statistics sampling uses; we sample in eval mode
-# (running averages), as official evaluation.py does (chainer.using_config('train', False)).
+# UNSPECIFIED: the paper names no BN mode for sampling; eval mode, as official evaluation.py
 @torch.no_grad()
 def generate(G, y, z):
     """G(z, y) in eval mode, in chunks, for labels (N,) or class weights (N, K); z on the CPU."""
@@ -450,15 +427,13 @@ def generate(G, y, z):
 
 
 def to_uint8(x):
-    """(N, C, H, W) in [-1, 1] -> uint8 as official evaluation.py: clip(x * 127.5 + 127.5) cast to
-    uint8, i.e. truncated, not rounded like common.quantize (save_image) [official; UNSPECIFIED]."""
+    """[-1, 1] -> uint8 as official evaluation.py: clip(127.5 x + 127.5) cast, i.e. truncated."""
     return (x * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)
 
 
 def load_generator(ckpt_path, device="cpu"):
-    """G of a projection.py checkpoint, rebuilt from the checkpoint alone, in eval mode (BN
-    running averages: the official evaluation's mode). Call G(z, y): z (N, z_dim) ~ N(0, I),
-    y (N,) labels in 0..K-1 (state["args"]["num_classes"])."""
+    """G of a checkpoint, rebuilt from it alone, in eval mode (BN running averages, as official
+    evaluation.py): G(z, y), z (N, z_dim) ~ N(0, I), y (N,) in 0..K-1 (args num_classes)."""
     state = common.load_checkpoint(ckpt_path, device)
     if state.get("script") != "projection":
         raise common.UserError(f"{ckpt_path!r} is not a checkpoint of projection.py")
@@ -473,19 +448,13 @@ def save_figure(x, path, lines, key, nrow=8):
     common.title_strip(TF.to_pil_image(grid.cpu()), lines, key=key).save(path)
 
 
-def grid_rows(args):
-    """The classes of the sample grid's rows: 10 spread over K, as official evaluation.py."""
-    rows = min(args.num_classes, 10)
-    return [r * args.num_classes // rows for r in range(rows)]
-
-
 def sample_grid(G, fixed_z, names, step, args):
-    """One class per row, the same fixed z in every column [official sample_generate_conditional:
-    10 classes spread over K]."""
-    classes = grid_rows(args)
+    """One class per row (10 spread over K, official sample_generate_conditional), fixed z."""
+    K, rows = args.num_classes, min(args.num_classes, 10)
+    classes = [r * K // rows for r in range(rows)]
     y = torch.tensor(classes).repeat_interleave(fixed_z.size(0))           # (rows * 8,)
     x = generate(G, y, fixed_z.repeat(len(classes), 1))
-    rows = [f"{c} {names[c]}" if names else str(c) for c in classes]
+    rows = [f"{c} {names[c]}" for c in classes]
     lines = [f"projection | step {step}/{args.steps}", "row = class y, column = fixed z",
              "G(z, y) in eval mode, x in [-1, 1]"]
     lines += ["rows: " + ", ".join(rows[i:i + 4]) for i in range(0, len(rows), 4)]
@@ -513,21 +482,18 @@ def export_samples(G, args):
     path = os.path.join(args.out_dir, f"samples_{args.export_samples}.npz")
     np.savez_compressed(path, images=to_uint8(x).permute(0, 2, 3, 1).cpu().numpy(),
                         labels=y.numpy())                                   # (N, H, W, C)
-    print(f"wrote {path}", flush=True)
 
 
 def build_evaluator(args, device):
-    """fid.TrainingFID for --fid-every, built at start-up: one Inception, and the reference
-    statistics of all classes and (for intra-FID) of each class resolved now. None when off."""
+    """fid.TrainingFID, built at start-up: one Inception, reference statistics of all classes and
+    (for intra-FID) of each class resolved now. None when --fid-every is 0."""
     if args.fid_every == 0:
         return None
     try:
         import fid  # evaluation only: a copy of this script without fid.py still trains
     except ModuleNotFoundError as e:
-        if e.name != "fid":
-            raise
-        raise common.UserError("--fid-every needs fid.py (the project's metric file) next to "
-                               "projection.py") from None
+        msg = "--fid-every needs fid.py (the project's metric file) next to projection.py"
+        raise common.UserError(msg) if e.name == "fid" else e
     per_class = tuple(range(args.num_classes)) if args.intra_fid_samples else ()
     ref = f"at most {args.fid_ref_size} " if args.fid_ref_size else "all "
     print(f"eval: IS and FID from one Inception pass over {args.fid_samples} generated images "
@@ -541,9 +507,8 @@ def build_evaluator(args, device):
 
 
 def evaluate(ev, G, args):
-    """IS and FID with uniform labels; intra-FID = mean over classes of the per-class FID (official
-    issue #34, calc_intra_FID.py). Samples quantised like export_samples; a generator re-seeded
-    per evaluation, so the training RNG stream is untouched."""
+    """IS and FID with uniform labels; intra-FID = mean of the per-class FIDs (official issue #34,
+    calc_intra_FID.py). uint8 like the export; z re-seeded per call, not the training stream."""
     gen = torch.Generator().manual_seed(args.seed + 3)
 
     def sampler(c):
@@ -563,7 +528,7 @@ def evaluate(ev, G, args):
 
 
 def report(run, step, lr, out, G, ev, fixed_z, names, args):
-    """The log row (losses, the lr of this step, IS/FID/intra-FID) and the sample grid."""
+    """The log row (losses, this step's lr, IS/FID/intra-FID) and the sample grid."""
     last = step == args.steps
     fid_now = ev is not None and (step % args.fid_every == 0 or last)
     if step % args.log_every == 0 or last or fid_now:
@@ -583,8 +548,7 @@ def main(argv=None):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
-    run = common.Run(args, "projection", total=args.steps,
-                     mutable=("steps", "lr", "intra_fid_samples"))
+    run = common.Run(args, "projection", args.steps, mutable=("steps", "lr", "intra_fid_samples"))
 
     ds = load_data(args)
     names = common.SHAPE_KINDS if args.dataset == "shapes" else ds.classes
@@ -610,10 +574,9 @@ def main(argv=None):
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     # n_dis real batches per iteration: resuming at `step` skips step * n_dis batches exactly.
     # DEVIATION: each epoch's last partial batch is dropped (official: filled from the next epoch)
-    loader = common.infinite_batches(ds, args.batch_size, args.seed, start_step=step * args.n_dis,
-                                     num_workers=args.num_workers)
-    real_batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                    for x, y in loader)
+    real_batches = common.infinite_batches(ds, args.batch_size, args.seed, device=device,
+                                           start_step=step * args.n_dis,
+                                           num_workers=args.num_workers)
     while step < args.steps and not run.stopping:
         lr = linear_decay_lr(step, args.lr, args.decay_start, args.steps)
         for opt in (opt_G, opt_D):
@@ -626,11 +589,10 @@ def main(argv=None):
             run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                             "opt_D": opt_D.state_dict(), "fixed_z": fixed_z,
                             "rng": common.rng_state()})
-    if not run.stopping:
-        if args.export_samples:
-            export_samples(G, args)
-        if args.morph:
-            morph_grid(G, fixed_z, args)
+    if args.export_samples and not run.stopping:
+        export_samples(G, args)
+    if args.morph and not run.stopping:
+        morph_grid(G, fixed_z, args)
     return run.finish(step, device)
 
 

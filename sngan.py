@@ -18,35 +18,26 @@ Paper -> code
   Fig. 9         sigma(W_SN) of every D layer by exact SVD .... d_spectral_norms()
   App. B.1       IS and FID (5K generated vs 10K real) ........ build_evaluator(), evaluate()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  ResNet CIFAR-10: 50K G iterations, lr decayed linearly to 0 from step 0
-     (official configs/sn_cifar10_unconditional.yml); the text says 100K updates (--steps 100000).
-  2. PAPER-VS-CODE  CNN D widths 64,128,128,256,256,512,512 (official net.py, which the maintainers
-     name for the 7.42 row) vs Tab. 3's 64,64,128,128,256,256,512 (--table3-literal); leaky ReLU
-     slope 0.1 (Tab. 3) vs Chainer's default 0.2 in the code (--lrelu-slope 0.2).
+  1. PAPER-VS-CODE  ResNet CIFAR-10: 50K iterations, lr linearly to 0 (official config); text: 100K.
+  2. PAPER-VS-CODE  CNN D widths 64,128,128,256,256,512,512 of official net.py (the 7.42 row) vs
+     Tab. 3's 64,64,128,128,256,256,512 (--table3-literal); slope 0.1 (Tab. 3) vs Chainer's 0.2.
   3. PAPER-VS-CODE  CNN G has BN + ReLU after the dense layer (official net.py, not in Tab. 3).
   4. PAPER-VS-CODE  z ~ N(0, I) (paper); chainer-gan-lib draws U[-1, 1] (--z-dist uniform).
-  5. PAPER-VS-CODE  ResNet 32x32 reals get the official loader's dequantization
-     x_uint8/128 - 1 + U(0, 1/128) (datasets/cifar10.py; not in the paper; --no-dequantize).
-  6. PAPER-VS-CODE  the official SNLinear also advances u in eval mode; here only training-mode
-     forwards do (PyTorch's behaviour). D is never run in eval mode while training.
-  7. DEVIATION  IS and FID come from fid.py (its Inception port and reference statistics), not the
-     TensorFlow Inception graph of the official evaluations/ (scores differ, card pitfall 10).
-  8. DEVIATION  scope: no ImageNet 128x128 nets (Tab. 6), no conditional (concat) SN-GAN (the
-     projection D is projection.py), no WGAN-GP baseline (wgan_gp.py; App. E's gamma is here).
-Datasets (--dataset): any common.load_dataset name, resized to --img-size: cifar10 (default),
-  stl10 (the 100K unlabeled images at 48x48), cifar100, mnist, fashion-mnist, celeba,
-  lsun-<category>, folder:<path> (labels unused), shapes (offline, procedural).
+  5. PAPER-VS-CODE  ResNet 32x32 reals x_uint8/128 - 1 + U(0, 1/128) (official datasets/cifar10.py)
+  6. PAPER-VS-CODE  official SNLinear also advances u in eval mode; here only training forwards do.
+  7. DEVIATION  IS and FID come from fid.py (its Inception port), not the official TF Inception.
+  8. DEVIATION  scope: no Tab. 6 ImageNet nets, no concat SN-GAN (see projection.py), no WGAN-GP.
+Datasets (--dataset, resized to --img-size, labels unused): cifar10, stl10 (the 100K unlabeled
+  images, 48x48), cifar100, mnist, fashion-mnist, celeba, lsun-<cat>, folder:<path>, shapes.
 Run
-  python sngan.py --dataset cifar10                       # ResNet, hinge (IS 8.22, FID 21.7)
+  python sngan.py --dataset cifar10 --fid-every 5000      # ResNet, hinge (IS 8.22, FID 21.7)
   python sngan.py --dataset cifar10 --arch cnn            # CNN, setting C, standard loss (7.42)
   python sngan.py --dataset cifar10 --arch cnn --loss hinge            # Tab. 2 "Eq.(17)" row (7.58)
   python sngan.py --dataset cifar10 --arch cnn --setting D             # Tab. 1 settings A-F
   python sngan.py --dataset stl10                         # ResNet 48x48, Tab. 5 (9.10 / 40.1)
   python sngan.py --dataset stl10 --arch cnn              # CNN M=48, setting B (8.28 / 53.1)
   python sngan.py --dataset stl10 --arch cnn --steps 200000            # "2x updates" (8.69 / 47.5)
-  python sngan.py --dataset cifar10 --gamma-reparam       # App. E's gamma * W_SN: the paper uses
-      # it with WGAN-GP only (Tab. 7-8); UNSPECIFIED with the hinge loss (untested by the paper)
-  python sngan.py --dataset cifar10 --fid-every 5000      # IS + FID during training (fid.py)
+  python sngan.py --dataset cifar10 --gamma-reparam       # UNSPECIFIED: App. E uses it with WGAN-GP
   python sngan.py --dataset shapes --device cpu --steps 2              # smoke test, offline
 Sample and score (--steps counts generator iterations; a finished run can be resumed to export)
   python sngan.py --dataset cifar10 --resume --export-samples 50000    # runs/.../samples_50000.npz
@@ -58,7 +49,6 @@ FID of 5K generated vs 10K real, App. B.1). Our numbers: README.
 """
 
 import argparse
-import contextlib
 import math
 import os
 import random
@@ -106,8 +96,6 @@ def parse_args(argv=None):
     g.add_argument("--z-dim", type=pos, default=128, help="latent size d_z [Sec. 4]")
     g.add_argument("--z-dist", choices=["normal", "uniform"], default="normal",
                    help="N(0, I) (paper) or U[-1, 1] (chainer-gan-lib) [Sec. 4, official net.py]")
-    g.add_argument("--n-power-iterations", type=pos, default=1,
-                   help="power iterations per training-mode D forward [App. A, Alg. 1]")
     g.add_argument("--gamma-reparam", action="store_true", help="learnable scalar gamma * W_SN in "
                    "every D layer; the paper pairs it with WGAN-GP only [App. E, Eq. 32]")
     g.add_argument("--img-size", type=pos, help="default: 48 for stl10, else 32 [Sec. 4]")
@@ -138,14 +126,12 @@ def parse_args(argv=None):
     r = p.add_argument_group("run")
     r.add_argument("--dataset", default="cifar10", help="a common.load_dataset name [run]")
     r.add_argument("--data-root", type=str, default="data", help="dataset folder [run]")
-    r.add_argument("--out-dir", type=str, help="default: runs/sngan-<dataset>-s<seed>[-<hash of "
-                   "the other changed flags>] [run]")
+    r.add_argument("--out-dir", type=str, help="default: runs/sngan-<dataset>-s<seed>[-hash] [run]")
     r.add_argument("--seed", type=nonneg, default=0, help="random seed [run]")
     r.add_argument("--device", default="cuda", help="torch device [run]")
     r.add_argument("--num-workers", type=nonneg, default=4, help="data loader workers [run]")
     r.add_argument("--log-every", type=pos, default=100, help="log every N iterations [run]")
-    r.add_argument("--sample-every", type=nonneg, default=1000,
-                   help="8x8 grid every N its, 0 = off [run]")
+    r.add_argument("--sample-every", type=nonneg, default=1000, help="grid every N, 0 = off [run]")
     r.add_argument("--ckpt-every", type=pos, default=5000, help="checkpoint every N its [run]")
     r.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
     r.add_argument("--deterministic", action="store_true", help="deterministic kernels, no "
@@ -166,26 +152,16 @@ def parse_args(argv=None):
     if args.setting is None:
         args.setting = "resnet" if resnet else ("B" if args.img_size == 48 else "C")
     lr, beta1, beta2, n_dis = SETTINGS[args.setting]
-    if args.lr is None:
-        args.lr = lr
-    if args.betas is None:
-        args.betas = [beta1, beta2]
-    if args.n_dis is None:
-        args.n_dis = n_dis
-    if args.loss is None:
-        args.loss = "hinge" if resnet else "standard"
-    if args.lr_decay is None:
-        args.lr_decay = resnet
-    if args.steps is None:
-        args.steps = 50_000 if resnet and res32 else 100_000
-    if args.g_batch_size is None:
-        args.g_batch_size = (2 if resnet else 1) * args.batch_size
-    if args.g_ch is None:
-        args.g_ch = 256 if resnet and res32 else 512
-    if args.d_ch is None:
-        args.d_ch = (128 if res32 else 1024) if resnet else 512
-    if args.dequantize is None:
-        args.dequantize = resnet and res32
+    derived = dict(lr=lr, betas=[beta1, beta2], n_dis=n_dis,            # Tab. 1
+                   loss="hinge" if resnet else "standard", lr_decay=resnet,   # Tab. 2, configs
+                   steps=50_000 if resnet and res32 else 100_000,       # official cfg, Sec. 4.1
+                   g_batch_size=(2 if resnet else 1) * args.batch_size,   # official n_gen_samples
+                   g_ch=256 if resnet and res32 else 512,               # Tab. 3-5
+                   d_ch=(128 if res32 else 1024) if resnet else 512,    # Tab. 3-5
+                   dequantize=resnet and res32)                         # official cifar10.py
+    for k, v in derived.items():
+        if getattr(args, k) is None:                # a flag given explicitly wins, also 0 / False
+            setattr(args, k, v)
     return args
 
 
@@ -225,9 +201,7 @@ class _SpectralNormHook:
                         u = _l2normalize(w_mat @ v, self.eps)        # Eq. (21): u <- W v / ||.||
                     module.weight_u.copy_(u)
                     module.weight_v.copy_(v)
-            # u, v are constants for autodiff (the clones survive the next in-place update); W is
-            # not detached, so dW gets the -lambda u1 v1^T term of Eq. (12).
-            u, v = u.clone(), v.clone()
+            u, v = u.clone(), v.clone()  # constants for autodiff; W is not (Eq. 12's -lambda u v^T)
             sigma = torch.dot(u, w_mat @ v)         # Eq. (22): sigma(W) ~ u^T W v
             w_sn = w / sigma                        # Eq. (8)
             if hasattr(module, "gamma"):
@@ -239,13 +213,8 @@ class _SpectralNormHook:
 
 
 def spectral_norm(module, n_power_iterations=1, eps=1e-12, gamma=False):
-    """Spectrally normalizes a Conv2d / Linear / Embedding in place (Eq. 8, App. A). The raw weight
-    becomes parameter `weight_orig`; buffers `weight_u` (d_out) and `weight_v` (d_in*k*k) are in
-    the state_dict; after a forward, `module.weight` is the W / sigma that forward used. gamma=True
-    adds a learnable scale initialised to sigma(W) (App. E; official sn_convolution_2d.py)."""
-    if not isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)) or n_power_iterations < 1:
-        raise ValueError(f"spectral_norm: needs Conv2d, Linear or Embedding and n_power_iterations"
-                         f" >= 1, got {type(module).__name__} and {n_power_iterations}")
+    """W -> W / sigma(W) in place (Eq. 8): parameter weight_orig, buffers weight_u (d_out) and
+    weight_v; gamma=True adds App. E's scale, initialised to sigma(W) (sn_convolution_2d.py)."""
     w = module.weight
     del module._parameters["weight"]
     module.register_parameter("weight_orig", w)
@@ -352,13 +321,12 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """ResNet D, SN on every layer, no BN (Sec. 4). Tab. 4: opt-block 3->ch, down block, 2 plain
-    blocks. Tab. 5: ch/16 .. ch/2 with 3 downs, then a plain block to ch. Then ReLU, global SUM
-    pool (official snresnet_32.py F.sum), SN-Linear(ch, 1, no bias)."""
+    """ResNet D, SN everywhere, no BN (Sec. 4). Tab. 4: opt-block, down block, 2 plain blocks;
+    Tab. 5: ch/16 .. ch, 3 downs. Then ReLU, global SUM pool (snresnet_32.py), SN-Linear(ch, 1)."""
 
-    def __init__(self, ch=128, img_size=32, in_ch=3, n_power_iterations=1, gamma=False):
+    def __init__(self, ch=128, img_size=32, in_ch=3, gamma=False):
         super().__init__()
-        sn = lambda m: spectral_norm(m, n_power_iterations, gamma=gamma)   # noqa: E731
+        sn = lambda m: spectral_norm(m, gamma=gamma)   # one power iteration per forward (App. A)
         if img_size == 32:
             blocks = [OptimizedDBlock(in_ch, ch, sn), DBlock(ch, ch, True, sn),
                       DBlock(ch, ch, False, sn), DBlock(ch, ch, False, sn)]
@@ -402,13 +370,11 @@ class CNNGenerator(nn.Module):
 
 
 class CNNDiscriminator(nn.Module):
-    """Tab. 3 (official SNDCGANDiscriminator): SN convs 3x3 s1 / 4x4 s2, padding 1, leaky ReLU after
-    each, SN dense (M/8)^2 * 512 -> 1."""
+    """Tab. 3 (official SNDCGANDiscriminator): SN convs, leaky ReLU after each, SN dense -> 1."""
 
-    def __init__(self, ch=512, img_size=32, in_ch=3, slope=0.1, table3_literal=False,
-                 n_power_iterations=1, gamma=False):
+    def __init__(self, ch=512, img_size=32, in_ch=3, slope=0.1, table3_literal=False, gamma=False):
         super().__init__()
-        sn = lambda m: spectral_norm(m, n_power_iterations, gamma=gamma)   # noqa: E731
+        sn = lambda m: spectral_norm(m, gamma=gamma)   # one power iteration per forward (App. A)
         # PAPER-VS-CODE: widths 64,128,128,256,256,512,512 (code); 64,64,128,128,256,256,512 Tab. 3
         w = ([ch // 8, ch // 8, ch // 4, ch // 4, ch // 2, ch // 2, ch] if table3_literal
              else [ch // 8, ch // 4, ch // 4, ch // 2, ch // 2, ch, ch])
@@ -424,19 +390,14 @@ class CNNDiscriminator(nn.Module):
         return self.fc(self.convs(x).flatten(1))    # (B, 512, M/8, M/8) -> (B, (M/8)^2 * 512)
 
 
-def build_generator(args):
-    """G of --arch at --img-size (Tab. 3-5), from values that args.json and the checkpoint hold."""
+def build_models(args):
+    """(G, D) of --arch at --img-size (Tab. 3-5), from values that the checkpoint's args hold."""
     if args.arch == "resnet":
-        return Generator(args.z_dim, args.g_ch, args.img_size, args.img_channels)
-    return CNNGenerator(args.z_dim, args.g_ch, args.img_size, args.img_channels)
-
-
-def build_discriminator(args):
-    sn_kw = dict(n_power_iterations=args.n_power_iterations, gamma=args.gamma_reparam)
-    if args.arch == "resnet":
-        return Discriminator(args.d_ch, args.img_size, args.img_channels, **sn_kw)
-    return CNNDiscriminator(args.d_ch, args.img_size, args.img_channels, slope=args.lrelu_slope,
-                            table3_literal=args.table3_literal, **sn_kw)
+        return (Generator(args.z_dim, args.g_ch, args.img_size, args.img_channels), Discriminator(
+            args.d_ch, args.img_size, args.img_channels, gamma=args.gamma_reparam))
+    return (CNNGenerator(args.z_dim, args.g_ch, args.img_size, args.img_channels),
+            CNNDiscriminator(args.d_ch, args.img_size, args.img_channels, slope=args.lrelu_slope,
+                             table3_literal=args.table3_literal, gamma=args.gamma_reparam))
 
 
 # ==== Losses ====
@@ -479,7 +440,6 @@ def train_step(G, D, opt_G, opt_D, batches, args, device, autocast):
     loss_G.backward()
     opt_G.step()
     D.requires_grad_(True)
-    out = {"loss_G": loss_G.detach()}
     for _ in range(args.n_dis):                     # fresh reals and z per D step; G in train mode
         x_real = next(batches)[0].to(device, non_blocking=True)
         if args.dequantize:
@@ -493,8 +453,8 @@ def train_step(G, D, opt_G, opt_D, batches, args, device, autocast):
         opt_D.zero_grad(set_to_none=True)
         loss_D.backward()
         opt_D.step()
-    out.update(loss_D=loss_D.detach(), D_real=d_real.detach().mean(), D_fake=d_fake.detach().mean())
-    return out
+    return {"loss_G": loss_G.detach(), "loss_D": loss_D.detach(), "D_real": d_real.detach().mean(),
+            "D_fake": d_fake.detach().mean()}
 
 
 # ==== Eval ====
@@ -508,8 +468,7 @@ def generate(G, z, batch=500):
 
 
 def to_uint8(x):
-    """(N, C, H, W) in [-1, 1] -> uint8 as official evaluation.py: clip(x * 127.5 + 127.5) cast to
-    uint8, i.e. truncated, not rounded like common.quantize (save_image) [official; UNSPECIFIED]."""
+    """[-1, 1] -> uint8 as official evaluation.py: clip(127.5 x + 127.5) cast, i.e. truncated."""
     return (x * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)
 
 
@@ -519,7 +478,7 @@ def load_generator(ckpt_path, device="cpu"):
     state = common.load_checkpoint(ckpt_path, device)
     if state.get("script") != "sngan":
         raise common.UserError(f"{ckpt_path!r} is not a checkpoint of sngan.py")
-    G = build_generator(argparse.Namespace(**state["args"])).to(device)
+    G = build_models(argparse.Namespace(**state["args"]))[0].to(device)
     G.load_state_dict(state["G"])
     return G.eval()
 
@@ -530,13 +489,10 @@ def save_figure(x, path, lines, key):
     common.title_strip(TF.to_pil_image(grid.cpu()), lines, key=key).save(path)
 
 
-Z_TEXT = {"normal": "N(0, I)", "uniform": "U[-1, 1]"}
-
-
 def sample_grid(G, fixed_z, step, args):
-    x = generate(G, fixed_z)
-    save_figure(x, os.path.join(args.out_dir, "samples", f"{step:07d}.png"),
-                [f"sngan | step {step}/{args.steps}", f"G(z), 64 fixed z ~ {Z_TEXT[args.z_dist]}",
+    z_text = "N(0, I)" if args.z_dist == "normal" else "U[-1, 1]"
+    save_figure(generate(G, fixed_z), os.path.join(args.out_dir, "samples", f"{step:07d}.png"),
+                [f"sngan | step {step}/{args.steps}", f"G(z), 64 fixed z ~ {z_text}",
                  "G in eval mode, x in [-1, 1]"], [("generated", common.FAKE_RGB)])
 
 
@@ -546,33 +502,27 @@ def export_samples(G, args, device):
     x = generate(G, sample_z(args.export_samples, args.z_dim, args.z_dist, device, gen))
     path = os.path.join(args.out_dir, f"samples_{args.export_samples}.npz")
     np.savez(path, images=to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())   # (N, H, W, C)
-    print(f"wrote {path}", flush=True)
 
 
 def build_evaluator(args, device):
-    """fid.TrainingFID for --fid-every, built at start-up: Inception weights and the reference
-    statistics are resolved now, not first at step K. None when --fid-every is 0."""
+    """fid.TrainingFID, built at start-up (weights, reference statistics resolved now), or None."""
     if args.fid_every == 0:
         return None
     try:
         import fid  # evaluation only: a copy of this script without fid.py still trains
     except ModuleNotFoundError as e:
-        if e.name != "fid":
-            raise
-        raise common.UserError("--fid-every needs fid.py (the project's metric file) next to "
-                               "sngan.py") from None
-    ref = f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images"
-    print(f"eval: IS and FID from one Inception pass over {args.fid_samples} generated images, "
-          f"FID against {ref} of {args.dataset} (paper, App. B.1: FID 5K generated vs 10K real, "
-          "IS 10 x 5K; Mimicry: 50K vs 50K)", flush=True)
+        msg = "--fid-every needs fid.py (the project's metric file) next to sngan.py"
+        raise common.UserError(msg) if e.name == "fid" else e
+    print(f"eval: IS and FID of {args.fid_samples} generated images, one Inception pass, vs "
+          f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images of {args.dataset} (App. B.1: "
+          "FID 5K vs 10K real, IS 10 x 5K; Mimicry: 50K vs 50K)", flush=True)
     return fid.TrainingFID(args.dataset, args.data_root, args.img_size, device, args.fid_samples,
                            weights=args.fid_weights, ref_split=args.fid_ref_split,
                            ref_size=args.fid_ref_size or None)
 
 
 def evaluate(ev, G, args, device):
-    """{"fid", "is", "is_std"} of G in eval mode; the same z every time (a generator re-seeded per
-    evaluation, so the training RNG stream is untouched), quantised like export_samples."""
+    """{fid, is, is_std}: eval-mode G, z re-seeded per call (not the training stream), uint8."""
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     sample_fn = lambda n: to_uint8(generate(G, sample_z(n, args.z_dim, args.z_dist, device, gen))  # noqa
                                    ).float() / 127.5 - 1
@@ -585,12 +535,9 @@ def report(run, step, out, G, D, ev, fixed_z, args, device):
     sigma_now = args.sigma_every > 0 and step % args.sigma_every == 0
     fid_now = ev is not None and (step % args.fid_every == 0 or last)
     if step % args.log_every == 0 or last or sigma_now or fid_now:
-        values = {**out, "lr": args.lr * lr_factor(step, args)}
-        if sigma_now:
-            values.update(d_spectral_norms(D))
-        if fid_now:
-            values.update(evaluate(ev, G, args, device))
-        run.log(step, values)
+        run.log(step, {**out, "lr": args.lr * lr_factor(step, args),
+                       **(d_spectral_norms(D) if sigma_now else {}),
+                       **(evaluate(ev, G, args, device) if fid_now else {})})
     if args.sample_every and (step % args.sample_every == 0 or last):
         sample_grid(G, fixed_z, step, args)
 
@@ -607,15 +554,15 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
     run = common.Run(args, "sngan", total=args.steps, mutable=("steps", "lr", "sigma_every"))
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
-                else contextlib.nullcontext)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
     dataset = common.load_dataset(args.dataset, args.data_root, img_size=args.img_size)
     args.img_channels = dataset[0][0].shape[0]      # 3, or 1 for MNIST-like sets
-    G, D = build_generator(args).to(device), build_discriminator(args).to(device)
+    G, D = (net.to(device) for net in build_models(args))
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=tuple(args.betas))
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=tuple(args.betas))
-    fixed_z = sample_z(64, args.z_dim, args.z_dist, "cpu", torch.Generator().manual_seed(args.seed))
+    fixed_z = sample_z(64, args.z_dim, args.z_dist, "cpu", torch.Generator().manual_seed(args.seed)
+                       ).to(device)
     ev = build_evaluator(args, device)
     state, step = run.load(device), 0
     if state:
@@ -625,16 +572,14 @@ def main(argv=None):
         common.set_rng_state(state["rng"])
 
     run.start(step, device, G=G, D=D)
-    print(f"SN layers in D {sum(hasattr(m, 'weight_u') for m in D.modules())}", flush=True)
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if step == 0:
         save_figure(torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))]),
                     os.path.join(args.out_dir, "reals.png"), [f"{args.dataset}: training images",
                     "x in [-1, 1]"], [("real", common.REAL_RGB)])
     # every D step draws one batch, so a resumed stream starts at batch step * n_dis
-    batches = common.infinite_batches(dataset, args.batch_size, args.seed,
+    batches = common.infinite_batches(dataset, args.batch_size, args.seed, device=device,
                                       start_step=step * args.n_dis, num_workers=args.num_workers)
-    fixed_z = fixed_z.to(device)
     while step < args.steps and not run.stopping:
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:

@@ -112,7 +112,7 @@ def test_u_starts_as_a_normalized_gaussian_draw_and_eps_is_1e_12():
         m.weight_orig.mul_(1e-7)
     m.train()(torch.zeros(1, 5))
     assert abs(m.weight_u.norm().item() - 1) < 1e-4 and abs(m.weight_v.norm().item() - 1) < 1e-4
-    D = sngan.build_discriminator(tiny_args("--d-ch", "16"))     # what main builds
+    D = sngan.build_models(tiny_args("--d-ch", "16"))[1]     # what main builds
     hooks = [h for m in sn_modules(D) for h in m._forward_pre_hooks.values()]
     assert len(hooks) == 11 and all(h.eps == 1e-12 and h.n_power_iterations == 1 for h in hooks)
 
@@ -186,7 +186,7 @@ def test_loss_closed_forms():
 def _recorded_train_step(args, batch=4):
     """One train_step on tiny nets built like main's; returns (out, D outputs, G inputs)."""
     torch.manual_seed(0)
-    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
+    G, D = sngan.build_models(args)
     d_out, z_in = [], []
     D.register_forward_hook(lambda m, i, o: d_out.append(o.detach()))
     G.register_forward_pre_hook(lambda m, i: z_in.append(i[0]))
@@ -241,26 +241,26 @@ def test_shapes_of_all_architectures():
 
 
 def test_paper_widths():
-    G, D = sngan.build_generator(tiny_args()), sngan.build_discriminator(tiny_args())
+    G, D = sngan.build_models(tiny_args())
     assert G.l1.out_features == 4 * 4 * 256 and len(G.blocks) == 3
     assert all(b.c1.out_channels == 256 for b in G.blocks) and G.c_out.out_channels == 3
     assert [b.c2.out_channels for b in D.blocks] == [128] * 4 and D.fc.in_features == 128
     assert [b.downsample for b in D.blocks[1:]] == [True, False, False] and D.fc.bias is None
     assert isinstance(D.blocks[0], sngan.OptimizedDBlock)
     stl = tiny_args("--dataset", "stl10")                        # Tab. 5 at 48x48
-    D48, G48 = sngan.build_discriminator(stl), sngan.build_generator(stl)
+    G48, D48 = sngan.build_models(stl)
     assert [b.c2.out_channels for b in D48.blocks] == [64, 128, 256, 512, 1024]
     assert [b.downsample for b in D48.blocks[1:]] == [True, True, True, False]
     assert G48.l1.out_features == 6 * 6 * 512
     assert [b.c2.out_channels for b in G48.blocks] == [256, 128, 64]
     convs = lambda D: [m for m in D.convs if isinstance(m, nn.Conv2d)]   # noqa: E731
-    code = sngan.build_discriminator(tiny_args("--arch", "cnn"))
-    paper = sngan.build_discriminator(tiny_args("--arch", "cnn", "--table3-literal"))
+    code = sngan.build_models(tiny_args("--arch", "cnn"))[1]
+    paper = sngan.build_models(tiny_args("--arch", "cnn", "--table3-literal"))[1]
     assert [c.out_channels for c in convs(code)] == [64, 128, 128, 256, 256, 512, 512]
     assert [c.out_channels for c in convs(paper)] == [64, 64, 128, 128, 256, 256, 512]
     assert [(c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs(code)] == [
         (3, 1, 1), (4, 2, 1), (3, 1, 1), (4, 2, 1), (3, 1, 1), (4, 2, 1), (3, 1, 1)]
-    cnn_G = sngan.build_generator(tiny_args("--arch", "cnn"))
+    cnn_G = sngan.build_models(tiny_args("--arch", "cnn"))[0]
     ups = [m for m in cnn_G.ups if isinstance(m, nn.ConvTranspose2d)]
     assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in ups] == [
         (256, 4, 2, 1), (128, 4, 2, 1), (64, 4, 2, 1)]
@@ -272,7 +272,7 @@ def test_sn_on_every_D_layer_and_none_in_G(arch):
     argv, n_sn = {"resnet32": ([], 11), "resnet48": (["--img-size", "48"], 16),
                   "cnn": (["--arch", "cnn"], 8)}[arch]
     args = tiny_args(*argv, "--g-ch", "32", "--d-ch", "32")
-    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
+    G, D = sngan.build_models(args)
     weighted = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]
     assert len(sn_modules(D)) == len(weighted) == n_sn
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
@@ -312,12 +312,12 @@ def test_resblocks_follow_fig8_and_never_overwrite_their_input():
 
 def test_generator_heads():
     torch.manual_seed(0)
-    G = sngan.build_generator(tiny_args("--g-ch", "16"))        # Tab. 4: BN-ReLU-conv3x3-tanh
+    G = sngan.build_models(tiny_args("--g-ch", "16"))[0]        # Tab. 4: BN-ReLU-conv3x3-tanh
     z = torch.randn(4, 128)
     h = G.blocks(G.l1(z).view(4, 16, 4, 4))                      # no BN/ReLU after the Linear
     ref = torch.tanh(F.conv2d(F.relu(G.b_out(h)), G.c_out.weight, G.c_out.bias, padding=1))
     assert torch.allclose(G(z), ref, atol=1e-5)
-    cnn = sngan.build_generator(tiny_args("--arch", "cnn", "--g-ch", "32"))   # official net.py
+    cnn = sngan.build_models(tiny_args("--arch", "cnn", "--g-ch", "32"))[0]   # official net.py
     seen = {}
     cnn.bn0.register_forward_hook(lambda m, i, o: seen.update(bn=o))
     cnn.ups.register_forward_pre_hook(lambda m, i: seen.update(ups=i[0]))
@@ -338,7 +338,7 @@ def _assert_glorot(w, gain, name):
 def test_glorot_init_gains_of_the_nets_main_builds():
     torch.manual_seed(0)
     args = tiny_args("--g-ch", "64", "--d-ch", "64")
-    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
+    G, D = sngan.build_models(args)
     root2 = math.sqrt(2)                                          # residual 3x3 convs: sqrt(2)
     layers = [("G.l1", G.l1.weight, 1.0), ("G.c_out", G.c_out.weight, 1.0),
               ("D.fc", D.fc.weight_orig, 1.0)]
@@ -360,7 +360,7 @@ def test_glorot_init_gains_of_the_nets_main_builds():
 def test_cnn_init_is_normal_0_02():
     torch.manual_seed(0)
     args = tiny_args("--arch", "cnn", "--g-ch", "64", "--d-ch", "64")
-    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
+    G, D = sngan.build_models(args)
     kinds = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
     ws = [m.weight for m in G.modules() if isinstance(m, kinds)]
     ws += [m.weight_orig for m in sn_modules(D)]
@@ -374,7 +374,7 @@ def test_cnn_init_is_normal_0_02():
 def test_cnn_D_is_tab3_with_leaky_slope_0_1():
     torch.manual_seed(0)
     for argv, slope in (([], 0.1), (["--lrelu-slope", "0.2"], 0.2)):
-        D = sngan.build_discriminator(tiny_args("--arch", "cnn", "--d-ch", "32", *argv)).eval()
+        D = sngan.build_models(tiny_args("--arch", "cnn", "--d-ch", "32", *argv))[1].eval()
         x = torch.randn(2, 3, 32, 32)
         out = D(x)
         h = x
@@ -386,7 +386,7 @@ def test_cnn_D_is_tab3_with_leaky_slope_0_1():
 
 def test_global_sum_pooling_of_relu():
     torch.manual_seed(0)
-    D = sngan.build_discriminator(tiny_args("--d-ch", "8"))
+    D = sngan.build_models(tiny_args("--d-ch", "8"))[1]
     for value, pooled in ((0.5, 64 * 0.5), (-0.5, 0.0)):        # 8x8 map, ReLU before the sum
         hook = D.blocks.register_forward_hook(lambda m, i, o: torch.full_like(o, value))
         seen = []
@@ -435,7 +435,7 @@ def test_linear_lr_decay():
 def test_train_step_runs_n_dis_D_steps_and_a_double_G_batch():
     torch.manual_seed(0)
     args = tiny_args("--batch-size", "4", "--g-ch", "8", "--d-ch", "8")   # resnet: n_dis 5, G 8
-    G, D = sngan.build_generator(args), sngan.build_discriminator(args)
+    G, D = sngan.build_models(args)
     sizes = []
     D.register_forward_pre_hook(lambda m, i: sizes.append(i[0].shape[0]))
     opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
