@@ -839,12 +839,12 @@ def main(argv=None):
     G_kwargs = dict(resolution=R, fmap_base=args.fmap_base, fmap_max=args.fmap_max,
                     z_dim=args.z_dim, channels=x0.shape[0])
     G = Generator(**G_kwargs).to(device)
-    D = Discriminator(R, args.fmap_base, args.fmap_max, x0.shape[0], args.mbstd_group_size)
-    D = D.to(device)
+    D = Discriminator(R, args.fmap_base, args.fmap_max, channels=x0.shape[0],
+                      mbstd_group_size=args.mbstd_group_size).to(device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)         # from step 0, the whole network
     adam = dict(lr=args.lr, betas=tuple(args.betas), eps=args.adam_eps, fused=device.type == "cuda")
-    opt_G, opt_D = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(),
-                                                                              **adam)
+    opt_G = torch.optim.Adam(G.parameters(), **adam)
+    opt_D = torch.optim.Adam(D.parameters(), **adam)
     fid_ev = build_fid(args, device) if args.fid_every else None
     fixed_z = torch.randn(64, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
     batch_at, total = _batch_dict(args.batch_at), args.kimg * 1000
@@ -880,7 +880,8 @@ def main(argv=None):
         dt, n = max(time.time() - t_phase, 1e-9), nimg - n_phase    # since phase start or resume
         print(f"phase {4 * 2**lv}x{4 * 2**lv} {'fade-in' if phase[1] else 'stabilize'} ended at "
               f"kimg {nimg / 1000:g}: {n} images in {dt:.1f} s ({n / dt:.1f} img/s) | peak "
-              f"memory {common.peak_memory_mib(device):,.0f} MiB", flush=True)
+              f"memory {common.peak_memory_mib(device):,.0f} MiB ("
+              f"{'CUDA, this phase' if device.type == 'cuda' else 'process RSS'})", flush=True)
 
     stream_batch, t_phase, n_phase = None, time.time(), nimg
     while nimg < total and not run.stopping:
