@@ -15,7 +15,7 @@ Paper -> code   (sections after Sec. 3 are cited by name: their numbers were not
   Toy expt.  4-point data, per-input latent scatter ................. toy_batch(), posterior_figure
 Deviations and code facts (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. PAPER-VS-CODE  Simultaneous updates (official train.py, = Alg. 1); the toy notebook: 1 primal,
-     then 2 adversary steps (--update). Alg. 1 has one step size; the code 5e-5 / 1e-4: we follow it.
+     then 2 adversary steps (--update). Alg. 1: one step size; the code: 5e-5 / 1e-4 (we follow it).
   2. PAPER-VS-CODE  AC: KL term = single-sample log r_alpha - log p at the drawn z, stop-gradient
      moments (official avb/__init__.py), not the closed-form Gaussian KL (same expectation).
   3. PAPER-VS-CODE  sd = sqrt(var + 1e-4) in z~, but log r_alpha uses log var without 1e-4 (kept).
@@ -25,28 +25,25 @@ Deviations and code facts (each also tagged in the code; grep DEVIATION|PAPER-VS
   7. PAPER-VS-CODE  The toy adversary adds ||z||^2 (notebook), not the log prior's 1/2 ||z||^2.
   8. PAPER-VS-CODE  Decoder ConvTs 1-3 use ReLU, the official conv2d_transpose default (the ELU
      arg-scope never reaches it); whether the paper's text says ELU is unverified.
-  9. DEVIATION  --model vae: AVB's conv0 decoder, lr 5e-5, batch 128 (like-for-like; the official VAE
-     scripts: conv1, 1e-4, 64); toy VAE: closed-form KL, not the notebook's 1-sample one.
+  9. DEVIATION  --model vae: AVB's conv0 decoder, lr 5e-5, batch 128 (like-for-like; the official
+     VAE scripts: conv1, 1e-4, 64); toy VAE: closed-form KL, not the notebook's 1-sample one.
  10. DEVIATION  MNIST via torchvision (first 5,000 train images = validation, as the official TF
      loader); shapes and folder:<path> made gray, 28x28, binarized alike. No CelebA, 8 schools.
  11. DEVIATION  AIS: the official code adapts the HMC step inside each weighted chain, so a chain's
      kernel depends on its own past (biased on small batches); --ais-adapt pilot (default) adapts it
      by the same rule on one extra chain per image, and the weighted chains replay it.
-Unverified in the card: Eq. number (3.7) (early versions: 3.9), Tab. 2 values other than the 32-dim
-AIS column, the toy table number.
-Datasets: mnist, shapes (offline), folder:<path> (its first --val-size images are validation and
-test), toy4. --steps counts primal (encoder + decoder) updates.
+Unverified (card): Eq. number (3.7) (early: 3.9), Tab. 2 except the 32-dim AIS column, toy table.
+Datasets: mnist, shapes (offline), folder:<path> (first --val-size images: validation and test),
+toy4. --steps counts primal (encoder + decoder) updates.
 Run
   python avb.py --dataset mnist                                   # AVB + AC, d = 32 (Tab. 2), 1 GPU
   python avb.py --dataset mnist --z-dim 8 --eps-dim 32 --eps-nbasis 16   # AVB + AC, d = 8
   python avb.py --dataset mnist --z-dim 8 --eps-dim 32 --no-ac           # AVB, d = 8
   python avb.py --dataset mnist --model vae [--z-dim 8]           # VAE, d = 32 [8], same decoder
-  python avb.py --evaluate runs/avb-mnist-s0/ckpt.pt              # ELBO estimate, AIS 8 x 2000
-  python avb.py --evaluate CKPT --ais-chains 5 --ais-steps 1000   # AIS of the d = 8 no-AC row
+  python avb.py --evaluate runs/avb-mnist-s0/ckpt.pt  # ELBO, AIS 8 x 2000 (d=8 no AC: 5 x 1000)
   python avb.py --dataset toy4 [--model vae]                      # samples/*.png: posteriors
   python avb.py --resume --out-dir RUN --export-samples 10000     # samples_10000.npz for fid.py
-Sampling (the decoder is the generator; it has no BatchNorm):
-  decoder, z_dim = avb.load_generator("runs/avb-mnist-s0/ckpt.pt", "cpu")
+Sampling: decoder, z_dim = avb.load_generator("runs/avb-mnist-s0/ckpt.pt", "cpu")  # no BN in it
   x = torch.sigmoid(decoder(torch.randn(64, z_dim)))   # Bernoulli means, (64, 1, 28, 28) in [0, 1]
 Paper reports: AIS log p(x) = -80.2 nats, AVB + AC, d = 32, binarized MNIST (Tab. 2; +- and other
 rows unverified). Our numbers: README.
@@ -80,23 +77,21 @@ def parse_args(argv=None):
     pos, nonneg, lr = common.positive_int, common.nonnegative_int, common.positive_float
     o, nb = "official experiments/*/run.py", "toy notebook"
     g = p.add_argument_group("paper").add_argument
-    g("--dataset", default="mnist", help="mnist (binarized); shapes, folder:<path> (gray 28x28, "
-      "binarized: DEVIATION); toy4 (4-point toy) [Tab. 2, toy expt.]")
+    g("--dataset", default="mnist", help="mnist; shapes, folder:<path> (gray 28x28: DEVIATION); "
+      "toy4 [Tab. 2, toy expt.]")
     g("--model", default="avb", choices=["avb", "vae"], help="AVB or the VAE baseline [Tab. 2]")
     g("--ac", action=argparse.BooleanOptionalAction, help="adaptive contrast; default: on for "
       f"AVB on images, off for the toy and the VAE [AC sect.; {o}]")
     g("--z-dim", type=pos, help=f"latent d; default 32 images, 2 toy [Tab. 2; {o}]")
     g("--eps-dim", type=pos, help=f"encoder noise size; default 64 [{o}, {nb}]")
     g("--eps-nbasis", type=pos, default=32, help=f"AC basis vectors m [{o}]")
-    g("--g-width", type=pos, default=64, help="encoder and decoder base width (df_dim = gf_dim); "
-      "toy MLP width [official run_avae.py, notebook]")
-    g("--d-width", type=pos, help="adversary width; default 1024 images, 256 toy [official "
-      "models/conv0.py, notebook]")
-    g("--adv-feat", type=pos, default=8192, help="size of theta(x), s(z) [official models/conv0.py]")
+    g("--g-width", type=pos, default=64, help="encoder, decoder width [official df_dim = gf_dim]")
+    g("--d-width", type=pos, help=f"adversary width; default 1024, toy 256 [official conv0, {nb}]")
+    g("--adv-feat", type=pos, default=8192, help="size of theta(x), s(z) [official conv0.py]")
     g("--update", choices=["simultaneous", "alternating"], help="default: simultaneous for images, "
       f"alternating for the toy [Alg. 1; official train.py, {nb}]")
-    g("--d-steps", "--adv-steps", dest="d_steps", type=pos, default=2,
-      help=f"adversary steps per primal step with --update alternating [{nb}]")
+    g("--d-steps", "--adv-steps", dest="d_steps", type=pos, default=2, help=f"T steps per primal "
+      f"step if alternating [{nb}]")
     g("--lr", type=lr, help=f"primal Adam lr; default 5e-5 images, 2e-5 toy [{o}, {nb}]")
     g("--lr-d", "--lr-adv", dest="lr_d", type=lr, default=1e-4, help=f"adversary lr [{o}, {nb}]")
     g("--betas", type=common.unit_float, nargs=2, help="Adam betas; default 0.5 0.999 images, "
@@ -104,11 +99,9 @@ def parse_args(argv=None):
     g("--batch-size", type=pos, help=f"default 128 images, 512 toy [{o}, {nb}]")
     g("--steps", type=pos, help="primal updates; default 2.5M images (an upper bound), 100k toy "
       "[UNSPECIFIED: official nsteps, notebook]")
-    g("--val-size", type=nonneg, default=5000,
-      help="first N train images = validation [official download_mnist.py]")
+    g("--val-size", type=nonneg, default=5000, help="first N train images = validation [official]")
     e = p.add_argument_group("eval").add_argument
-    e("--evaluate", metavar="CKPT", help="ELBO estimate and AIS log p(x) of CKPT, also written "
-      "to eval.json beside it [Tab. 2]")
+    e("--evaluate", metavar="CKPT", help="ELBO and AIS log p(x) of CKPT (+ eval.json) [Tab. 2]")
     e("--ais-chains", type=pos, default=8, help=f"chains per image (5 for d=8 no AC) [{o}]")
     e("--ais-steps", type=pos, default=2000, help=f"annealing steps K (1000 for d=8 no AC) [{o}]")
     e("--ais-batches", type=pos, default=20, help=f"test batches [{o} --test-nais]")
@@ -126,19 +119,16 @@ def parse_args(argv=None):
     r("--device", default="cuda", help="cuda or cpu; no silent fallback [run]")
     r("--num-workers", type=nonneg, default=4, help="DataLoader workers [run]")
     r("--log-every", type=pos, default=100, help="steps between log lines [run]")
-    r("--sample-every", type=nonneg, default=1000,
-      help="steps between grids (toy: posterior figures), 0 = off [run]")
+    r("--sample-every", type=nonneg, default=1000, help="steps between grids, 0 = off [run]")
     r("--ckpt-every", type=pos, default=10_000, help="steps between checkpoints [run]")
     r("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
-    r("--deterministic", action="store_true",
-      help="deterministic kernels; on CUDA sets CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
-    r("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast of forward passes "
-      "(the paper trained in fp32) [run]")
-    r("--export-samples", type=nonneg, default=0, help="images: N decoder means of p(x|z), "
-      "z ~ N(0, I), uint8 as save_image rounds, to samples_N.npz at the end, 0 = off "
-      "(UNSPECIFIED: means, as binarized-MNIST sample figures) [run]")
-    r("--fid-every", type=nonneg, default=0, help="images: FID, IS of 2p - 1 via fid.py every K "
-      "steps, 0 = off; not the paper's metric (that is --evaluate) [run]")
+    r("--deterministic", action="store_true", help="deterministic kernels (CUDA: sets "
+      "CUBLAS_WORKSPACE_CONFIG=:4096:8) [run]")
+    r("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast (paper: fp32) [run]")
+    r("--export-samples", type=nonneg, default=0, help="N decoder means at the end, uint8, to "
+      "samples_N.npz, 0 = off [UNSPECIFIED: means]")
+    r("--fid-every", type=nonneg, default=0, help="FID, IS via fid.py every K steps, 0 = off; "
+      "not the paper's metric [run]")
     r("--fid-samples", type=pos, default=10_000, help="generated images per FID [run]")
     r("--fid-weights", help="FID Inception weight file (fid.py) [run]")
     args = p.parse_args(argv)
@@ -226,7 +216,7 @@ def init_tf(module, tiny=()):
 
 def mlp(sizes, act):
     layers = [m for i, o in zip(sizes[:-1], sizes[1:]) for m in (nn.Linear(i, o), act())]
-    return nn.Sequential(*layers[:-1])                                   # no activation on the output
+    return nn.Sequential(*layers[:-1])                                   # no output activation
 
 
 def convs_5x5(width, bias):
@@ -241,7 +231,7 @@ class ConvTrunk(nn.Module):
 
     def __init__(self, width):
         super().__init__()
-        self.convs = convs_5x5(width, bias=False)                        # slim drops the bias under BN
+        self.convs = convs_5x5(width, bias=False)                        # no bias under BN (slim)
         # slim batch_norm: decay 0.999 -> momentum 0.001, eps 1e-3; batch stats in train mode
         self.bns = nn.ModuleList(nn.BatchNorm2d(c.out_channels, momentum=0.001, eps=1e-3)
                                  for c in self.convs[:3])
@@ -259,8 +249,8 @@ class BasisMLP(nn.Module):
     def __init__(self, m, eps_dim, z_dim, hidden=128):
         super().__init__()
         sizes = list(zip([eps_dim, hidden, hidden, hidden], [hidden, hidden, hidden, z_dim]))
-        self.W = nn.ParameterList(nn.Parameter((torch.rand(m, i, o) * 2 - 1) * math.sqrt(6 / (i + o)))
-                                  for i, o in sizes)                     # Xavier-uniform per basis
+        xavier = lambda i, o: (torch.rand(m, i, o) * 2 - 1) * math.sqrt(6 / (i + o))  # per basis
+        self.W = nn.ParameterList(nn.Parameter(xavier(i, o)) for i, o in sizes)
         self.b = nn.ParameterList(nn.Parameter(torch.zeros(m, 1, o)) for _, o in sizes)
 
     def forward(self, eps):                                              # eps (m, B, eps_dim)
@@ -305,7 +295,7 @@ class Encoder(nn.Module):
         v = self.v(eps)                                                  # (m, B, d)
         z = z0 + (a * v.transpose(0, 1)).sum(1)                          # z0 + sum_i a_i * v_i
         mean = z0 + (a * v.mean(1)).sum(1)                               # E[v_i] over the B draws
-        var = (a ** 2 * v.var(1, unbiased=False)).sum(1)                 # divide-by-B [tf.nn.moments]
+        var = (a ** 2 * v.var(1, unbiased=False)).sum(1)                 # divide-by-B [tf moments]
         return z, mean, var
 
 
@@ -329,14 +319,15 @@ class GaussianEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Bernoulli logits: Linear + ELU, ConvT 5x5 4w s2, 2w s2, w s1 (ReLU), 1 s1 [official conv0]."""
+    """Bernoulli logits: Linear + ELU, ConvT 5x5 4w s2, 2w s2, w s1 (ReLU), 1 s1 [official]."""
 
     def __init__(self, z_dim, width):
         super().__init__()
         self.width, self.fc = width, nn.Linear(z_dim, 8 * width * 49)
         # PAPER-VS-CODE: ReLU, the default of the custom conv2d_transpose (the ELU scope misses it).
-        # UNSPECIFIED-equivalent: TF SAME pads stride-2 ConvT asymmetrically; same shapes, 1-px shift
-        convt = lambda i, o, s: nn.ConvTranspose2d(i, o, 5, stride=s, padding=2, output_padding=s - 1)
+        # UNSPECIFIED-equivalent: TF SAME pads stride-2 ConvT unevenly (same shapes, 1-px shift)
+        convt = lambda i, o, s: nn.ConvTranspose2d(i, o, 5, stride=s, padding=2,
+                                                   output_padding=s - 1)
         w = [8 * width, 4 * width, 2 * width, width]
         self.net = nn.Sequential(convt(w[0], w[1], 2), nn.ReLU(), convt(w[1], w[2], 2), nn.ReLU(),
                                  convt(w[2], w[3], 1), nn.ReLU(), convt(w[3], 1, 1))
@@ -378,7 +369,7 @@ class ToyEncoder(nn.Module):
 
 
 class ToyAdversary(nn.Module):
-    """Linear 256 + ELU, 5 blocks h <- ELU(h + L1(ReLU(L0 h))), L1 = 0 at init, Linear 1 [notebook]."""
+    """Linear 256 + ELU, 5 x [h <- ELU(h + L1(ReLU(L0 h)))], L1 = 0 at init, Linear 1 [notebook]."""
 
     def __init__(self, z_dim, hidden=256, n_blocks=5):
         super().__init__()
@@ -386,7 +377,7 @@ class ToyAdversary(nn.Module):
         self.blocks = nn.ModuleList(mlp([hidden, hidden, hidden], nn.ReLU) for _ in range(n_blocks))
         init_tf(self)
         for block in self.blocks:
-            nn.init.zeros_(block[-1].weight)                             # residual branch starts at 0
+            nn.init.zeros_(block[-1].weight)                             # residual branch = 0
 
     def forward(self, x, z):
         h = F.elu(self.inp(torch.cat([x, z], 1)))
@@ -410,6 +401,16 @@ def build_models(args, device="cpu"):
         T = (ToyAdversary(args.z_dim, args.d_width) if toy
              else Adversary(args.z_dim, args.d_width, args.adv_feat))
     return encoder.to(device), decoder.to(device), None if T is None else T.to(device)
+
+
+def build_training(args, device):
+    """encoder, decoder, T and Adam for {encoder, decoder} (opt_G) and T (opt_D). PAPER-VS-CODE:
+    two learning rates (official run.py) where Alg. 1 has one step size h_i."""
+    encoder, decoder, T = build_models(args, device)
+    adam = lambda params, lr: torch.optim.Adam(params, lr=lr, betas=tuple(args.betas))
+    return dict(encoder=encoder, decoder=decoder, T=T,
+                opt_G=adam([*encoder.parameters(), *decoder.parameters()], args.lr),
+                opt_D=None if T is None else adam(T.parameters(), args.lr_d))
 
 
 def load_generator(ckpt_path, device="cpu"):
@@ -462,7 +463,7 @@ def elbo_terms(encoder, decoder, T, x, ac):
     recon = reconstruction_error(decoder(z), x)
     if T is None:                                                        # VAE: closed-form KL
         return dict(recon=recon, kl=gaussian_kl(mean, var))
-    if ac:                                                               # KL^ = T(x, z~) + log r - log p
+    if ac:                                                               # KL^ = T(x, z~) + log r/p
         mean, var = mean.detach(), var.detach()                          # stop-gradient moments
         z_norm = (z - mean) / (var + 1e-4).sqrt()                        # z~ = (z - mu) / sd
         kl = T(x, z_norm) + contrast_log_ratio(z, z_norm, var)          # PAPER-VS-CODE: 1 sample
@@ -494,7 +495,7 @@ def train_step(encoder, decoder, T, opt_G, opt_D, draw_x, args, scale,
     loss_G.backward(inputs=[*encoder.parameters(), *decoder.parameters()])  # T fixed (Prop. 2)
     out = dict(loss_G=loss_G, elbo=-(recon + kl).mean(), recon=recon.mean(), kl=kl.mean())
     if T is not None and args.update == "simultaneous":
-        out["loss_D"] = step_D(t)          # same sample, gradients at the same parameters [train.py]
+        out["loss_D"] = step_D(t)          # same sample, grads at the same parameters [train.py]
     opt_G.step()
     if T is not None and args.update == "alternating":
         for _ in range(args.d_steps):      # PAPER-VS-CODE: toy notebook, fresh x, eps, z_p per step
@@ -523,7 +524,8 @@ def ais_log_likelihood(x, log_joint, init_mean, init_std, n_chains=8, n_steps=10
     (/1.1 below batch acceptance 0.6, x1.1 above 0.7) on adapt="pilot": one extra chain, weights
     discarded, replayed by the weighted chains (DEVIATION); "chain": inside each chain (official,
     biased: a chain's kernel depends on its own past); "off": fixed."""
-    betas, (B, d), dev, dt = annealing_schedule(n_steps, schedule), init_mean.shape, x.device, x.dtype
+    betas, (B, d) = annealing_schedule(n_steps, schedule), init_mean.shape
+    dev, dt = x.device, x.dtype
 
     def run(C, steps):  # C x B chains; steps (K - 1,) fixed, or None: each chain adapts its own
         mean, std = init_mean.expand(C, B, d), init_std.expand(C, B, d)
@@ -565,10 +567,11 @@ def ais_log_likelihood(x, log_joint, init_mean, init_std, n_chains=8, n_steps=10
             z = torch.where(accept[..., None], zq, z)
             cur = [torch.where(accept if c.dim() == 2 else accept[..., None], n, c)
                    for n, c in zip(new, cur)]
-            rate = accept.to(dt).mean(1).view(C, 1, 1)                   # batch acceptance, per chain
+            rate = accept.to(dt).mean(1).view(C, 1, 1)                   # batch rate, per chain
             acc = acc + rate.mean() / (n_steps - 1)
             if steps is None:
-                step = torch.where(rate < 0.6, step / 1.1, torch.where(rate > 0.7, step * 1.1, step))
+                step = torch.where(rate < 0.6, step / 1.1,
+                                   torch.where(rate > 0.7, step * 1.1, step))
         return log_w, torch.stack(used) if used else step.new_zeros(0, C), float(acc)
 
     steps = torch.full((max(n_steps - 1, 0),), eps, dtype=dt, device=dev)  # adapt="off"
@@ -697,7 +700,8 @@ def evaluate(args, device):
               f"{rate:.2f}", flush=True)
     se = lambda v: float(np.std(v) / math.sqrt(len(v)))  # [official validate process_stats]
     res = {"step": state["step"], "elbo_estimate": float(np.mean(elbos)), "elbo_se": se(elbos),
-           "ais_log_px": float(np.mean(ais)), "ais_se": se(ais), "ais_images": len(ais) * a.batch_size,
+           "ais_log_px": float(np.mean(ais)), "ais_se": se(ais),
+           "ais_images": len(ais) * a.batch_size,
            **{k: getattr(args, k) for k in EVAL_FLAGS[1:]}, "ais_acceptance": float(np.mean(rates))}
     kind = "estimate (not a bound)" if T is not None else "bound"
     print(f"ELBO {kind} {res['elbo_estimate']:.2f} +- {res['elbo_se']:.2f} | AIS log p(x) "
@@ -725,13 +729,8 @@ def main(argv=None):
                 else contextlib.nullcontext)
     toy = args.dataset == "toy4"
     train_set = None if toy else load_images(args)[0]
-    encoder, decoder, T = build_models(args, device)
-    opt_G = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=args.lr,
-                             betas=tuple(args.betas))
-    # PAPER-VS-CODE: two learning rates (official run.py) where Alg. 1 has one step size h_i
-    opt_D = None if T is None else torch.optim.Adam(T.parameters(), lr=args.lr_d,
-                                                    betas=tuple(args.betas))
-    nets = dict(encoder=encoder, decoder=decoder, T=T, opt_G=opt_G, opt_D=opt_D)
+    nets = build_training(args, device)
+    encoder, decoder, T, opt_G, opt_D = nets.values()
     evaluate_fid = build_fid(args, device) if args.fid_every else None
     fixed_z = torch.randn(64, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
     if not toy:                                      # reals.png, read now: bad files fail here
@@ -746,7 +745,7 @@ def main(argv=None):
         step, fixed_z = state["step"], state["fixed_z"].to(device)
         common.set_rng_state(state["rng"])
 
-    run.start(step, device, **{k: m for k, m in list(nets.items())[:3] if m is not None})
+    run.start(step, device, encoder=encoder, decoder=decoder, **({"T": T} if T is not None else {}))
     scale = 1.0 if toy else 1.0 / (28 * 28)                              # PAPER-VS-CODE: 1/(H*W*C)
     print(f"loss scale {scale:.6g} (official: 1/(H*W*C) for images, 1 for the toy)", flush=True)
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)

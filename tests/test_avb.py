@@ -153,8 +153,8 @@ def test_shapes_and_adversary_starts_at_the_log_prior():
     T, h = avb.ToyAdversary(2), None
     h = F.elu(T.inp(torch.cat([xt, zt], 1)))
     for _ in range(5):
-        h = F.elu(h + 0)                                                 # residual branches start at 0
-    torch.testing.assert_close(T(xt, zt), T.out(h).squeeze(1) + (zt ** 2).sum(1))  # + ||z||^2
+        h = F.elu(h + 0)                                                 # residual branches: 0
+    torch.testing.assert_close(T(xt, zt), T.out(h).squeeze(1) + (zt ** 2).sum(1))   # ||z||^2
 
 
 def test_adversary_form():
@@ -261,7 +261,7 @@ def test_signs():
 
 
 def test_optimal_adversary_matches_closed_form():
-    """Card 8.4: Eq. (3.3) on q = N(1, 0.5^2) vs p = N(0, 1) gives T* = log 2 - 2 (z - 1)^2 + z^2/2."""
+    """Card 8.4: Eq. (3.3), q = N(1, 0.5^2) vs p = N(0, 1): T* = log 2 - 2 (z - 1)^2 + z^2 / 2."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.ELU(), torch.nn.Linear(32, 32),
                               torch.nn.ELU(), torch.nn.Linear(32, 1))
@@ -376,7 +376,8 @@ def test_hmc_leapfrog_step_rule_and_scale():
         _, steps, acc = avb.ais_log_likelihood(x, log_joint, torch.zeros(256, 3, dtype=F64),
                                                torch.full((256, 3), sd, dtype=F64), n_chains=1,
                                                n_steps=6, eps=0.3, adapt="off")
-        assert acc > 0.97 and len(calls) == 1 + 5 * 11 and torch.equal(steps, torch.full((5,), 0.3, dtype=F64))
+        assert acc > 0.97 and len(calls) == 1 + 5 * 11
+        assert torch.equal(steps, torch.full((5,), 0.3, dtype=F64))
     x = torch.ones(64, 1, dtype=F64)
     for eps, factor in ((0.01, 1.1), (30.0, 1 / 1.1)):                 # accepts all / rejects all
         calls.clear()
@@ -477,7 +478,8 @@ def test_evaluate_initial_distribution_and_reported_statistics(model, tmp_path, 
     res = avb.main(["--evaluate", str(tmp_path / "ckpt.pt"), *EVAL_TINY, "--ais-batches", "3"])
     for mean, std, (_, q_mean, q_var) in seen:
         if model == "avb":
-            assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(std, torch.ones_like(std))
+            assert torch.equal(mean, torch.zeros_like(mean))
+            assert torch.equal(std, torch.ones_like(std))
         else:
             assert torch.equal(mean, q_mean)
             torch.testing.assert_close(std, (q_var + 1e-4 * (model == "avb-ac")).sqrt())
