@@ -1,55 +1,60 @@
-"""FID, IS, KID and P&R as the field computes them, plus the "Are GANs Created Equal?" study tools.
-Heusel et al., "GANs Trained by a Two Time-Scale Update Rule ...", NeurIPS 2017, arXiv:1706.08500 (FID).
+"""FID, IS, KID and P&R as the field computes them, plus the "Are GANs Created Equal?" tools.
+Heusel et al., "GANs Trained by a Two Time-Scale Update Rule ...", NeurIPS 2017, arXiv:1706.08500.
 Lucic, Kurach, Michalski, Gelly, Bousquet, "Are GANs Created Equal?", NeurIPS 2018, arXiv:1711.10337.
-Official code: mseitzer/pytorch-fid (inception.py, fid_score.py; parity target), bioinf-jku/TTUR fid.py,
-toshas/torch-fidelity (tf1 mode, IS, KID), GaParmar/clean-fid (clean mode), google/compare_gan v1.
+Official code: mseitzer/pytorch-fid (inception.py, fid_score.py; parity target), bioinf-jku/TTUR
+fid.py, toshas/torch-fidelity (tf1 mode, IS, KID), GaParmar/clean-fid (clean), google/compare_gan v1.
 
 Paper -> code
-  FID def. (arXiv:1706.08500)  ||mu1-mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^1/2 .. frechet_distance()
-  pytorch-fid inception.py     FID Inception, 4 TF patches, taps 64/192/768/2048 .. FIDInceptionV3
-  pytorch-fid fid_score.py     sorted flat folder, ToTensor, N-1 covariance .. list_images(), statistics()
-  torch-fidelity / clean-fid   tf1 (TF1 bilinear) and clean (PIL bicubic) resizing . preprocess()
-  Salimans et al. 2016 Sec. 4  IS: unbiased logits, 10 splits, std ddof 0 ............ inception_score()
-  Binkowski et al. 2018        KID: cubic kernel, 100 x 1000 subsets ................. kid()
-  Kynkaanniemi et al. 2019     k-NN precision / recall, k = 3 ........................ precision_recall()
-  Chong & Forsyth 2020         FID_inf: fit FID_N = a + b/N, report a ................ fid_infinity()
-  Lucic et al., params.py      wide / narrow search spaces, author defaults .......... sample_hparams()
-  Lucic et al. budget figure   min FID vs number of settings tried .................. budget_curve()
-  Lucic et al. P&R, colab      triangles; approximate precision, recall, F1 .. make_polygons(), approx_prf()
-  project contract             FID during training with cached reference stats ..... fid_for_training()
+  FID (arXiv:1706.08500)    ||mu1-mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^1/2 .. frechet_distance()
+  pytorch-fid inception.py  FID Inception, 4 TF patches, taps 64/192/768/2048 .. FIDInceptionV3
+  pytorch-fid fid_score.py  sorted flat folder, ToTensor, N-1 covariance ...... statistics()
+  torch-fidelity/clean-fid  tf1 (TF1 bilinear) and clean (PIL bicubic) resizing .. preprocess()
+  Salimans et al. 2016 S.4  IS: unbiased logits, 10 splits, std ddof 0 ........... inception_score()
+  Binkowski et al. 2018     KID: cubic kernel, 100 x 1000 subsets ................ kid()
+  Kynkaanniemi et al. 2019  k-NN precision / recall, k = 3 ....................... precision_recall()
+  Chong & Forsyth 2020      FID_inf: fit FID_N = a + b/N, report a ............... fid_infinity()
+  Lucic et al. params.py    wide / narrow search spaces, author defaults ......... sample_hparams()
+  Lucic et al. budget fig.  min FID vs number of settings tried ................. budget_curve()
+  Lucic et al. colab        convex polygons (triangles), 60k/10k/10k .............. make_polygons()
+  project contract          FID and IS while training, resolved at start-up ..... TrainingFID
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. DEVIATION      --prc uses Inception pool3 features, not VGG-16 fc2 (no second weight file).
-  2. DEVIATION      clean mode feeds this file's FID Inception, not NVIDIA's TorchScript port that clean-fid
-                    loads (same TF weights; the resize is checked bit-identical, the features are not).
-  3. PAPER-VS-CODE  compare_gan v1 scores float generator output unquantised with TF1 resizing against the
-                    10k test split; we quantise like save_image (= scoring saved PNGs) and default to the
-                    pytorch-fid pipeline. --mode tf1 gives compare_gan's resizing.
-  4. DEVIATION      fid_for_training uses the training split as reference (project contract; Lucic et al. use
-                    the test split) and falls back to the eig route, saying so, if sqrtm fails the
-                    imaginary-part guard (tiny N while monitoring). The CLI never falls back.
-  5. UNSPECIFIED    approximate P/R: delta, norm, projection and inversion settings; budget-curve
-                    resampling (with replacement, 5000 times); triangles seed. All flags.
+  2. DEVIATION      clean mode feeds this file's FID Inception, not the TorchScript port clean-fid
+                    loads (same TF weights; the resize is checked bit-identical, features are not).
+  3. PAPER-VS-CODE  compare_gan v1 scores float generator output unquantised with TF1 resizing
+                    against the 10k test split; we quantise like save_image (= scoring saved PNGs)
+                    and default to the pytorch-fid pipeline. --mode tf1 gives compare_gan's resize.
+  4. DEVIATION      TrainingFID's reference is the training split unless ref_split="test" (FID-50k
+                    convention; Lucic et al. use test), and it falls back to the eig route, saying
+                    so, when sqrtm fails the imaginary-part guard (tiny N). The CLI never does.
+  5. UNSPECIFIED    budget-curve resampling (with replacement, 5000 times); the triangles seed.
+  The Lucic et al. approximate precision/recall on triangles is not implemented: its threshold,
+  norm, projection and inversion settings are unpublished, so any number would be ours.
 Run
-  python fid.py gen_folder ref_folder_or_stats.npz               # pytorch-fid compatible: prints FID:  x
-  python fid.py runs/x/samples_50000.npz dataset:cifar10 --isc   # exported samples vs CIFAR-10 train
-  python fid.py data/cifar10_png cifar10_train.npz --save-stats
-  python fid.py bench --device cpu                                # extraction img/s, Frechet timings
-  python fid.py triangles data/triangles ; python fid.py sample-hparams wgan_gp wide --n 100
-  python fid.py collect runs/* > runs.csv ; python fid.py budget-curve runs.csv
-  python fid.py seed-report runs.csv
-Parity checked with one random state dict in both nets: features bit-identical to pytorch-fid 0.3.0
-(every tap) and, in tf1 mode, to torch-fidelity 0.4.0 (resize, pool3, unbiased logits); clean resize
-bit-identical to clean-fid 0.1.35; FID equal to pytorch-fid's calculate_fid_given_paths (tests/test_fid.py).
-Anchors (not measured here: no weight file offline): tf1 FID(CIFAR-10 train[:5000], test[:5000]) = 10.3233
-and tf1 IS(CIFAR-10 train, 50k) = 11.237 (torch-fidelity tests; Salimans et al. report 11.24 +- .12).
-Weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid release 'fid_weights'); --weights PATH, else
-the torch hub cache, else a download. Scores with other Inception weights are not comparable.
+  python fid.py gen_folder ref_folder_or_stats.npz            # pytorch-fid compatible: FID:  x
+  python fid.py runs/x/samples_50000.npz dataset:cifar10 --isc   # exported samples vs train split
+  python fid.py data/cifar10_png cifar10_train.npz --save-stats  # mu, sigma + provenance keys
+  python fid.py samples.npz ref.npz --float-range -1 1       # float arrays: state their range
+  python fid.py --tool triangles data/triangles                # study tools: --tool NAME --help
+  python fid.py --tool sample-hparams wgan_gp wide --n 100
+  python fid.py --tool budget-curve runs.csv ; python fid.py --tool seed-report runs.csv
+  python tests/bench_fid.py --device cuda --weights W.pth    # img/s beside pytorch-fid (dev)
+Inputs: image folders (flat, sorted, pytorch-fid's extensions), .npz statistics (mu, sigma; ours
+add n, mode, dims, resize, weights, source and are checked against the run), .npz images
+('images' from --export-samples or 'arr_0' as OpenAI/ADM write; NHWC, NCHW or (N, H, W); uint8,
+or floats with --float-range), dataset:<name> (common.load_dataset, cached statistics).
+Parity, checked with one random state dict in every net (tests/test_fid.py): features
+bit-identical to pytorch-fid 0.3.0 at every tap and FID equal to its calculate_fid_given_paths; in
+tf1 mode features equal to torch-fidelity 0.4.0; clean resize bit-identical to clean-fid 0.1.35.
+Anchors (not measured here: no weight file offline): tf1 FID(CIFAR-10 train[:5000], test[:5000])
+= 10.3233; tf1 IS(CIFAR-10 train, 50k) = 11.237 (torch-fidelity; Salimans et al.: 11.24 +- .12).
+Weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid release 'fid_weights'); --weights
+PATH, else the torch hub cache, else a download. Scores with other weights are not comparable.
 """
 import argparse
 import contextlib
 import csv
 import hashlib
-import itertools
 import json
 import os
 import pathlib
@@ -60,7 +65,6 @@ import time
 import numpy as np
 import scipy
 import scipy.linalg
-import scipy.spatial
 import scipy.special
 import torch
 import torch.nn.functional as F
@@ -68,110 +72,153 @@ import torchvision.transforms.functional as TF
 from torchvision.datasets.folder import pil_loader
 from torchvision.models import inception as tv_inception
 
+try:  # the project's one-line errors and progress line; fid.py copied alone has its own below
+    import common
+    UserError, Progress = common.UserError, common.Progress
+except (ImportError, AttributeError):
+    common = None
+
+    class UserError(Exception):
+        """A mistake the user can fix: printed as one `error: ...` line, exit 2."""
+
+    class Progress:
+        """common.Progress's line: `features 500/10000 (5%) | 9.1 img/s | ... | eta 0:17:24`."""
+
+        def __init__(self, what, total, unit="it", every=10.0):
+            self.what, self.total, self.unit, self.every = what, total, unit, every
+            self.done, self.t0 = 0, time.time()
+            self.t_print = self.t0
+
+        def update(self, n=1):
+            self.done += n
+            now = time.time()
+            if now - self.t_print >= self.every or self.done >= self.total:
+                rate = self.done / max(now - self.t0, 1e-9)
+                hms = lambda s: f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
+                print(f"{self.what} {self.done}/{self.total} "
+                      f"({100 * self.done / max(self.total, 1):.0f}%) | {rate:.3g} {self.unit}/s | "
+                      f"{hms(now - self.t0)} elapsed | eta {hms((self.total - self.done) / rate)}",
+                      flush=True)
+                self.t_print = now
+
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILE
-FID_WEIGHTS_SHA256_PREFIX = "6726825d"       # torch.hub naming convention; pytorch-fid does not check it
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   + FID_WEIGHTS_FILE)
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"     # torch.hub naming convention; pytorch-fid never checks
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid
 MODES = ("pytorch-fid", "tf1", "clean")
-DIMS = (64, 192, 768, 2048)                  # pytorch-fid BLOCK_INDEX_BY_DIM taps
-TOOLS = ("bench", "triangles", "sample-hparams", "budget-curve", "seed-report", "collect")
+DIMS = (64, 192, 768, 2048)                # pytorch-fid BLOCK_INDEX_BY_DIM taps
+TOOLS = ("triangles", "sample-hparams", "budget-curve", "seed-report")
+GEN_BATCH = 50                             # TrainingFID calls sample_fn(n) with n <= 50
+
+
+def _int_at_least(lo):
+    def parse(text):
+        value = int(text) if re.fullmatch(r"\s*[+-]?\d+\s*", text) else None
+        if value is None or value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+        return value
+    return parse
 
 
 def _default_workers():
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count()
-    return min(8, n) if n else 0
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(8, n or 0)
 
 
 # ==== Args ====
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="study tools: python fid.py {" + ",".join(TOOLS) + "} --help")
-    p.add_argument("path", nargs="+", help="two sources (image folder, stats .npz with mu/sigma, samples "
-                   ".npz with 'images' uint8 NHWC, or dataset:<name> = common.load_dataset train split); "
-                   "one source with --isc only [official pytorch-fid fid_score.py]")
-    p.add_argument("--batch-size", type=int, default=50,
-                   help="images per forward [official pytorch-fid fid_score.py]")
-    p.add_argument("--num-workers", type=int, default=_default_workers(),
-                   help="data loader processes, min(8, CPUs) [official pytorch-fid fid_score.py]")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda if available else cpu [official pytorch-fid fid_score.py]")
-    p.add_argument("--dims", type=int, default=2048, choices=DIMS,
-                   help="feature tap; 2048 = pool3 [official pytorch-fid inception.py]")
-    p.add_argument("--save-stats", action="store_true", help="write mu/sigma of PATH1 to the .npz PATH2; "
-                   "refuses to overwrite [official pytorch-fid fid_score.py]")
-    p.add_argument("--weights", default=None, help=f"Inception weights, default {FID_WEIGHTS_FILE} from the "
-                   "torch hub cache or a download [official pytorch-fid inception.py]")
-    p.add_argument("--mode", default="pytorch-fid", choices=MODES, help="resize/normalisation pipeline; "
-                   "never mix statistics of different modes [ours: card Tab. 2.4]")
-    p.add_argument("--fd-method", default="sqrtm", choices=("sqrtm", "eig", "eigh"), help="sqrtm = "
-                   "pytorch-fid bit-parity; eig/eigh = eigenvalue routes, 3.7x/5.5x faster at d=2048 "
-                   "on 2 CPU cores, equal to 1e-14 relative [ours: card 2.6]")
-    p.add_argument("--no-resize", action="store_true", help="feed images at their own size (>= 75 px); equal "
-                   "to the protocol only for 299x299 inputs [ours: pytorch-fid resize_input=False]")
-    p.add_argument("--recursive", action="store_true", help="scan folders recursively [ours: opt-in]")
-    p.add_argument("--ignore-case", action="store_true", help="match *.PNG etc. too [ours: opt-in]")
-    p.add_argument("--isc", action="store_true", help="Inception Score of PATH1 [Sec. 4, Salimans 2016]")
-    p.add_argument("--isc-splits", type=int, default=10, help="IS splits [Sec. 4, Salimans 2016]")
-    p.add_argument("--no-shuffle", action="store_true", help="IS splits in file order, as the original "
-                   "[official improved-gan model.py; torch-fidelity shuffles]")
-    p.add_argument("--kid", action="store_true", help="Kernel Inception Distance [Binkowski et al. 2018]")
-    p.add_argument("--kid-subsets", type=int, default=100, help="[official torch-fidelity defaults.py]")
-    p.add_argument("--kid-subset-size", type=int, default=1000, help="[official torch-fidelity defaults.py]")
-    p.add_argument("--prc", action="store_true", help="k-NN precision/recall/F1 on pool3 features "
-                   "(DEVIATION: paper uses VGG-16) [Kynkaanniemi et al. 2019]")
-    p.add_argument("--prc-k", type=int, default=3, help="k-th neighbour radius [Kynkaanniemi et al. 2019]")
-    p.add_argument("--fid-inf", action="store_true", help="FID_inf of PATH1 vs PATH2 [Chong & Forsyth 2020]")
-    p.add_argument("--seed", type=int, default=2020, help="IS shuffle / KID subsets / FID_inf seed "
-                   "[official torch-fidelity defaults.py]")
-    p.add_argument("--allow-tf32", action="store_true", help="keep TF32 during extraction [ours: card 2.13]")
-    p.add_argument("--fp64-features", action="store_true", help="run the network in float64 "
-                   "[official torch-fidelity feature_extractor_internal_dtype]")
-    p.add_argument("--data-root", default="data", help="root for dataset: sources [run]")
-    p.add_argument("--img-size", type=int, default=None, help="dataset: sources at this size [run]")
-    p.add_argument("--cache-dir", default=None, help="stats cache for dataset: sources, default "
-                   "<data-root>/fid_stats [run]")
-    return p.parse_args(argv)
+        description=__doc__.splitlines()[0], allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"study tools: python fid.py --tool {{{','.join(TOOLS)}}} ... (--tool NAME --help)")
+    a, pos, nonneg = p.add_argument, _int_at_least(1), _int_at_least(0)
+    a("path", nargs="*", help="two sources: image folder, statistics .npz, images .npz or "
+      "dataset:<name>; one with --isc only [official pytorch-fid fid_score.py]")
+    a("--tool", nargs=argparse.REMAINDER, help="a study tool instead, as the first argument: a "
+      "folder named like a tool is still a folder [ours]")
+    a("--batch-size", type=pos, help="images per forward; default 50 on CPU (pytorch-fid's), 250 "
+      "on CUDA [official pytorch-fid fid_score.py; ours: CUDA]")
+    a("--num-workers", type=nonneg, default=_default_workers(),
+      help="data loader processes, min(8, CPUs) [official pytorch-fid fid_score.py]")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="cuda if available else cpu [official pytorch-fid fid_score.py]")
+    a("--dims", type=int, default=2048, choices=DIMS, help="feature tap; 2048 = pool3 [official "
+      "pytorch-fid inception.py]")
+    a("--save-stats", action="store_true", help="write mu, sigma and provenance of PATH1 to PATH2 "
+      "(+ .npz); never overwrites [official pytorch-fid fid_score.py]")
+    a("--weights", help=f"Inception weights; default {FID_WEIGHTS_FILE} from the torch hub cache "
+      "or a download [official pytorch-fid inception.py]")
+    a("--mode", default="pytorch-fid", choices=MODES, help="resize/normalisation pipeline; "
+      "statistics of another mode are refused [ours: card Tab. 2.4]")
+    a("--fd-method", default="sqrtm", choices=("sqrtm", "eig", "eigh"), help="sqrtm: pytorch-fid's "
+      "numbers; eig/eigh: eigenvalue routes, several times faster at d=2048, equal to sqrtm to "
+      "~1e-13 relative on full-rank statistics but only ~1e-6 when N < dims [ours: card 2.6]")
+    a("--no-resize", action="store_true", help="feed images at their own size (>= 75 px); the "
+      "protocol only for 299x299 inputs [ours: pytorch-fid resize_input=False]")
+    a("--recursive", action="store_true", help="scan folders recursively [ours]")
+    a("--ignore-case", action="store_true", help="match *.PNG etc. too [ours]")
+    a("--skip-unreadable", action="store_true", help="skip (and count) image files PIL cannot "
+      "read; default: stop, naming the file [ours]")
+    a("--float-range", type=float, nargs=2, metavar=("LO", "HI"), help="range of a float images "
+      ".npz (-1 1, 0 1, 0 255), quantised like save_image; floats are refused without it [ours]")
+    a("--isc", action="store_true", help="Inception Score of PATH1 [Sec. 4, Salimans 2016]")
+    a("--isc-splits", type=pos, default=10, help="IS splits [Sec. 4, Salimans 2016]")
+    a("--no-shuffle", action="store_true", help="IS splits in file order, as the original "
+      "[official improved-gan model.py; torch-fidelity shuffles]")
+    a("--kid", action="store_true", help="Kernel Inception Distance [Binkowski et al. 2018]")
+    a("--kid-subsets", type=pos, default=100, help="[official torch-fidelity defaults.py]")
+    a("--kid-subset-size", type=_int_at_least(2), default=1000,
+      help="[official torch-fidelity defaults.py]")
+    a("--prc", action="store_true", help="k-NN precision/recall/F1 on pool3 features (DEVIATION: "
+      "the paper uses VGG-16), blocked on --device [Kynkaanniemi et al. 2019]")
+    a("--prc-k", type=pos, default=3, help="k-th neighbour radius [Kynkaanniemi et al. 2019]")
+    a("--fid-inf", action="store_true", help="FID_inf of PATH1 vs PATH2 [Chong & Forsyth 2020]")
+    a("--fid-inf-min", type=_int_at_least(2), default=5000, help="smallest of the 15 subset "
+      "sizes; PATH1 needs more images [official FID_IS_infinity score_infinity.py]")
+    a("--seed", type=nonneg, default=2020, help="IS shuffle / KID subsets / FID_inf seed "
+      "[official torch-fidelity defaults.py]")
+    a("--allow-tf32", action="store_true", help="keep TF32 during extraction [ours: card 2.13]")
+    a("--fp64-features", action="store_true", help="run the network in float64 [official "
+      "torch-fidelity feature_extractor_internal_dtype]")
+    a("--data-root", default="data", help="root of dataset: sources [run]")
+    a("--img-size", type=pos, help="dataset: sources at this size; default native [run]")
+    a("--ref-split", default="train", choices=("train", "test"), help="of dataset: sources [run]")
+    a("--ref-size", type=_int_at_least(2), help="first N images of dataset: sources; default all "
+      "[run]")
+    a("--cache-dir", help="statistics cache of dataset: sources; default <data-root>/fid_stats "
+      "[run]")
+    args = p.parse_args(argv)
+    if args.tool is not None:
+        p.error("--tool must be the first argument: python fid.py --tool NAME ...")
+    return args
 
 
 def parse_tool_args(argv):
-    p = argparse.ArgumentParser(prog="fid.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="tool", required=True)
-    b = sub.add_parser("bench", help="extraction img/s and Frechet timings [ours]")
-    b.add_argument("--weights", default=None, help="Inception weights [official pytorch-fid inception.py]")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="[run]")
-    b.add_argument("--n-images", type=int, default=64, help="random uint8 images to extract [run]")
-    b.add_argument("--img-size", type=int, default=32, help="their size; resized to 299 [run]")
-    b.add_argument("--batch-size", type=int, default=50, help="[official pytorch-fid fid_score.py]")
-    b.add_argument("--d", type=int, default=2048, help="feature dimension for the Frechet timings [run]")
-    b.add_argument("--n-features", type=int, default=10_000, help="samples per Gaussian feature set [run]")
-    t = sub.add_parser("triangles", help="convex-polygon data set as PNG folders [Lucic et al. P&R]")
+    p = argparse.ArgumentParser(prog="fid.py --tool", allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub, pos, nonneg = p.add_subparsers(dest="tool", required=True), _int_at_least(1), \
+        _int_at_least(0)
+    t = sub.add_parser("triangles", help="convex-polygon data set as PNG folders [Lucic et al.]")
     t.add_argument("out_dir", help="writes out_dir/{train,test,holdout}/NNNNN.png [run]")
-    t.add_argument("--n", type=int, default=80_000,
+    t.add_argument("--n", type=_int_at_least(8), default=80_000,
                    help="images, split 60k/10k/10k [official compare_gan v1 gan_lib.py]")
-    t.add_argument("--n-vertices", type=int, default=3, help="3 = triangles [Lucic et al. P&R]")
-    t.add_argument("--seed", type=int, default=0, help="[UNSPECIFIED: colab seed unknown; ours 0]")
-    s = sub.add_parser("sample-hparams", help="settings as JSON lines [official compare_gan params.py]")
+    t.add_argument("--n-vertices", type=_int_at_least(3), default=3, help="[official colab]")
+    t.add_argument("--seed", type=nonneg, default=0, help="[UNSPECIFIED: colab example seed 0]")
+    s = sub.add_parser("sample-hparams", help="settings as JSON lines [official params.py]")
     s.add_argument("model", choices=sorted(AUTHOR_DEFAULTS), help="[Tab. 1]")
-    s.add_argument("space", choices=("wide", "narrow"), help="phase 1 / 2 [official compare_gan params.py]")
-    s.add_argument("--n", type=int, default=100,
-                   help="settings; the first is the author default [official compare_gan params.py]")
-    s.add_argument("--seed", type=int, default=0, help="[run]")
-    for name, h in (("budget-curve", "min FID vs settings tried, 95%% band [Lucic et al. budget figure]"),
-                    ("seed-report", "FID distribution over seeds per setting [Lucic et al. protocol]")):
+    s.add_argument("space", choices=("wide", "narrow"), help="phase 1/2 [official params.py]")
+    s.add_argument("--n", type=pos, default=100, help="settings; the first is the author default "
+                   "[official compare_gan params.py]")
+    s.add_argument("--seed", type=nonneg, default=0, help="[run]")
+    for name, h in (("budget-curve", "min FID vs settings tried, 95%% band [Lucic et al. fig.]"),
+                    ("seed-report", "FID distribution over seeds per setting [Lucic et al.]")):
         c = sub.add_parser(name, help=h)
-        c.add_argument("csv", help="columns model,setting_id,seed,fid (see the collect tool) [run]")
+        c.add_argument("csv", help="columns model,setting_id,seed,fid; a run's fid is its minimum "
+                       "over evaluations [official compare_gan v1]")
         if name == "budget-curve":
-            c.add_argument("--resamples", type=int, default=5000, help="[UNSPECIFIED: paper's B; ours]")
-            c.add_argument("--seed", type=int, default=0, help="[run]")
-    c = sub.add_parser("collect", help="runs.csv rows from training run folders [ours]")
-    c.add_argument("runs", nargs="+", help="run folders holding args.json and metrics.jsonl [run]")
-    c.add_argument("--model", default=None, help="default: the folder name up to its first '-' [run]")
-    c.add_argument("--key", default="fid",
-                   help="metrics.jsonl key; a run's score is its minimum [official compare_gan v1]")
+            c.add_argument("--resamples", type=pos, default=5000, help="[UNSPECIFIED: ours]")
+            c.add_argument("--seed", type=nonneg, default=0, help="[run]")
     return p.parse_args(argv)
 
 
@@ -184,7 +231,8 @@ def list_images(path, recursive=False, ignore_case=False):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """uint8 (3, H, W) tensors via PIL convert('RGB'), as pytorch-fid's ImagePathDataset."""
+    """uint8 (3, H, W) via PIL convert('RGB') as pytorch-fid's ImagePathDataset; an unreadable file
+    gives the string 'path: error' instead, so the main process can name it or skip it."""
 
     def __init__(self, files):
         self.files = files
@@ -193,14 +241,61 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        return TF.pil_to_tensor(pil_loader(self.files[i]))
+        try:
+            return TF.pil_to_tensor(pil_loader(self.files[i]))
+        except Exception as e:                     # PIL raises many types; name the file instead
+            return f"{self.files[i]}: {e}"
 
 
-def quantize(x):
-    """[-1, 1] float -> uint8 exactly as save_image(normalize=True, value_range=(-1, 1)) [card 2.4]."""
+def collate_images(items):
+    """(stacked uint8 batch, or a list when sizes differ; unreadable 'path: error' strings)."""
+    good = [x for x in items if torch.is_tensor(x)]
+    bad = [x for x in items if not torch.is_tensor(x)]
+    return (torch.stack(good) if len({x.shape for x in good}) == 1 else good), bad
+
+
+def load_npz_images(path, float_range=None):
+    """uint8 (N, C, H, W) of an images .npz: key 'images' (--export-samples) or 'arr_0' (OpenAI/
+    ADM), NHWC, NCHW or (N, H, W); floats only with their stated range, quantised like save_image."""
+    with np.load(path) as f:
+        key = next((k for k in ("images", "arr_0") if k in f.files), None)
+        if key is None:
+            raise UserError(f"{path} has neither statistics ('mu', 'sigma') nor images ('images', "
+                            f"'arr_0'); its keys: {', '.join(f.files) or 'none'}")
+        a = f[key]
+    a = a[..., None] if a.ndim == 3 else a                          # (N, H, W) greyscale
+    if a.ndim != 4 or not ({a.shape[1], a.shape[3]} & {1, 3}):
+        raise UserError(f"{path}: '{key}' has shape {a.shape}; expected (N, H, W, C), (N, C, H, W) "
+                        "or (N, H, W) with C = 1 or 3")
+    if a.shape[3] not in (1, 3):
+        print(f"{path}: reading '{key}' {a.shape} as NCHW", flush=True)
+        a = a.transpose(0, 2, 3, 1)                                 # NCHW -> NHWC
+    if a.dtype == np.uint8:
+        return torch.from_numpy(a).permute(0, 3, 1, 2)              # (N, C, H, W)
+    what = f"{path}: '{key}' is {a.dtype}"
+    if a.dtype.kind != "f":
+        raise UserError(f"{what}; fid.py reads uint8 images (0..255), or floats with --float-range")
+    lo, hi = (None, None) if float_range is None else float_range
+    a_min, a_max = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if not np.isfinite([a_min, a_max]).all():
+        raise UserError(f"{what} and holds NaN or Inf")
+    if lo is None:
+        raise UserError(f"{what} in [{a_min:.4g}, {a_max:.4g}], not uint8: pass --float-range LO "
+                        "HI (e.g. -1 1, 0 1, 0 255) to quantise it like save_image")
+    if not lo < hi or a_min < lo - 1e-3 * (hi - lo) or a_max > hi + 1e-3 * (hi - lo):
+        raise UserError(f"{what} in [{a_min:.4g}, {a_max:.4g}], outside --float-range {lo:g} {hi:g}")
+    if a_max - a_min < 0.5 * (hi - lo):
+        print(f"warning: {what} spans only [{a_min:.4g}, {a_max:.4g}] of --float-range {lo:g} "
+              f"{hi:g}; check the range", flush=True)
+    x = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+    return torch.cat([quantize(c, lo, hi) for c in x.split(1000)])
+
+
+def quantize(x, lo=-1.0, hi=1.0):
+    """Float in [lo, hi] -> uint8 exactly as save_image(normalize=True, value_range=(lo, hi))."""
     # PAPER-VS-CODE: compare_gan v1 scores unquantised floats; we score what save_image would write
-    x = x.detach().float().clamp(-1, 1).sub(-1).div(2)             # torchvision make_grid norm_ip
-    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)      # save_image: rounds, never truncates
+    x = x.detach().float().clamp(lo, hi).sub(lo).div(hi - lo)       # torchvision make_grid norm_ip
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)      # save_image: rounds, never floors
 
 
 def _tf1_resize(x, size):
@@ -218,7 +313,7 @@ def _tf1_resize(x, size):
 
 
 def _clean_resize(x, size):
-    """clean-fid 'clean': PIL bicubic per channel on float32 ('F'), clip 0..255, no re-quantisation."""
+    """clean-fid 'clean': PIL bicubic per channel on float32 ('F'), clip 0..255, no re-quantising."""
     out = torch.empty(*x.shape[:2], size, size, dtype=torch.float32)
     for i in range(x.shape[0]):
         for c in range(x.shape[1]):
@@ -236,21 +331,24 @@ def preprocess(x, mode="pytorch-fid", resize=True, dtype=torch.float32):
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return 2 * x - 1
     x = x.to(dtype) if x.dtype == torch.uint8 else x.to(dtype) * 255   # tf1/clean work on 0..255
-    if resize and x.shape[-2:] != (299, 299):   # DEVIATION (clean): our net, not clean-fid's TorchScript
+    if resize and x.shape[-2:] != (299, 299):   # DEVIATION (clean): our net, not clean-fid's port
         x = _tf1_resize(x, 299) if mode == "tf1" else _clean_resize(x, 299)
     return (x - 128) / 128                          # TF graph's Sub/Mul: 255 -> 0.9921875
 
 
 # ==== Models ====
+def _pool_avg(x):        # Patch 1: TF 'SAME' average pooling does not count the zero padding
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
 class FIDInceptionA(tv_inception.InceptionA):
-    """Mixed_5b-d. Patch 1: pool branch averages without the zero padding (TF 'SAME' avg pool)."""
+    """Mixed_5b-d. Patch 1: the pool branch averages without the zero padding."""
 
     def forward(self, x):
         b1 = self.branch1x1(x)
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
-        return torch.cat([b1, b5, b3, bp], 1)
+        return torch.cat([b1, b5, b3, self.branch_pool(_pool_avg(x))], 1)
 
 
 class FIDInceptionC(tv_inception.InceptionC):
@@ -261,8 +359,7 @@ class FIDInceptionC(tv_inception.InceptionC):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = self.branch7x7dbl_1(x)
         bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(bd))))
-        bp = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
-        return torch.cat([b1, b7, bd, bp], 1)
+        return torch.cat([b1, b7, bd, self.branch_pool(_pool_avg(x))], 1)
 
 
 class FIDInceptionE(tv_inception.InceptionE):
@@ -282,16 +379,17 @@ class FIDInceptionE(tv_inception.InceptionE):
         if self.max_pool:
             pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
         else:
-            pooled = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            pooled = _pool_avg(x)
         return torch.cat([b1, b3, bd, self.branch_pool(pooled)], 1)
 
 
 class FIDInceptionV3(tv_inception.Inception3):
-    """pytorch-fid's fid_inception_v3: torchvision Inception3 with the TF 2015-12-05 patches; 1008-way fc
-    (patch 3), no aux head, transform_input False. forward: normalised input -> (N, dims) features."""
+    """pytorch-fid's fid_inception_v3: torchvision Inception3 with the TF 2015-12-05 patches;
+    1008-way fc (patch 3), no aux head, transform_input False. forward: input -> (N, dims)."""
 
     def __init__(self, dims=2048, mode="pytorch-fid", resize=True):
-        super().__init__(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False)
+        super().__init__(num_classes=1008, aux_logits=False, transform_input=False,
+                         init_weights=False)
         if dims not in DIMS or mode not in MODES:
             raise ValueError(f"dims must be one of {DIMS} and mode one of {MODES}")
         self.Mixed_5b = FIDInceptionA(192, pool_features=32)
@@ -315,19 +413,19 @@ class FIDInceptionV3(tv_inception.Inception3):
                   self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
             x = m(x)
         yield x                                                          # (N, 768, 17, 17) block 2
-        yield self.avgpool(self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x))))  # (N, 2048, 1, 1) pool3
+        yield self.avgpool(self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x))))  # (N, 2048, 1, 1)
 
     def forward(self, x):
         for dims, f in zip(DIMS, self.taps(x)):
-            if dims == self.dims:    # spatial taps are averaged as pytorch-fid does (adaptive_avg_pool2d)
+            if dims == self.dims:    # spatial taps are averaged as pytorch-fid does
                 return F.adaptive_avg_pool2d(f, output_size=(1, 1)).flatten(1)   # (N, dims)
 
 
 def resolve_weights(weights=None):
-    """--weights, else the torch hub cache, else a download; offline and absent -> one clear error."""
+    """--weights, else the torch hub cache, else a download; offline and absent -> UserError."""
     if weights:
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--weights {weights!r} does not exist")
+            raise UserError(f"--weights {weights!r} does not exist")
         return weights
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
     if not os.path.isfile(cached):
@@ -335,11 +433,12 @@ def resolve_weights(weights=None):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             torch.hub.download_url_to_file(FID_WEIGHTS_URL, cached, progress=True)
         except Exception as e:
-            raise FileNotFoundError(
-                f"FID Inception weights {FID_WEIGHTS_FILE} not found: no --weights given, not in the torch "
-                f"hub cache ({cached}), and downloading {FID_WEIGHTS_URL} (pytorch-fid GitHub release "
-                f"'fid_weights') failed: {e}. Download it on a machine with internet and pass --weights "
-                f"PATH (Python: weights=PATH), or copy it to {cached}.") from None
+            raise UserError(
+                f"FID Inception weights {FID_WEIGHTS_FILE} not found: no --weights given, not in "
+                f"the torch hub cache ({cached}), and downloading {FID_WEIGHTS_URL} (pytorch-fid "
+                f"GitHub release 'fid_weights') failed: {e}. Download it on a machine with "
+                f"internet and pass --weights PATH (Python: weights=PATH), or copy it to "
+                f"{cached}.") from None
     return cached
 
 
@@ -356,25 +455,33 @@ def build_inception(weights=None, dims=2048, mode="pytorch-fid", resize=True):
     path = resolve_weights(weights)
     with torch.device("meta"):                      # no random init: every tensor comes from the file
         model = FIDInceptionV3(dims, mode, resize)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True, assign=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(sd, strict=True, assign=True)
+    except Exception as e:                          # pickle, zip or key errors: one line, the file
+        why = " ".join(str(e).split())                         # torch's multi-line key lists
+        raise UserError(f"{path} is not an FID Inception state dict: {why[:300]}") from None
     model.weights_hash = sha256_prefix(path)
     if model.weights_hash != FID_WEIGHTS_SHA256_PREFIX:
         print(f"warning: {path} has SHA-256 prefix {model.weights_hash}, not the published "
-              f"{FID_WEIGHTS_SHA256_PREFIX}; its scores are not comparable with published FIDs", flush=True)
+              f"{FID_WEIGHTS_SHA256_PREFIX}; its scores are not comparable with published FIDs",
+              flush=True)
     return model.eval().requires_grad_(False)
 
 
 # ==== Metric ====
 @contextlib.contextmanager
 def exact_fp32(allow_tf32=False):
-    """TF32 off and cuDNN deterministic during extraction; every flag restored afterwards [card 2.13]."""
+    """TF32 off and cuDNN deterministic during extraction; every flag restored [card 2.13]."""
     b = torch.backends
     # torch >= 2.9 has the fp32_precision API; writing legacy flags as well makes it raise on mixed
     # settings, so the legacy flags are used only where the new API does not exist.
-    new_api = hasattr(getattr(b.cudnn, "conv", None), "fp32_precision")
-    objs = [(b.cuda.matmul, "fp32_precision", "ieee"), (b.cudnn.conv, "fp32_precision", "ieee")] if new_api \
-        else [(b.cuda.matmul, "allow_tf32", False), (b.cudnn, "allow_tf32", False)]
-    objs = ([] if allow_tf32 else objs) + [(b.cudnn, "benchmark", False), (b.cudnn, "deterministic", True)]
+    if hasattr(getattr(b.cudnn, "conv", None), "fp32_precision"):
+        objs = [(b.cuda.matmul, "fp32_precision", "ieee"), (b.cudnn.conv, "fp32_precision", "ieee")]
+    else:
+        objs = [(b.cuda.matmul, "allow_tf32", False), (b.cudnn, "allow_tf32", False)]
+    objs = ([] if allow_tf32 else objs) + [(b.cudnn, "benchmark", False),
+                                           (b.cudnn, "deterministic", True)]
     saved = [getattr(o, a) for o, a, _ in objs]
     try:
         for o, a, v in objs:
@@ -385,43 +492,57 @@ def exact_fp32(allow_tf32=False):
             setattr(o, a, v)
 
 
-def _extract(batches, model, device=None, total=None, allow_tf32=False, progress=False):
-    """Features of uint8 / [0, 1] float batches -> float64 (N, dims) [pytorch-fid get_activations]."""
-    if device is not None:
-        model.to(device)
+def _network_input(x, model, dtype, device):
+    """One batch on the device: grey -> RGB, contiguous NCHW, resized and normalised there."""
+    x = x.to(device, non_blocking=True)
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x          # (N, 3, H, W)
+    # contiguous: an NHWC view (from an NHWC .npz) would switch the CPU convolutions' algorithm
+    return preprocess(x.contiguous(), model.mode, model.resize, dtype)
+
+
+def extract(batches, model, total, progress=None, allow_tf32=False):
+    """Features of uint8 / [0, 1] float batches (a list of single images when sizes differ) ->
+    float64 (N, dims) [pytorch-fid get_activations]. Batches go to the model's device and are
+    preprocessed there; features are copied into a pinned host buffer without a per-batch sync."""
     p = next(model.parameters())
-    device, feats = p.device, []
-    t0 = last = time.perf_counter()
+    cuda = p.device.type == "cuda"
+    out = torch.empty((total, model.dims), dtype=p.dtype, pin_memory=cuda)
     done = 0
     with exact_fp32(allow_tf32), torch.no_grad():
         for x in batches:
-            if x.size(1) == 1:
-                x = x.expand(-1, 3, -1, -1)                              # grayscale -> RGB (N, 3, H, W)
-            x = x.contiguous()             # an NHWC view would switch the CPU convolutions' algorithm
-            x = x if model.mode == "clean" else x.to(device)             # clean resizes with PIL on the CPU
-            f = model(preprocess(x, model.mode, model.resize, p.dtype).to(device))
-            feats.append(f.cpu().numpy().astype(np.float64))
+            if isinstance(x, list):                # mixed sizes: each image resized on its own
+                if not model.resize:
+                    sizes = sorted({"x".join(map(str, im.shape[-2:])) for im in x})
+                    raise UserError(f"images of different sizes ({', '.join(sizes)}) need "
+                                    "resizing: drop --no-resize to resize each to 299x299")
+                x = torch.cat([_network_input(im[None], model, p.dtype, p.device) for im in x])
+            else:
+                x = _network_input(x, model, p.dtype, p.device)
+            if done + len(x) > total:
+                raise ValueError(f"more than the announced {total} images")
+            out[done:done + len(x)].copy_(model(x), non_blocking=True)
             done += len(x)
-            if progress and time.perf_counter() - last > 10:
-                last = time.perf_counter()
-                rate = done / (last - t0)
-                eta = f" | eta {(total - done) / rate / 60:.1f} min" if total else ""
-                print(f"features {done}/{total or '?'} | {rate:.1f} img/s{eta}", flush=True)
-    if not feats:
-        raise ValueError("no images to extract features from")
-    if progress:
-        print(f"features {done} images in {time.perf_counter() - t0:.1f} s", flush=True)
-    return np.concatenate(feats)
+            if progress is not None:
+                progress.update(len(x))
+    if cuda:
+        torch.cuda.synchronize(p.device)            # the one sync: the pinned copies have landed
+    return out[:done].numpy().astype(np.float64)
 
 
-def activations(images, model, batch_size=50, device=None, allow_tf32=False, progress=False):
-    """(N, 3, H, W) uint8 or [0, 1] float tensor -> (N, dims) float64 array [pytorch-fid get_activations]."""
-    return _extract(images.split(batch_size), model, device, len(images), allow_tf32, progress)
+def activations(images, model, batch_size=50, device=None, allow_tf32=False):
+    """(N, 3, H, W) uint8 or [0, 1] float tensor -> (N, dims) float64 [pytorch-fid
+    get_activations]."""
+    if device is not None:
+        model.to(device)
+    return extract(images.split(batch_size), model, len(images), allow_tf32=allow_tf32)
 
 
-def statistics(features):
-    """mu = column mean, sigma = np.cov(rowvar=False) with N - 1, float64 [pytorch-fid fid_score.py]."""
+def statistics(features, what="features"):
+    """mu = column mean, sigma = np.cov(rowvar=False) with N - 1, float64 [pytorch-fid]."""
     features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise UserError(f"{what}: {len(features)} image(s); FID statistics need at least 2 (and "
+                        f"more than {features.shape[-1]}, the dims, for a non-singular covariance)")
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
@@ -430,16 +551,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="sqrtm", eps=1e-6):
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} "
-                         f"vs {sigma2.shape}")
+        raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma "
+                         f"{sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    if method == "sqrtm":                     # pytorch-fid / TTUR: "stable version by Dougal J. Sutherland"
-        if (1, 11, 2) <= tuple(int(v) for v in re.findall(r"\d+", scipy.__version__)[:3]) < (1, 13, 0):
-            raise RuntimeError(f"SciPy {scipy.__version__} has a broken sqrtm (pytorch-fid #100); install "
-                               "scipy>=1.13 or use --fd-method eig")
-        covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))   # no `disp`: deprecated 1.16, removed 1.18
+    if method == "sqrtm":                 # pytorch-fid / TTUR: "stable version by Dougal Sutherland"
+        version = tuple(int(v) for v in re.findall(r"\d+", scipy.__version__)[:3])
+        if (1, 11, 2) <= version < (1, 13, 0):
+            raise UserError(f"SciPy {scipy.__version__} has a broken sqrtm (pytorch-fid #100); "
+                            "install scipy>=1.13 or use --fd-method eig")
+        covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))   # no `disp`: deprecated 1.16, gone 1.18
         if not np.isfinite(covmean).all():
-            print(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+            print(f"fid calculation produces singular product; adding {eps} to diagonal of cov "
+                  "estimates")
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
         if np.iscomplexobj(covmean):                        # round-off gives a small imaginary part
@@ -447,10 +570,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="sqrtm", eps=1e-6):
                 raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
             covmean = covmean.real
         tr_covmean = np.trace(covmean)
-    elif method == "eig":     # S1 S2 ~ S1^1/2 S2 S1^1/2 (PSD): tr sqrt = sum sqrt(lambda); complex first
+    elif method == "eig":     # S1 S2 ~ S1^1/2 S2 S1^1/2 (PSD): tr sqrt = sum sqrt(lambda), complex
         lam = np.linalg.eigvals(sigma1.dot(sigma2)).astype(np.complex128)
         tr_covmean = np.sqrt(lam).real.sum()
-    elif method == "eigh":    # symmetric route (TF-GAN trace_sqrt_product): A = S1^1/2, eigvalsh(A S2 A)
+    elif method == "eigh":    # symmetric (TF-GAN trace_sqrt_product): A = S1^1/2, eigvalsh(A S2 A)
         w, v = np.linalg.eigh(sigma1)
         root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
         tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0, None)).sum()
@@ -460,15 +583,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="sqrtm", eps=1e-6):
 
 
 def logits_unbiased(features, model):
-    """pool3 . fc.weight^T without fc.bias, all 1008 classes [Sec. 4, Salimans et al. 2016; card 2.8]."""
+    """pool3 . fc.weight^T without fc.bias, 1008 classes [Sec. 4, Salimans et al.; card 2.8]."""
     w = model.fc.weight.detach().float().cpu()
-    return (torch.from_numpy(np.asarray(features, np.float32)) @ w.T).double().numpy()   # (N, 1008)
+    return (torch.from_numpy(np.asarray(features, np.float32)) @ w.T).double().numpy()  # (N, 1008)
 
 
 def inception_score(logits, splits=10, shuffle=True, seed=2020):
-    """IS = exp E_x KL(p(y|x) || p(y)) per split; mean and std (ddof 0) [Sec. 4, Salimans et al. 2016]."""
+    """IS = exp E_x KL(p(y|x) || p(y)) per split; mean and std (ddof 0) [Sec. 4, Salimans 2016]."""
     logits = np.asarray(logits, dtype=np.float64)
-    if shuffle:                                             # torch-fidelity: RandomState(2020).permutation
+    if len(logits) < splits:
+        raise UserError(f"IS with {splits} splits needs at least {splits} images, got "
+                        f"{len(logits)}")
+    if shuffle:                                             # torch-fidelity: RandomState(2020)
         logits = logits[np.random.RandomState(seed).permutation(len(logits))]
     log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
     n, scores = len(log_p), []
@@ -481,7 +607,7 @@ def inception_score(logits, splits=10, shuffle=True, seed=2020):
 
 
 def mmd2_poly(x, y, degree=3, coef0=1.0):
-    """Unbiased MMD^2, k(a, b) = (a.b/d + 1)^3, cross term keeps i = j [official MMD-GAN compute_scores]."""
+    """Unbiased MMD^2, k(a, b) = (a.b/d + 1)^3, cross term keeps i = j [official MMD-GAN]."""
     gamma, m = 1.0 / x.shape[1], len(x)
     k_xx, k_yy, k_xy = ((a @ b.T * gamma + coef0) ** degree for a, b in ((x, x), (y, y), (x, y)))
     within = k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)
@@ -489,214 +615,296 @@ def mmd2_poly(x, y, degree=3, coef0=1.0):
 
 
 def kid(features1, features2, subsets=100, subset_size=1000, seed=2020):
-    """KID: MMD^2 over random subsets without replacement; mean, std (ddof 0) [Binkowski et al. 2018]."""
+    """KID: MMD^2 over random subsets without replacement; mean, std (ddof 0) [Binkowski 2018]."""
     f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
     if min(len(f1), len(f2)) < subset_size:
-        raise ValueError(f"KID needs >= {subset_size} samples per set (--kid-subset-size), got {len(f1)} and "
-                         f"{len(f2)}")
+        raise UserError(f"KID needs >= {subset_size} images per set (--kid-subset-size), got "
+                        f"{len(f1)} and {len(f2)}")
     rng = np.random.RandomState(seed)
     mmds = [mmd2_poly(f1[rng.choice(len(f1), subset_size, replace=False)],
                       f2[rng.choice(len(f2), subset_size, replace=False)]) for _ in range(subsets)]
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
-def precision_recall(real, fake, k=3, batch=1000):
-    """k-NN manifolds: precision = share of fake inside the real balls, recall the converse; and F1
-    [Kynkaanniemi et al. 2019]."""
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+def distances(a, b):
+    """Euclidean distances (len(a), len(b)) by |a|^2 + |b|^2 - 2 a.b, in the inputs' dtype."""
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
+    return d2.clamp_(min=0).sqrt_()
 
-    def radii(x):            # distance to the k-th neighbour, self excluded = (k+1)-th smallest incl. 0
-        return np.concatenate([np.partition(scipy.spatial.distance.cdist(x[i:i + batch], x), k, axis=1)[:, k]
-                               for i in range(0, len(x), batch)])
+
+def precision_recall(real, fake, k=3, batch=10_000, device="cpu"):
+    """k-NN manifolds: precision = share of fake inside the real balls, recall the converse; F1.
+    float64 matmul distances in batch x batch blocks on `device` [Kynkaanniemi et al. 2019]."""
+    real, fake = (torch.as_tensor(np.asarray(v, np.float64), device=device) for v in (real, fake))
+
+    def radii(x):            # distance to the k-th neighbour, self excluded = (k+1)-th incl. 0
+        out = []
+        for i in range(0, len(x), batch):
+            best = torch.cat([distances(x[i:i + batch], x[j:j + batch]).topk(
+                min(k + 1, len(x[j:j + batch])), dim=1, largest=False).values
+                for j in range(0, len(x), batch)], 1)                      # (B, <= blocks * (k+1))
+            out.append(best.topk(k + 1, dim=1, largest=False).values[:, k])
+        return torch.cat(out)
 
     def inside(q, ref, r):
-        return np.concatenate([(scipy.spatial.distance.cdist(q[i:i + batch], ref) <= r).any(axis=1)
-                               for i in range(0, len(q), batch)]).mean()
+        hit = torch.zeros(len(q), dtype=torch.bool, device=device)
+        for i in range(0, len(q), batch):
+            for j in range(0, len(ref), batch):
+                d = distances(q[i:i + batch], ref[j:j + batch])
+                hit[i:i + batch] |= (d <= r[None, j:j + batch]).any(1)
+        return hit.double().mean().item()
 
+    if min(len(real), len(fake)) <= k:
+        raise UserError(f"--prc-k {k} needs more than {k} images per set")
     p, r = inside(fake, real, radii(real)), inside(real, fake, radii(fake))
     return float(p), float(r), float(2 * p * r / max(p + r, 1e-5))
 
 
 def fid_infinity(features, mu_ref, sigma_ref, points=15, lo=5000, seed=2020, method="sqrtm"):
-    """FID_inf: FID_N on random subsets at `points` N in [lo, N], least-squares FID_N = a + b/N, returns a
-    [Chong & Forsyth 2020; official FID_IS_infinity score_infinity.py]."""
+    """FID_inf: FID_N of random subsets at `points` N in [lo, N], least squares FID_N = a + b/N,
+    returns a [Chong & Forsyth 2020; official FID_IS_infinity score_infinity.py]."""
+    ns = np.linspace(lo, len(features), points).astype(int)
+    if len(features) <= lo or len(set(ns)) < points:
+        raise UserError(f"FID_inf fits FID_N at {points} distinct N in [{lo}, N] and needs more "
+                        f"than {lo + points - 2} images (--fid-inf-min {lo}), got {len(features)}")
     rng = np.random.RandomState(seed)
-    ns = np.linspace(min(lo, len(features)), len(features), points).astype(int)
-    fids = [frechet_distance(*statistics(features[rng.permutation(len(features))[:n]]), mu_ref, sigma_ref,
-                             method=method) for n in ns]
+    fids = [frechet_distance(*statistics(features[rng.permutation(len(features))[:n]]), mu_ref,
+                             sigma_ref, method=method) for n in ns]
     return fit_fid_infinity(ns, fids)
 
 
 def fit_fid_infinity(ns, fids):
-    a_matrix = np.stack([np.ones(len(ns)), 1.0 / np.asarray(ns, np.float64)], axis=1)   # (P, 2) [1, 1/N]
+    a_matrix = np.stack([np.ones(len(ns)), 1.0 / np.asarray(ns, np.float64)], axis=1)   # [1, 1/N]
     return float(np.linalg.lstsq(a_matrix, np.asarray(fids, np.float64), rcond=None)[0][0])
 
 
-# ---- FID during training (project contract) ----
-def reference_stats(dataset, data_root, img_size, model, cache_dir=None, class_label=None, batch_size=50,
-                    num_workers=0, progress=True):
-    """mu, sigma, N and cache path of common.load_dataset(train=True) (one class if class_label), cached."""
-    import common
-    cache_dir = cache_dir or os.path.join(data_root, "fid_stats")
-    name = "-".join([re.sub(r"[^A-Za-z0-9.]+", "_", dataset).strip("_"), str(img_size or "native"),
-                     "all" if class_label is None else f"class{class_label}", model.mode,
-                     *([] if model.resize else ["noresize"]), f"d{model.dims}", f"w{model.weights_hash}"])
-    path = os.path.join(cache_dir, name + ".npz")
-    if os.path.isfile(path):
-        with np.load(path) as f:
-            return f["mu"], f["sigma"], int(f["n"]), path
-    ds = common.load_dataset(dataset, data_root, img_size, train=True)   # DEVIATION: Lucic et al. use test
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-    batches = (quantize(x if class_label is None else x[torch.as_tensor(y) == class_label])
-               for x, y in loader)
-    feats = _extract((x for x in batches if len(x)), model, total=len(ds), progress=progress)
-    mu, sigma = statistics(feats)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "wb") as f:                              # extra key n; pytorch-fid reads mu/sigma only
-        np.savez_compressed(f, mu=mu, sigma=sigma, n=len(feats))
+# ---- statistics files: pytorch-fid's mu and sigma, plus provenance (pytorch-fid ignores it) ----
+PROVENANCE = dict(n=int, mode=str, dims=int, resize=bool, weights=str, source=str)
+
+
+def provenance(model, n, source):
+    return dict(n=n, mode=model.mode, dims=model.dims, resize=model.resize,
+                weights=model.weights_hash, source=str(source))
+
+
+def save_stats(path, mu, sigma, prov):
+    """Atomic .npz of mu, sigma (pytorch-fid's keys) and the provenance keys that are known."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:                     # a file object: numpy appends no second .npz
+        np.savez_compressed(f, mu=mu, sigma=sigma,
+                            **{k: v for k, v in prov.items() if k in PROVENANCE and v is not None})
     os.replace(tmp, path)
-    return mu, sigma, len(feats), path
 
 
-def fid_for_training(sample_fn, dataset, data_root, img_size, n_samples, device, weights=None, cache_dir=None,
-                     class_label=None):
-    """FID of n_samples from sample_fn(n) -> (n, C, H, W) in [-1, 1] (quantised like save_image) against the
-    cached statistics of the dataset's training split; the --fid-every hook of the training scripts."""
-    model = build_inception(weights).to(device)
-    mu_r, sigma_r, n_r, ref = reference_stats(dataset, data_root, img_size, model, cache_dir, class_label)
+def load_stats(path):
+    """{'mu', 'sigma', and PROVENANCE's keys (None where absent)} of a statistics .npz."""
+    try:
+        with np.load(path) as f:
+            s = {k: f[k] for k in f.files}
+    except Exception as e:                         # zip, pickle and format errors: name the file
+        raise UserError(f"cannot read statistics {path}: {e}") from None
+    mu, sigma = np.atleast_1d(s["mu"]), np.atleast_2d(s["sigma"])   # dtype kept, as pytorch-fid
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (d,) and (d, d)")
+    return dict({k: t(s[k][()]) if k in s else None for k, t in PROVENANCE.items()},
+                mu=mu, sigma=sigma)
+
+
+def _pipeline(mode, resize):
+    return f"--mode {mode}" + ("" if resize else " --no-resize")
+
+
+def check_stats(s, path, mode, dims, resize):
+    """Refuses statistics of another pipeline (dims, mode, resize); warns when there is no
+    provenance to check (files written by pytorch-fid or TTUR hold mu and sigma only)."""
+    if len(s["mu"]) != dims:
+        raise UserError(f"{path} holds {len(s['mu'])}-d statistics; this run uses --dims {dims}")
+    if s["mode"] is None:
+        print(f"warning: {path} has no provenance (mu and sigma only); assuming "
+              f"{_pipeline(mode, resize)} and the published weights", flush=True)
+    elif (s["mode"], s["resize"]) != (mode, resize):
+        raise UserError(f"{path} holds {_pipeline(s['mode'], s['resize'])} statistics; this run "
+                        f"uses {_pipeline(mode, resize)}: different pipelines are not comparable")
+
+
+def reference_stats(dataset, data_root, img_size, model, split="train", size=None, cache_dir=None,
+                    class_labels=(None,), batch_size=50, num_workers=0):
+    """{class label: statistics} of common.load_dataset's split, the first `size` images of each
+    set (all if None), cached as .npz with provenance in cache_dir (<data_root>/fid_stats)."""
+    if common is None:
+        raise UserError(f"dataset:{dataset} needs common.py (the project's data loader) next to "
+                        "fid.py")
+    cache_dir = os.path.join(data_root, "fid_stats") if cache_dir is None else cache_dir
+    ds = None
+    tag = [re.sub(r"[^A-Za-z0-9.]+", "_", dataset).strip("_")[:40],
+           hashlib.sha1(dataset.encode()).hexdigest()[:6], str(img_size or "native"), split]
+    if dataset.startswith("folder:"):              # a folder can change: its size keys the cache
+        ds = common.load_dataset(dataset, data_root, img_size, train=split == "train")
+        tag.append(f"files{len(ds)}")
+    tag += [f"n{size or 'all'}", model.mode, *([] if model.resize else ["noresize"]),
+            f"d{model.dims}", f"w{model.weights_hash}"]
+    out, todo = {}, {}
+    for c in class_labels:
+        path = os.path.join(cache_dir, "-".join(tag + ["all" if c is None else f"class{c}"])
+                            + ".npz")
+        if os.path.isfile(path):
+            out[c] = load_stats(path)
+            check_stats(out[c], path, model.mode, model.dims, model.resize)
+        else:
+            todo[c] = path
+    if not todo:
+        return out
+    if ds is None:
+        ds = common.load_dataset(dataset, data_root, img_size, train=split == "train")
+    n = len(ds) if size is None or any(c is not None for c in todo) else min(size, len(ds))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)),
+                                         batch_size=batch_size, num_workers=num_workers)
+    device, labels = next(model.parameters()).device, []
 
     def batches():
-        for i in range(0, n_samples, 50):
-            with torch.no_grad():
-                x = sample_fn(min(50, n_samples - i))
-            yield quantize(x)
+        for x, y in loader:
+            labels.append(torch.as_tensor(y))
+            yield quantize(x.to(device, non_blocking=True))         # [-1, 1] -> uint8 on device
+    desc = f"dataset:{dataset} {split}"
+    feats = extract(batches(), model, n, Progress(f"reference {desc}", n, unit="img"))
+    labels = torch.cat(labels).numpy()
+    for c, path in todo.items():
+        f = feats if c is None else feats[labels == c]
+        what = desc + ("" if c is None else f" class {c}")
+        if size is not None and len(f) < size:
+            raise UserError(f"ref_size {size}: {what} has only {len(f)} images")
+        f = f[:size]
+        mu, sigma = statistics(f, what)
+        out[c] = dict(provenance(model, len(f), f"{what}, first {size or 'all'}"), mu=mu,
+                      sigma=sigma)
+        save_stats(path, mu, sigma, out[c])
+    return out
 
-    mu, sigma = statistics(_extract(batches(), model, total=n_samples, progress=True))
-    method = "sqrtm"
-    try:
-        value = frechet_distance(mu, sigma, mu_r, sigma_r)
-    except ValueError as e:   # DEVIATION: monitoring keeps going on tiny N; the CLI raises instead
-        method = f"eig (sqrtm failed: {e})"
-        value = frechet_distance(mu, sigma, mu_r, sigma_r, method="eig")
-    print(f"fid {value:.4f} | mode {model.mode} | N_gen {n_samples} vs N_ref {n_r} ({ref}) | {method} "
-          f"| dims {model.dims} | weights {model.weights_hash}", flush=True)
-    return value
+
+class TrainingFID:
+    """FID and IS (one Inception pass) of a generator during training, the --fid-every contract.
+    The Inception is built and the weights and reference statistics (one set per entry of
+    class_labels, None = all classes) are resolved here, at start-up: UserError if unavailable.
+    ev(sample_fn, class_label, n_samples) calls sample_fn(n) -> (n, C, H, W) in [-1, 1], n <= 50,
+    quantises like save_image and returns {"fid", "is", "is_std"}."""
+
+    def __init__(self, dataset, data_root, img_size, device, n_samples, weights=None,
+                 ref_split="train", ref_size=None, cache_dir=None, class_labels=(None,)):
+        if ref_split not in ("train", "test"):
+            raise UserError(f"ref_split must be 'train' or 'test', got {ref_split!r}")
+        if ref_size is not None and (not isinstance(ref_size, int) or ref_size < 2):
+            raise UserError(f"ref_size must be None (all) or an integer >= 2, got {ref_size!r}")
+        self._warned = set()
+        self.n_samples = self._check_n(n_samples)
+        self.model = build_inception(weights).to(device)
+        self.ref = reference_stats(dataset, data_root, img_size, self.model, ref_split, ref_size,
+                                   cache_dir, tuple(class_labels))
+
+    def _check_n(self, n):
+        if not isinstance(n, int) or n < 10:
+            raise UserError(f"FID/IS samples must be an integer >= 10 (IS uses 10 splits), got "
+                            f"{n!r}")
+        if n < 2048 and n not in self._warned:
+            self._warned.add(n)
+            print(f"warning: FID of {n} < 2048 generated images: the covariance is singular and "
+                  "FID biased upward; compare only at equal N", flush=True)
+        return n
+
+    def __call__(self, sample_fn, class_label=None, n_samples=None):
+        n = self.n_samples if n_samples is None else self._check_n(n_samples)
+        if class_label not in self.ref:
+            raise ValueError(f"class_label {class_label!r} has no reference statistics; built "
+                             f"for class_labels={tuple(self.ref)}")
+        device, ref = next(self.model.parameters()).device, self.ref[class_label]
+
+        def batches():
+            for i in range(0, n, GEN_BATCH):
+                m = min(GEN_BATCH, n - i)
+                with torch.no_grad():
+                    x = sample_fn(m)
+                if x.ndim != 4 or len(x) != m or x.shape[1] not in (1, 3) or x.dtype.is_complex \
+                        or not x.is_floating_point():
+                    raise ValueError(f"sample_fn({m}) must return a ({m}, C, H, W) float tensor, "
+                                     f"C = 1 or 3; got {tuple(x.shape)} {x.dtype}")
+                yield quantize(x.to(device))                        # like save_image, on device
+        feats = extract(batches(), self.model, n, Progress("fid samples", n, unit="img"))
+        mu, sigma, method = *statistics(feats), "sqrtm"
+        try:
+            value = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+        except ValueError as e:   # DEVIATION: monitoring keeps going on tiny N; the CLI raises
+            method = f"eig (sqrtm failed: {e})"
+            value = frechet_distance(mu, sigma, ref["mu"], ref["sigma"], method="eig")
+        is_mean, is_std = inception_score(logits_unbiased(feats, self.model))   # Salimans: 10 splits
+        print(f"fid {value:.4f} | is {is_mean:.4g} +- {is_std:.2g} | mode pytorch-fid | N_gen {n} "
+              f"vs N_ref {ref['n']} ({ref['source']}) | {method} | dims 2048 | weights "
+              f"{self.model.weights_hash}", flush=True)
+        return {"fid": value, "is": is_mean, "is_std": is_std}
 
 
 # ---- "Are GANs Created Equal?" tools ----
 def render_polygons(vertices, size=28, subpixel=8):
-    """Convex polygons (B, k, 2) in pixel units (row, col) -> (B, size, size) dark-on-white in [0, 1]:
-    half-plane test at subpixel corners, 8x8 windows over subpixel rows 8i-3..8i+4 [official Lucic colab]."""
+    """Convex polygons (B, k, 2) in pixel units (row, col) -> (B, size, size) dark on white in
+    [0, 1]: inside test at subpixel corners, then 8x8 sums over subpixel rows 8i-3..8i+4 (the
+    colab's ndimage.convolve with cval 1, sampled every 8th) [official Lucic colab]."""
     s = size * subpixel
-    pr, pc = (g.reshape(-1).astype(np.float32) / subpixel for g in np.meshgrid(np.arange(s), np.arange(s),
-                                                                                indexing="ij"))   # (P,) each
-    v = np.asarray(vertices, np.float32)
-    e = np.roll(v, -1, axis=1) - v                                           # (B, k, 2) edges
-    # cross(e, p - v) = e_r p_c - e_c p_r - (e_r v_c - e_c v_r): the sign says which side of the edge p is on
+    pr, pc = (g.reshape(-1) / subpixel for g in np.mgrid[0:s, 0:s])    # (P,) row, col of corners
+    v = np.asarray(vertices, np.float64)
+    e = np.roll(v, -1, axis=1) - v                                      # (B, k, 2) edges
+    # cross(e, p - v): its sign says on which side of an edge p lies; inside = the same side of all
     cross = (e[..., 0, None] * pc - e[..., 1, None] * pr
              - (e[..., 0] * v[..., 1] - e[..., 1] * v[..., 0])[..., None])   # (B, k, P)
-    inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)             # (B, P) either orientation
-    white = np.pad((~inside).reshape(-1, s, s), ((0, 0), (3, 0), (3, 0)), constant_values=True)[:, :s, :s]
-    return white.reshape(-1, size, subpixel, size, subpixel).mean(axis=(2, 4)).astype(np.float32)
+    inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)        # (B, P) either orientation
+    white = np.pad((~inside).reshape(-1, s, s), ((0, 0), (3, 0), (3, 0)), constant_values=True)
+    white = white[:, :s, :s].reshape(-1, size, subpixel, size, subpixel)
+    return white.mean(axis=(2, 4)).astype(np.float32)
 
 
 def make_polygons(n=80_000, n_vertices=3, min_angle=20.0, scale=0.75, size=28, subpixel=8, seed=0):
-    """Lucic et al.'s convex-polygon images (n, size, size) in [0, 1], shuffled [official Lucic colab]."""
+    """Lucic et al.'s convex-polygon images (n, size, size) in [0, 1], shuffled [official colab]."""
     rs, seg = np.random.RandomState(seed), 360.0 / n_vertices
     verts = np.empty((n, n_vertices, 2))
     for i in range(n):
         u = rs.uniform(size=n_vertices)
-        theta = np.radians(rs.uniform() * 2 * np.pi)         # colab quirk: radians of a value < 2 pi, kept
+        theta = np.radians(rs.uniform() * 2 * np.pi)      # colab quirk: radians of a value < 2 pi
         ang = np.radians(np.arange(n_vertices) * seg + min_angle / 2 + u * (seg - min_angle / 2))
         p = (np.stack([np.cos(ang), np.sin(ang)], 1) + 1) / 2                 # (k, 2) in [0, 1]^2
         rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-        p = p @ rot.T * size * scale
+        p = p @ rot * size * scale          # the colab's np.dot(x, rot): row vectors, i.e. -theta
         verts[i] = p + size / 2 - p.mean(axis=0)                              # shift_to_mean
-    images = np.concatenate([render_polygons(verts[i:i + 50], size, subpixel) for i in range(0, n, 50)])
-    return images[rs.permutation(n)]
+    images = [render_polygons(verts[i:i + 50], size, subpixel) for i in range(0, n, 50)]
+    return np.concatenate(images)[rs.permutation(n)]
 
 
 def polygon_splits(n):
-    """Index ranges train / test / holdout: 60k / 10k / 10k of 80k, proportionally for other n
+    """Index ranges train / test / holdout: 60k / 10k / 10k of 80k, in proportion for other n
     [official compare_gan v1 gan_lib.py]."""
     a, b = n * 3 // 4, n * 7 // 8
     return range(0, a), range(a, b), range(b, n)
 
 
-def polygon_distance(images, n_vertices=3, size=28, subpixel=8):
-    """L2 distance of [0, 1] images to the polygon manifold: threshold at 0.5, convex hull of the dark pixel
-    centres, its largest-area n_vertices-gon, re-rendered [UNSPECIFIED: the paper gives no projection]."""
-    out = np.full(len(images), np.inf)
-    for i, img in enumerate(np.asarray(images, np.float64).reshape(len(images), size, size)):
-        pts = np.argwhere(img < 0.5) + 0.5 / subpixel                       # pixel i covers i-3/8..i+5/8
-        try:
-            hull = pts[scipy.spatial.ConvexHull(pts).vertices]                # (h, 2) counter-clockwise
-        except (scipy.spatial.QhullError, ValueError):                        # < 3 points or collinear
-            continue
-        if len(hull) > n_vertices:         # ours: project onto n-gons, so a square is not a "triangle"
-            poly = hull[np.array(list(itertools.combinations(range(len(hull)), n_vertices)))]   # (C, k, 2)
-            x, y = poly[..., 0], poly[..., 1]
-            area = np.abs((x * np.roll(y, -1, 1) - np.roll(x, -1, 1) * y).sum(1))       # shoelace
-            hull = poly[area.argmax()]
-        out[i] = np.linalg.norm(img - render_polygons(hull[None], size, subpixel)[0])
-    return out
-
-
-def invert_distance(G, x, z_dim, steps=500, lr=0.01, restarts=5, seed=0):
-    """min_z ||G(z) - x||_2 by Adam from `restarts` z ~ U(-1, 1) starts; G maps (n, z_dim) to [-1, 1]
-    images, x is in [0, 1] [Lucic et al. P&R; UNSPECIFIED: optimiser settings]."""
-    gen = torch.Generator().manual_seed(seed)
-    device = next(G.parameters()).device
-    x = torch.as_tensor(x, dtype=torch.float32, device=device).reshape(len(x), -1)
-    best = torch.full((len(x),), float("inf"), device=device)
-    for _ in range(restarts):
-        z = (torch.rand(len(x), z_dim, generator=gen) * 2 - 1).to(device).requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=lr)
-        for _ in range(steps):
-            loss = ((G(z).reshape(len(x), -1) + 1) / 2 - x).square().sum(1)
-            opt.zero_grad()
-            loss.sum().backward()
-            opt.step()
-        with torch.no_grad():
-            best = torch.minimum(best, ((G(z).reshape(len(x), -1) + 1) / 2 - x).norm(dim=1))
-    return best.cpu().numpy()
-
-
-def approx_prf(G, z_dim, test_images, n_gen=1000, delta=5.0, seed=0, **invert_kw):
-    """Approximate precision (generated near the manifold), recall (test images G can reach within delta)
-    and F1 [Lucic et al. P&R; UNSPECIFIED: L2 norm on [0, 1] pixels; delta 5 separates real triangles
-    (max 4.6) from the generator's 4-gons (min 5.2) in a 100-image check]."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        z = (torch.rand(n_gen, z_dim, generator=gen) * 2 - 1).to(next(G.parameters()).device)
-        fake = ((G(z) + 1) / 2).cpu().numpy()
-    p = float((polygon_distance(fake) < delta).mean())
-    r = float((invert_distance(G, test_images, z_dim, seed=seed, **invert_kw) < delta).mean())
-    return p, r, 2 * p * r / max(p + r, 1e-12)
-
-
-AUTHOR_DEFAULTS = {   # first sample of every search: beta1, lr, disc_iters, D batch norm, extras [params.py]
+AUTHOR_DEFAULTS = {   # first sample of each search: beta1, lr, disc_iters, D BN, extras [params.py]
     "mm_gan": dict(beta1=0.0, lr=5e-5, disc_iters=1, batch_norm=True),
     "ns_gan": dict(beta1=0.0, lr=5e-5, disc_iters=1, batch_norm=True),
     "lsgan": dict(beta1=0.5, lr=2e-4, disc_iters=1, batch_norm=True),
     "wgan": dict(beta1=0.5, lr=5e-5, disc_iters=5, batch_norm=True, clip=0.01),
     "wgan_gp": dict(beta1=0.5, lr=1e-4, disc_iters=5, batch_norm=False, lambda_=10.0),
     "dragan": dict(beta1=0.5, lr=1e-4, disc_iters=1, batch_norm=True, lambda_=10.0),
-    "began": dict(beta1=0.5, lr=1e-4, disc_iters=5, batch_norm=False, began_lambda=1e-3, gamma=0.75),
+    "began": dict(beta1=0.5, lr=1e-4, disc_iters=5, batch_norm=False, began_lambda=1e-3,
+                  gamma=0.75),
     "vae": dict(beta1=0.5, lr=5e-5, batch_norm=True),   # UNSPECIFIED: VAE batch-norm default
 }
 
 
 def sample_hparams(model, space="wide", n=100, seed=0):
-    """Random-search settings; wide = phase 1, narrow = phase 2 ranges [official compare_gan params.py]."""
+    """Random-search settings; wide = phase 1, narrow = phase 2 [official compare_gan params.py]."""
     rs, wide, out = np.random.RandomState(seed), space == "wide", [dict(AUTHOR_DEFAULTS[model])]
     for _ in range(n - 1):
         h = {"beta1": float(rs.uniform(0, 1)) if wide else 0.5,
              "lr": float(10 ** rs.uniform(-5, -2) if wide else 10 ** rs.uniform(-4, -3))}
         if model != "vae":
-            h["disc_iters"] = int(rs.choice([1, 5])) if wide else 1       # code samples {1, 5} only
-        no_bn = not wide and model in ("wgan_gp", "dragan")               # narrow: gradient penalties, no BN
+            h["disc_iters"] = int(rs.choice([1, 5])) if wide else 1       # code samples {1, 5}
+        no_bn = not wide and model in ("wgan_gp", "dragan")               # narrow GP: no D BN
         h["batch_norm"] = False if no_bn else bool(rs.randint(2))
         if model == "wgan":
             h["clip"] = float(10 ** rs.uniform(-3, 0) if wide else 10 ** rs.uniform(-2, 0))
@@ -710,11 +918,11 @@ def sample_hparams(model, space="wide", n=100, seed=0):
 
 
 def budget_curve(fids, resamples=5000, seed=0):
-    """Expected min FID over k trained models, k = 1..K, with a 95% band; bootstrap with replacement,
-    prefix minima so the curve is monotone [Lucic et al. budget figure; UNSPECIFIED: resampling]."""
+    """Expected min FID over k trained models, k = 1..K, and a 95% band: bootstrap with
+    replacement, prefix minima [Lucic et al. budget figure; UNSPECIFIED: resampling]."""
     fids = np.asarray(fids, np.float64)
     draws = fids[np.random.RandomState(seed).randint(len(fids), size=(resamples, len(fids)))]
-    best = np.minimum.accumulate(draws, axis=1)                               # (B, K) min over first k
+    best = np.minimum.accumulate(draws, axis=1)                        # (B, K) min over first k
     return best.mean(0), np.percentile(best, 2.5, axis=0), np.percentile(best, 97.5, axis=0)
 
 
@@ -726,174 +934,174 @@ def seed_report(rows):
     report = []
     for (model, setting), v in sorted(groups.items(), key=lambda kv: (kv[0][0], np.median(kv[1]))):
         q = np.percentile(v, [0, 25, 50, 75, 100])
-        report.append(dict(model=model, setting_id=setting, n=len(v), min=q[0], q1=q[1], median=q[2], q3=q[3],
-                           max=q[4], mean=float(np.mean(v)),
+        report.append(dict(model=model, setting_id=setting, n=len(v), min=q[0], q1=q[1],
+                           median=q[2], q3=q[3], max=q[4], mean=float(np.mean(v)),
                            std=float(np.std(v, ddof=1) if len(v) > 1 else 0)))
     return report
 
 
-def collect_runs(run_dirs, model=None, key="fid"):
-    """runs.csv rows: a run's score is its minimum FID over evaluations (Lucic: optimistic, min over
-    checkpoints); setting_id hashes args.json without seed and run plumbing."""
-    plumbing = {"seed", "out_dir", "resume", "device", "num_workers", "data_root", "log_every",
-                "sample_every", "ckpt_every", "deterministic", "export_samples", "fid_every", "fid_samples",
-                "fid_weights"}
-    rows = []
-    for d in run_dirs:
-        try:
-            with open(os.path.join(d, "args.json")) as f:
-                args = json.load(f)
-            with open(os.path.join(d, "metrics.jsonl")) as f:
-                vals = [m[key] for m in map(json.loads, f) if key in m]
-        except (OSError, ValueError) as e:
-            print(f"skipping {d}: {e}", file=sys.stderr)
-            continue
-        if not vals:
-            print(f"skipping {d}: no {key!r} in metrics.jsonl", file=sys.stderr)
-            continue
-        setting = {k: v for k, v in sorted(args.items()) if k not in plumbing}
-        rows.append(dict(model=model or os.path.basename(os.path.normpath(d)).split("-")[0],
-                         setting_id=hashlib.sha256(json.dumps(setting).encode()).hexdigest()[:8],
-                         seed=args.get("seed"), fid=float(np.nanmin(vals))))
-    return rows
-
-
-def bench(args, others=None):
-    """Extraction img/s and Frechet timings (NumPy/SciPy on the CPU). `others` maps a name to another
-    extractor (uint8 batch -> features) run on the same batches, interleaved with ours so that both see
-    the same machine load: tests/bench_pytorch_fid.py passes pytorch-fid's network this way."""
-    model = build_inception(args.weights).to(args.device)
-    x = torch.randint(0, 256, (args.n_images, 3, args.img_size, args.img_size), dtype=torch.uint8)
-    nets = {"ours": lambda b: activations(b, model, args.batch_size), **(others(model) if others else {})}
-    feats, secs = {k: [] for k in nets}, dict.fromkeys(nets, 0.0)
-    for k, f in nets.items():
-        f(x[:args.batch_size])                                               # warm-up
-    for b in x.split(args.batch_size):
-        for k, f in nets.items():
-            t = time.perf_counter()
-            feats[k].append(f(b))
-            secs[k] += time.perf_counter() - t
-    res = {f"{k}_img_s": args.n_images / v for k, v in secs.items()}
-    for k in nets.keys() - {"ours"}:
-        res[f"max_abs_feature_diff_{k}"] = float(np.abs(np.concatenate(feats["ours"]) - np.concatenate(feats[k])).max())
-    rs = np.random.RandomState(0)
-    a = rs.standard_normal((args.n_features, args.d))
-    b = rs.standard_normal((args.n_features, args.d)) * rs.uniform(0.5, 1.5, args.d) + 0.1
-    stats = [*statistics(a), *statistics(b)]
-    for method in ("sqrtm", "eig", "eigh"):
-        t = time.perf_counter()
-        res[f"fid_{method}"] = frechet_distance(*stats, method=method)
-        res[f"time_{method}_s"] = time.perf_counter() - t
-    res["rel_diff_eig"] = abs(res["fid_eig"] / res["fid_sqrtm"] - 1)
-    res["rel_diff_eigh"] = abs(res["fid_eigh"] / res["fid_sqrtm"] - 1)
-    print(f"bench on {args.device} ({torch.get_num_threads()} threads), {args.n_images} images "
-          f"{args.img_size}px -> 299, d={args.d}, N={args.n_features}: " + json.dumps(res), flush=True)
-    return res
-
-
 # ==== Main ====
+def _device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; e.g. cuda, cuda:1, cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA not available; pass --device cpu")
+    return device
+
+
 def _source(path, args, get_model):
-    """Features (or None) and statistics of one CLI source, with a description for the printed line."""
+    """Features (None for statistics), mu, sigma, provenance and a description of one source."""
     if path.startswith("dataset:"):
-        mu, sigma, n, ref = reference_stats(path[len("dataset:"):], args.data_root, args.img_size,
-                                            get_model(), args.cache_dir, batch_size=args.batch_size,
-                                            num_workers=args.num_workers)
-        return dict(feats=None, mu=mu, sigma=sigma, n=n, desc=f"{path} train ({ref})")
+        s = reference_stats(path[len("dataset:"):], args.data_root, args.img_size, get_model(),
+                            args.ref_split, args.ref_size, args.cache_dir,
+                            batch_size=args.batch_size, num_workers=args.num_workers)[None]
+        return dict(s, feats=None, desc=s["source"])
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Invalid path: {path}")
+        raise UserError(f"Invalid path: {path}")
     if path.endswith(".npz"):
-        with np.load(path) as f:
-            if "mu" in f:
-                return dict(feats=None, mu=f["mu"][:], sigma=f["sigma"][:],
-                            n=int(f["n"]) if "n" in f else "?", desc=f"stats {path}")
-            images = torch.from_numpy(f["images"]).permute(0, 3, 1, 2)      # NHWC -> (N, C, H, W)
-        if images.shape[1] == 1:                  # grayscale, as PIL's convert("RGB") does for files
-            images = images.expand(-1, 3, -1, -1)
-        feats = activations(images, get_model(), args.batch_size, args.device, args.allow_tf32, progress=True)
+        try:
+            with np.load(path) as f:
+                is_stats = "mu" in f.files
+        except Exception as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+        if is_stats:
+            s = load_stats(path)
+            check_stats(s, path, args.mode, args.dims, not args.no_resize)
+            return dict(s, feats=None, desc=f"stats {path}")
+        images = load_npz_images(path, args.float_range)
+        progress = Progress(f"features {path}", len(images), unit="img")
+        feats = extract(images.split(args.batch_size), get_model(), len(images), progress,
+                        args.allow_tf32)
+    elif not os.path.isdir(path):
+        raise UserError(f"{path} is neither a folder nor an .npz file")
     else:
-        files = list_images(path, args.recursive, args.ignore_case)
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
-        batch_size = args.batch_size
-        if batch_size > len(files):
-            print("Warning: batch size is bigger than the data size. Setting batch size to data size")
-            batch_size = len(files)
-        loader = torch.utils.data.DataLoader(ImageFiles(files), batch_size=batch_size, shuffle=False,
-                                             drop_last=False, num_workers=args.num_workers)
-        feats = _extract(loader, get_model(), args.device, len(files), args.allow_tf32, progress=True)
-    mu, sigma = statistics(feats)
-    return dict(feats=feats, mu=mu, sigma=sigma, n=len(feats), desc=path)
+        feats = _folder_features(path, args, get_model())
+    mu, sigma = statistics(feats, path)
+    return dict(provenance(get_model(), len(feats), path), feats=feats, mu=mu, sigma=sigma,
+                desc=path)
+
+
+def _folder_features(path, args, model):
+    files = list_images(path, args.recursive, args.ignore_case)
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}"
+                        + ("" if args.recursive and args.ignore_case else
+                           " (see --recursive, --ignore-case)"))
+    batch_size = args.batch_size
+    if batch_size > len(files):
+        print("Warning: batch size is bigger than the data size. Setting batch size to data size")
+        batch_size = len(files)
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(files), batch_size=batch_size, shuffle=False, drop_last=False,
+        num_workers=args.num_workers, collate_fn=collate_images,
+        pin_memory=next(model.parameters()).is_cuda)
+    progress, skipped = Progress(f"features {path}", len(files), unit="img"), []
+
+    def batches():
+        for x, bad in loader:
+            if bad and not args.skip_unreadable:
+                raise UserError(f"cannot read image {bad[0]} (--skip-unreadable skips such files)")
+            skipped.extend(bad)
+            progress.update(len(bad))
+            if len(x):
+                yield x
+    feats = extract(batches(), model, len(files), progress, args.allow_tf32)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable of {len(files)} files in {path}, e.g. "
+              f"{skipped[0]}", flush=True)
+    return feats
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOLS:
-        return run_tool(parse_tool_args(argv))
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["--tool"]:                     # explicit: a folder named like a tool is a path
+        return run_tool(parse_tool_args(argv[1:]))
     args = parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("CUDA not available; pass --device cpu")
-    if len(args.path) != 2 and not (len(args.path) == 1 and args.isc and not args.save_stats):
-        raise SystemExit("fid.py: give two paths (one path only with --isc)")
+    device = _device(args.device)
+    if args.batch_size is None:                    # pytorch-fid's 50 on CPU; a GPU wants more
+        args.batch_size = 250 if device.type == "cuda" else 50
+    if not (len(args.path) == 2 or (len(args.path) == 1 and args.isc and not args.save_stats)):
+        raise UserError(f"give two sources (one with --isc only), got {len(args.path)}")
     model = []
 
     def get_model():         # built on first use: two .npz statistics need no weights
         if not model:
             m = build_inception(args.weights, args.dims, args.mode, resize=not args.no_resize)
-            model.append(m.to(args.device, torch.float64 if args.fp64_features else torch.float32))
+            model.append(m.to(device, torch.float64 if args.fp64_features else torch.float32))
         return model[0]
 
     if args.save_stats:
-        if os.path.exists(args.path[1]):
-            raise FileExistsError(f"Existing output file: {args.path[1]}")
+        out = args.path[1] if args.path[1].endswith(".npz") else args.path[1] + ".npz"
+        if os.path.exists(out):                    # the path numpy writes, not the one given
+            raise UserError(f"Existing output file: {out} (--save-stats never overwrites)")
         s = _source(args.path[0], args, get_model)
-        print(f"Saving statistics for {args.path[0]} ({s['n']} images)")
-        np.savez_compressed(args.path[1], mu=s["mu"], sigma=s["sigma"])
-        return {"n": s["n"]}
+        print(f"Saving statistics of {args.path[0]} ({s['n']} images) to {out}", flush=True)
+        save_stats(out, s["mu"], s["sigma"], s)
+        return {"n": s["n"], "path": out}
     src = [_source(p, args, get_model) for p in args.path]
-    tag = (f"mode {args.mode} | N {' vs '.join(str(s['n']) for s in src)} | ref {src[-1]['desc']} | "
-           f"dims {args.dims} | weights {model[0].weights_hash if model else 'n/a (npz inputs)'}")
+    for p, s in zip(args.path, src):
+        if s["n"] is not None and s["n"] < args.dims:
+            print(f"warning: {p}: N = {s['n']} < {args.dims} dims: the covariance is singular and "
+                  "FID biased upward; compare only at equal N (TTUR recommends >= 10000)",
+                  flush=True)
+    hashes = sorted({s["weights"] for s in src if s["weights"]})
+    if len(hashes) > 1:
+        print(f"warning: statistics from different Inception weights ({', '.join(hashes)}) are not "
+              "comparable", flush=True)
+    tag = (f"mode {args.mode} | N {' vs '.join(str(s['n'] or '?') for s in src)} | ref "
+           f"{src[-1]['desc']} | dims {args.dims} | weights {'/'.join(hashes) or 'unrecorded'}")
     res = {}
     if len(src) == 2:
-        res["fid"] = frechet_distance(src[0]["mu"], src[0]["sigma"], src[1]["mu"], src[1]["sigma"],
-                                      args.fd_method)
+        try:
+            res["fid"] = frechet_distance(src[0]["mu"], src[0]["sigma"], src[1]["mu"],
+                                          src[1]["sigma"], args.fd_method)
+        except ValueError as e:
+            raise UserError(f"{e}: sqrtm of the covariance product failed (too few images?); "
+                            "--fd-method eig gives a finite value") from None
         print(f"FID:  {res['fid']}  | {args.fd_method} | {tag}", flush=True)
     if args.isc:
         if args.dims != 2048 or src[0]["feats"] is None:
-            raise SystemExit("fid.py: --isc needs --dims 2048 and images (not statistics) as PATH1")
-        res["is_mean"], res["is_std"] = inception_score(logits_unbiased(src[0]["feats"], get_model()),
-                                                        args.isc_splits, not args.no_shuffle, args.seed)
-        print(f"IS:  {res['is_mean']} +- {res['is_std']}  | {args.isc_splits} splits | {tag}", flush=True)
-    needs_feats = [f for f in ("kid", "prc", "fid_inf") if getattr(args, f)]
-    if needs_feats and (len(src) != 2 or src[0]["feats"] is None or
-                        (src[1]["feats"] is None and needs_feats != ["fid_inf"])):
-        raise SystemExit(f"fid.py: --{', --'.join(needs_feats)} need images (not statistics) for both paths")
+            raise UserError("--isc needs --dims 2048 and images (not statistics) as PATH1")
+        res["is_mean"], res["is_std"] = inception_score(
+            logits_unbiased(src[0]["feats"], get_model()), args.isc_splits, not args.no_shuffle,
+            args.seed)
+        print(f"IS:  {res['is_mean']} +- {res['is_std']}  | {args.isc_splits} splits | {tag}",
+              flush=True)
+    needs = [f for f in ("kid", "prc", "fid_inf") if getattr(args, f)]
+    if needs and (len(src) != 2 or src[0]["feats"] is None or
+                  (src[1]["feats"] is None and needs != ["fid_inf"])):
+        raise UserError(f"--{', --'.join(needs).replace('_', '-')} need images (not statistics) "
+                        "for both sources (--fid-inf: for PATH1)")
     if args.kid:
         res["kid_mean"], res["kid_std"] = kid(src[0]["feats"], src[1]["feats"], args.kid_subsets,
                                               args.kid_subset_size, args.seed)
-        print(f"KID:  {res['kid_mean']} +- {res['kid_std']}  | {args.kid_subsets} x {args.kid_subset_size} | "
-              f"{tag}", flush=True)
-    if args.prc:                           # DEVIATION: pool3 features, not VGG-16 fc2 (no second weights)
-        res["precision"], res["recall"], res["f1"] = precision_recall(src[1]["feats"], src[0]["feats"],
-                                                                      args.prc_k)
-        print(f"PRC:  precision {res['precision']} recall {res['recall']} f1 {res['f1']}  | k {args.prc_k} | "
-              f"{tag}", flush=True)
+        print(f"KID:  {res['kid_mean']} +- {res['kid_std']}  | {args.kid_subsets} x "
+              f"{args.kid_subset_size} | {tag}", flush=True)
+    if args.prc:                        # DEVIATION: pool3 features, not VGG-16 fc2 (no 2nd weights)
+        res["precision"], res["recall"], res["f1"] = precision_recall(
+            src[1]["feats"], src[0]["feats"], args.prc_k, device=device)
+        print(f"PRC:  precision {res['precision']} recall {res['recall']} f1 {res['f1']}  | k "
+              f"{args.prc_k} | {tag}", flush=True)
     if args.fid_inf:
-        res["fid_inf"] = fid_infinity(src[0]["feats"], src[1]["mu"], src[1]["sigma"], seed=args.seed,
-                                      method=args.fd_method)
-        print(f"FID_inf:  {res['fid_inf']}  | {args.fd_method} | {tag}", flush=True)
+        res["fid_inf"] = fid_infinity(src[0]["feats"], src[1]["mu"], src[1]["sigma"],
+                                      lo=args.fid_inf_min, seed=args.seed, method=args.fd_method)
+        print(f"FID_inf:  {res['fid_inf']}  | 15 N in [{args.fid_inf_min}, {src[0]['n']}] | "
+              f"{args.fd_method} | {tag}", flush=True)
     return res
 
 
 def run_tool(args):
-    if args.tool == "bench":
-        return bench(args)
     if args.tool == "triangles":
         import torchvision.io
+        if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
+            raise UserError(f"{args.out_dir} is not empty; give a new folder")
         images = make_polygons(args.n, args.n_vertices, seed=args.seed)
         for split, idx in zip(("train", "test", "holdout"), polygon_splits(args.n)):
             os.makedirs(os.path.join(args.out_dir, split), exist_ok=True)
             for i in idx:
-                img = torch.from_numpy(np.round(images[i] * 255).astype(np.uint8))[None]   # (1, H, W)
+                img = torch.from_numpy(np.round(images[i] * 255).astype(np.uint8))[None]  # (1, H, W)
                 torchvision.io.write_png(img, os.path.join(args.out_dir, split, f"{i:05d}.png"))
         print(f"wrote {args.n} images to {args.out_dir}/{{train,test,holdout}}")
         return {"n": args.n}
@@ -902,20 +1110,19 @@ def run_tool(args):
         for i, h in enumerate(settings):
             print(json.dumps(dict(setting_id=i, model=args.model, space=args.space, **h)))
         return settings
-    if args.tool == "collect":
-        rows = collect_runs(args.runs, args.model, args.key)
-        w = csv.DictWriter(sys.stdout, fieldnames=["model", "setting_id", "seed", "fid"])
-        w.writeheader()
-        w.writerows(rows)
-        return rows
-    with open(args.csv, newline="") as f:
-        rows = [dict(r, fid=float(r["fid"])) for r in csv.DictReader(f)]
+    try:
+        with open(args.csv, newline="") as f:
+            rows, why = [dict(r, fid=float(r["fid"])) for r in csv.DictReader(f)], "no rows"
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        rows, why = [], repr(e)
+    if not rows or not {"model", "setting_id", "seed"} <= set(rows[0]):
+        raise UserError(f"cannot read {args.csv} as model,setting_id,seed,fid rows ({why})")
     if args.tool == "budget-curve":
         out = {}
         print("model,k,mean_min_fid,lo95,hi95")
         for m in sorted({r["model"] for r in rows}):
-            fids = [r["fid"] for r in rows if r["model"] == m]
-            mean, lo, hi = budget_curve(fids, args.resamples, args.seed)
+            mean, lo, hi = budget_curve([r["fid"] for r in rows if r["model"] == m],
+                                        args.resamples, args.seed)
             out[m] = mean
             for k in range(len(mean)):
                 print(f"{m},{k + 1},{mean[k]:.4f},{lo[k]:.4f},{hi[k]:.4f}")
@@ -928,5 +1135,17 @@ def run_tool(args):
     return report
 
 
+def cli():
+    """The command line: a UserError is one `error: ...` line and exit 2, as common.cli prints it
+    (common.cli itself is not used: its SIGTERM/SIGINT handler waits for a training loop to save)."""
+    try:
+        main()
+    except UserError as e:
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
+        msg = lines[0] if len(lines) == 1 else re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
