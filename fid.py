@@ -1,8 +1,8 @@
 """FID, IS, KID and P&R as the field computes them, plus the "Are GANs Created Equal?" tools.
 Heusel et al., "GANs Trained by a Two Time-Scale Update Rule ...", NeurIPS 2017, arXiv:1706.08500.
-Lucic, Kurach, Michalski, Gelly, Bousquet, "Are GANs Created Equal?", NeurIPS 2018, arXiv:1711.10337.
+Lucic, Kurach, Michalski, Gelly, Bousquet, "Are GANs Created Equal?" NeurIPS 2018, arXiv:1711.10337.
 Official code: mseitzer/pytorch-fid (inception.py, fid_score.py; parity target), bioinf-jku/TTUR
-fid.py, toshas/torch-fidelity (tf1 mode, IS, KID), GaParmar/clean-fid (clean), google/compare_gan v1.
+fid.py, toshas/torch-fidelity (tf1 mode, IS, KID), GaParmar/clean-fid (clean), google/compare_gan.
 
 Paper -> code
   FID (arXiv:1706.08500)    ||mu1-mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^1/2 .. frechet_distance()
@@ -11,7 +11,7 @@ Paper -> code
   torch-fidelity/clean-fid  tf1 (TF1 bilinear) and clean (PIL bicubic) resizing .. preprocess()
   Salimans et al. 2016 S.4  IS: unbiased logits, 10 splits, std ddof 0 ........... inception_score()
   Binkowski et al. 2018     KID: cubic kernel, 100 x 1000 subsets ................ kid()
-  Kynkaanniemi et al. 2019  k-NN precision / recall, k = 3 ....................... precision_recall()
+  Kynkaanniemi et al. 2019  k-NN precision / recall, k = 3 ...................... precision_recall()
   Chong & Forsyth 2020      FID_inf: fit FID_N = a + b/N, report a ............... fid_infinity()
   Lucic et al. params.py    wide / narrow search spaces, author defaults ......... sample_hparams()
   Lucic et al. budget fig.  min FID vs number of settings tried ................. budget_curve()
@@ -39,17 +39,15 @@ Run
   python fid.py --tool sample-hparams wgan_gp wide --n 100
   python fid.py --tool budget-curve runs.csv ; python fid.py --tool seed-report runs.csv
   python tests/bench_fid.py --device cuda --weights W.pth    # img/s beside pytorch-fid (dev)
-Inputs: image folders (flat, sorted, pytorch-fid's extensions), .npz statistics (mu, sigma; ours
-add n, mode, dims, resize, weights, source and are checked against the run), .npz images
-('images' from --export-samples or 'arr_0' as OpenAI/ADM write; NHWC, NCHW or (N, H, W); uint8,
-or floats with --float-range), dataset:<name> (common.load_dataset, cached statistics).
-Parity, checked with one random state dict in every net (tests/test_fid.py): features
-bit-identical to pytorch-fid 0.3.0 at every tap and FID equal to its calculate_fid_given_paths; in
-tf1 mode features equal to torch-fidelity 0.4.0; clean resize bit-identical to clean-fid 0.1.35.
-Anchors (not measured here: no weight file offline): tf1 FID(CIFAR-10 train[:5000], test[:5000])
-= 10.3233; tf1 IS(CIFAR-10 train, 50k) = 11.237 (torch-fidelity; Salimans et al.: 11.24 +- .12).
-Weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid release 'fid_weights'); --weights
-PATH, else the torch hub cache, else a download. Scores with other weights are not comparable.
+Inputs: image folders (flat, sorted, pytorch-fid's extensions), statistics .npz (mu, sigma; ours
+add provenance, checked against the run), images .npz ('images' from --export-samples or 'arr_0'
+as OpenAI/ADM write; NHWC, NCHW or (N, H, W); uint8, or floats with --float-range), dataset:<name>.
+Parity (one random state dict in every net, tests/test_fid.py): features bit-identical to
+pytorch-fid 0.3.0 at every tap, FID equal to its calculate_fid_given_paths; tf1 features equal to
+torch-fidelity 0.4.0; clean resize bit-identical to clean-fid 0.1.35. Anchors (not measured: no
+weights offline): tf1 FID(CIFAR-10 train[:5000], test[:5000]) = 10.3233, tf1 IS(train) = 11.237.
+Weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid release 'fid_weights'): --weights, the
+torch hub cache or a download. Scores with other weights are not comparable.
 """
 import argparse
 import contextlib
@@ -84,22 +82,18 @@ except (ImportError, AttributeError):
     class Progress:
         """common.Progress's line: `features 500/10000 (5%) | 9.1 img/s | ... | eta 0:17:24`."""
 
-        def __init__(self, what, total, unit="it", every=10.0):
-            self.what, self.total, self.unit, self.every = what, total, unit, every
-            self.done, self.t0 = 0, time.time()
+        def __init__(self, what, total, unit="it"):
+            self.what, self.total, self.unit, self.done, self.t0 = what, total, unit, 0, time.time()
             self.t_print = self.t0
 
         def update(self, n=1):
-            self.done += n
-            now = time.time()
-            if now - self.t_print >= self.every or self.done >= self.total:
-                rate = self.done / max(now - self.t0, 1e-9)
-                hms = lambda s: f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
-                print(f"{self.what} {self.done}/{self.total} "
-                      f"({100 * self.done / max(self.total, 1):.0f}%) | {rate:.3g} {self.unit}/s | "
-                      f"{hms(now - self.t0)} elapsed | eta {hms((self.total - self.done) / rate)}",
-                      flush=True)
-                self.t_print = now
+            self.done, now, hms = self.done + n, time.time(), lambda s: (
+                f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}")
+            if now - self.t_print >= 10 or self.done >= self.total:
+                rate, self.t_print = self.done / max(now - self.t0, 1e-9), now
+                print(f"{self.what} {self.done}/{self.total} ({100 * self.done / self.total:.0f}%)"
+                      f" | {rate:.3g} {self.unit}/s | {hms(now - self.t0)} elapsed | eta "
+                      f"{hms((self.total - self.done) / rate)}", flush=True)
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -109,7 +103,7 @@ IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "w
 MODES = ("pytorch-fid", "tf1", "clean")
 DIMS = (64, 192, 768, 2048)                # pytorch-fid BLOCK_INDEX_BY_DIM taps
 TOOLS = ("triangles", "sample-hparams", "budget-curve", "seed-report")
-GEN_BATCH = 50                             # TrainingFID calls sample_fn(n) with n <= 50
+PROVENANCE = dict(n=int, mode=str, dims=int, resize=bool, weights=str, source=str)  # stats keys
 
 
 def _int_at_least(lo):
@@ -121,11 +115,6 @@ def _int_at_least(lo):
     return parse
 
 
-def _default_workers():
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(8, n or 0)
-
-
 # ==== Args ====
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -133,13 +122,14 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog=f"study tools: python fid.py --tool {{{','.join(TOOLS)}}} ... (--tool NAME --help)")
     a, pos, nonneg = p.add_argument, _int_at_least(1), _int_at_least(0)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     a("path", nargs="*", help="two sources: image folder, statistics .npz, images .npz or "
       "dataset:<name>; one with --isc only [official pytorch-fid fid_score.py]")
     a("--tool", nargs=argparse.REMAINDER, help="a study tool instead, as the first argument: a "
       "folder named like a tool is still a folder [ours]")
     a("--batch-size", type=pos, help="images per forward; default 50 on CPU (pytorch-fid's), 250 "
       "on CUDA [official pytorch-fid fid_score.py; ours: CUDA]")
-    a("--num-workers", type=nonneg, default=_default_workers(),
+    a("--num-workers", type=nonneg, default=min(8, cpus or 0),
       help="data loader processes, min(8, CPUs) [official pytorch-fid fid_score.py]")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
       help="cuda if available else cpu [official pytorch-fid fid_score.py]")
@@ -186,8 +176,7 @@ def parse_args(argv=None):
     a("--ref-split", default="train", choices=("train", "test"), help="of dataset: sources [run]")
     a("--ref-size", type=_int_at_least(2), help="first N images of dataset: sources; default all "
       "[run]")
-    a("--cache-dir", help="statistics cache of dataset: sources; default <data-root>/fid_stats "
-      "[run]")
+    a("--cache-dir", help="statistics of dataset: sources; default <data-root>/fid_stats [run]")
     args = p.parse_args(argv)
     if args.tool is not None:
         p.error("--tool must be the first argument: python fid.py --tool NAME ...")
@@ -230,63 +219,48 @@ def list_images(path, recursive=False, ignore_case=False):
     return sorted(f for f in files if ext(f) in IMAGE_EXTENSIONS and f.is_file())
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """uint8 (3, H, W) via PIL convert('RGB') as pytorch-fid's ImagePathDataset; an unreadable file
-    gives the string 'path: error' instead, so the main process can name it or skip it."""
-
-    def __init__(self, files):
-        self.files = files
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
+def read_images(files):
+    """uint8 (N, 3, H, W) via PIL convert('RGB') as pytorch-fid's ImagePathDataset (a list when
+    sizes differ), and 'path: error' for each unreadable file; a DataLoader collate_fn."""
+    good, bad = [], []
+    for f in files:
         try:
-            return TF.pil_to_tensor(pil_loader(self.files[i]))
+            good.append(TF.pil_to_tensor(pil_loader(f)))
         except Exception as e:                     # PIL raises many types; name the file instead
-            return f"{self.files[i]}: {e}"
-
-
-def collate_images(items):
-    """(stacked uint8 batch, or a list when sizes differ; unreadable 'path: error' strings)."""
-    good = [x for x in items if torch.is_tensor(x)]
-    bad = [x for x in items if not torch.is_tensor(x)]
+            bad.append(f"{f}: {e}")
     return (torch.stack(good) if len({x.shape for x in good}) == 1 else good), bad
 
 
 def load_npz_images(path, float_range=None):
     """uint8 (N, C, H, W) of an images .npz: key 'images' (--export-samples) or 'arr_0' (OpenAI/
-    ADM), NHWC, NCHW or (N, H, W); floats only with their stated range, quantised like save_image."""
+    ADM); NHWC, NCHW or (N, H, W); floats only in their stated range, quantised like save_image."""
     with np.load(path) as f:
         key = next((k for k in ("images", "arr_0") if k in f.files), None)
         if key is None:
             raise UserError(f"{path} has neither statistics ('mu', 'sigma') nor images ('images', "
                             f"'arr_0'); its keys: {', '.join(f.files) or 'none'}")
         a = f[key]
-    a = a[..., None] if a.ndim == 3 else a                          # (N, H, W) greyscale
+    what, a = f"{path}: '{key}' {a.shape} {a.dtype}", a[..., None] if a.ndim == 3 else a
     if a.ndim != 4 or not ({a.shape[1], a.shape[3]} & {1, 3}):
-        raise UserError(f"{path}: '{key}' has shape {a.shape}; expected (N, H, W, C), (N, C, H, W) "
-                        "or (N, H, W) with C = 1 or 3")
+        raise UserError(f"{what}: expected (N, H, W, C), (N, C, H, W) or (N, H, W), C = 1 or 3")
     if a.shape[3] not in (1, 3):
-        print(f"{path}: reading '{key}' {a.shape} as NCHW", flush=True)
+        print(f"{what}: read as NCHW", flush=True)
         a = a.transpose(0, 2, 3, 1)                                 # NCHW -> NHWC
     if a.dtype == np.uint8:
         return torch.from_numpy(a).permute(0, 3, 1, 2)              # (N, C, H, W)
-    what = f"{path}: '{key}' is {a.dtype}"
     if a.dtype.kind != "f":
-        raise UserError(f"{what}; fid.py reads uint8 images (0..255), or floats with --float-range")
-    lo, hi = (None, None) if float_range is None else float_range
+        raise UserError(f"{what}: fid.py reads uint8 images (0..255), or floats with --float-range")
+    lo, hi = float_range or (None, None)
     a_min, a_max = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if not np.isfinite([a_min, a_max]).all():
-        raise UserError(f"{what} and holds NaN or Inf")
+        raise UserError(f"{what} holds NaN or Inf")
     if lo is None:
         raise UserError(f"{what} in [{a_min:.4g}, {a_max:.4g}], not uint8: pass --float-range LO "
                         "HI (e.g. -1 1, 0 1, 0 255) to quantise it like save_image")
     if not lo < hi or a_min < lo - 1e-3 * (hi - lo) or a_max > hi + 1e-3 * (hi - lo):
-        raise UserError(f"{what} in [{a_min:.4g}, {a_max:.4g}], outside --float-range {lo:g} {hi:g}")
+        raise UserError(f"{what} in [{a_min:.4g}, {a_max:.4g}], outside --float-range {lo} {hi}")
     if a_max - a_min < 0.5 * (hi - lo):
-        print(f"warning: {what} spans only [{a_min:.4g}, {a_max:.4g}] of --float-range {lo:g} "
-              f"{hi:g}; check the range", flush=True)
+        print(f"warning: {what} spans only [{a_min:.4g}, {a_max:.4g}] of --float-range", flush=True)
     x = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
     return torch.cat([quantize(c, lo, hi) for c in x.split(1000)])
 
@@ -295,11 +269,11 @@ def quantize(x, lo=-1.0, hi=1.0):
     """Float in [lo, hi] -> uint8 exactly as save_image(normalize=True, value_range=(lo, hi))."""
     # PAPER-VS-CODE: compare_gan v1 scores unquantised floats; we score what save_image would write
     x = x.detach().float().clamp(lo, hi).sub(lo).div(hi - lo)       # torchvision make_grid norm_ip
-    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)      # save_image: rounds, never floors
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)      # save_image rounds, no floor
 
 
 def _tf1_resize(x, size):
-    """TF1 legacy bilinear: src = dst * in/out (no half-pixel), edge-clamped, W then H [card 2.4]."""
+    """TF1 legacy bilinear: src = dst * in/out (no half-pixel), edge-clamped, W then H [card]."""
     def taps(n_in):
         src = torch.arange(size, dtype=torch.float32, device=x.device) * (n_in / size)
         i0 = src.floor().long().clamp(max=n_in - 1)
@@ -313,7 +287,7 @@ def _tf1_resize(x, size):
 
 
 def _clean_resize(x, size):
-    """clean-fid 'clean': PIL bicubic per channel on float32 ('F'), clip 0..255, no re-quantising."""
+    """clean-fid 'clean': PIL bicubic per channel on float32 ('F'), clip 0..255, no requantising."""
     out = torch.empty(*x.shape[:2], size, size, dtype=torch.float32)
     for i in range(x.shape[0]):
         for c in range(x.shape[1]):
@@ -433,12 +407,11 @@ def resolve_weights(weights=None):
             os.makedirs(os.path.dirname(cached), exist_ok=True)
             torch.hub.download_url_to_file(FID_WEIGHTS_URL, cached, progress=True)
         except Exception as e:
-            raise UserError(
-                f"FID Inception weights {FID_WEIGHTS_FILE} not found: no --weights given, not in "
-                f"the torch hub cache ({cached}), and downloading {FID_WEIGHTS_URL} (pytorch-fid "
-                f"GitHub release 'fid_weights') failed: {e}. Download it on a machine with "
-                f"internet and pass --weights PATH (Python: weights=PATH), or copy it to "
-                f"{cached}.") from None
+            raise UserError(f"FID Inception weights {FID_WEIGHTS_FILE} not found: no --weights, "
+                            f"not in the torch hub cache ({cached}), and downloading "
+                            f"{FID_WEIGHTS_URL} (pytorch-fid release 'fid_weights') failed: {e}. "
+                            "Download it elsewhere and pass --weights PATH (Python: weights=PATH) "
+                            "or copy it to that cache path") from None
     return cached
 
 
@@ -453,7 +426,7 @@ def sha256_prefix(path):
 def build_inception(weights=None, dims=2048, mode="pytorch-fid", resize=True):
     """FID Inception in eval mode with the published weights loaded strictly (566 or 472 keys)."""
     path = resolve_weights(weights)
-    with torch.device("meta"):                      # no random init: every tensor comes from the file
+    with torch.device("meta"):                      # no random init: all tensors come from the file
         model = FIDInceptionV3(dims, mode, resize)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -492,22 +465,17 @@ def exact_fp32(allow_tf32=False):
             setattr(o, a, v)
 
 
-def _network_input(x, model, dtype, device):
-    """One batch on the device: grey -> RGB, contiguous NCHW, resized and normalised there."""
-    x = x.to(device, non_blocking=True)
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x          # (N, 3, H, W)
-    # contiguous: an NHWC view (from an NHWC .npz) would switch the CPU convolutions' algorithm
-    return preprocess(x.contiguous(), model.mode, model.resize, dtype)
-
-
 def extract(batches, model, total, progress=None, allow_tf32=False):
-    """Features of uint8 / [0, 1] float batches (a list of single images when sizes differ) ->
-    float64 (N, dims) [pytorch-fid get_activations]. Batches go to the model's device and are
-    preprocessed there; features are copied into a pinned host buffer without a per-batch sync."""
+    """Features of uint8 / [0, 1] float batches (a list of images when sizes differ) -> float64
+    (N, dims) [pytorch-fid get_activations]. Preprocessing runs on the model's device; features go
+    to a pinned host buffer without a per-batch sync."""
     p = next(model.parameters())
-    cuda = p.device.type == "cuda"
-    out = torch.empty((total, model.dims), dtype=p.dtype, pin_memory=cuda)
-    done = 0
+    out, done = torch.empty((total, model.dims), dtype=p.dtype, pin_memory=p.is_cuda), 0
+
+    def prepare(x):                          # grey -> RGB; contiguous: an NHWC view would switch
+        x = x.to(p.device, non_blocking=True)                   # the CPU convolution algorithm
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x   # (N, 3, H, W)
+        return preprocess(x.contiguous(), model.mode, model.resize, p.dtype)
     with exact_fp32(allow_tf32), torch.no_grad():
         for x in batches:
             if isinstance(x, list):                # mixed sizes: each image resized on its own
@@ -515,25 +483,20 @@ def extract(batches, model, total, progress=None, allow_tf32=False):
                     sizes = sorted({"x".join(map(str, im.shape[-2:])) for im in x})
                     raise UserError(f"images of different sizes ({', '.join(sizes)}) need "
                                     "resizing: drop --no-resize to resize each to 299x299")
-                x = torch.cat([_network_input(im[None], model, p.dtype, p.device) for im in x])
-            else:
-                x = _network_input(x, model, p.dtype, p.device)
+            x = torch.cat([prepare(im[None]) for im in x]) if isinstance(x, list) else prepare(x)
             if done + len(x) > total:
                 raise ValueError(f"more than the announced {total} images")
             out[done:done + len(x)].copy_(model(x), non_blocking=True)
             done += len(x)
             if progress is not None:
                 progress.update(len(x))
-    if cuda:
+    if p.is_cuda:
         torch.cuda.synchronize(p.device)            # the one sync: the pinned copies have landed
     return out[:done].numpy().astype(np.float64)
 
 
-def activations(images, model, batch_size=50, device=None, allow_tf32=False):
-    """(N, 3, H, W) uint8 or [0, 1] float tensor -> (N, dims) float64 [pytorch-fid
-    get_activations]."""
-    if device is not None:
-        model.to(device)
+def activations(images, model, batch_size=50, allow_tf32=False):
+    """(N, 3, H, W) uint8 or [0, 1] float tensor -> (N, dims) float64 [pytorch-fid]."""
     return extract(images.split(batch_size), model, len(images), allow_tf32=allow_tf32)
 
 
@@ -554,7 +517,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="sqrtm", eps=1e-6):
         raise ValueError(f"statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, sigma "
                          f"{sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    if method == "sqrtm":                 # pytorch-fid / TTUR: "stable version by Dougal Sutherland"
+    if method == "sqrtm":                # pytorch-fid / TTUR: "stable version by Dougal Sutherland"
         version = tuple(int(v) for v in re.findall(r"\d+", scipy.__version__)[:3])
         if (1, 11, 2) <= version < (1, 13, 0):
             raise UserError(f"SciPy {scipy.__version__} has a broken sqrtm (pytorch-fid #100); "
@@ -679,9 +642,6 @@ def fit_fid_infinity(ns, fids):
 
 
 # ---- statistics files: pytorch-fid's mu and sigma, plus provenance (pytorch-fid ignores it) ----
-PROVENANCE = dict(n=int, mode=str, dims=int, resize=bool, weights=str, source=str)
-
-
 def provenance(model, n, source):
     return dict(n=n, mode=model.mode, dims=model.dims, resize=model.resize,
                 weights=model.weights_hash, source=str(source))
@@ -697,8 +657,9 @@ def save_stats(path, mu, sigma, prov):
     os.replace(tmp, path)
 
 
-def load_stats(path):
-    """{'mu', 'sigma', and PROVENANCE's keys (None where absent)} of a statistics .npz."""
+def load_stats(path, mode, dims, resize):
+    """mu, sigma and PROVENANCE's keys (None where absent) of a statistics .npz; refuses another
+    pipeline (dims, mode, resize), warns where there is no provenance (pytorch-fid, TTUR files)."""
     try:
         with np.load(path) as f:
             s = {k: f[k] for k in f.files}
@@ -707,25 +668,18 @@ def load_stats(path):
     mu, sigma = np.atleast_1d(s["mu"]), np.atleast_2d(s["sigma"])   # dtype kept, as pytorch-fid
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (d,) and (d, d)")
-    return dict({k: t(s[k][()]) if k in s else None for k, t in PROVENANCE.items()},
-                mu=mu, sigma=sigma)
-
-
-def _pipeline(mode, resize):
-    return f"--mode {mode}" + ("" if resize else " --no-resize")
-
-
-def check_stats(s, path, mode, dims, resize):
-    """Refuses statistics of another pipeline (dims, mode, resize); warns when there is no
-    provenance to check (files written by pytorch-fid or TTUR hold mu and sigma only)."""
-    if len(s["mu"]) != dims:
-        raise UserError(f"{path} holds {len(s['mu'])}-d statistics; this run uses --dims {dims}")
+    s = dict({k: t(s[k][()]) if k in s else None for k, t in PROVENANCE.items()}, mu=mu,
+             sigma=sigma)
+    pipeline = lambda m, r: f"--mode {m}" + ("" if r else " --no-resize")   # noqa: E731
+    if len(mu) != dims:
+        raise UserError(f"{path} holds {len(mu)}-d statistics; this run uses --dims {dims}")
     if s["mode"] is None:
         print(f"warning: {path} has no provenance (mu and sigma only); assuming "
-              f"{_pipeline(mode, resize)} and the published weights", flush=True)
+              f"{pipeline(mode, resize)} and the published weights", flush=True)
     elif (s["mode"], s["resize"]) != (mode, resize):
-        raise UserError(f"{path} holds {_pipeline(s['mode'], s['resize'])} statistics; this run "
-                        f"uses {_pipeline(mode, resize)}: different pipelines are not comparable")
+        raise UserError(f"{path} holds {pipeline(s['mode'], s['resize'])} statistics; this run "
+                        f"uses {pipeline(mode, resize)}: different pipelines are not comparable")
+    return s
 
 
 def reference_stats(dataset, data_root, img_size, model, split="train", size=None, cache_dir=None,
@@ -733,61 +687,54 @@ def reference_stats(dataset, data_root, img_size, model, split="train", size=Non
     """{class label: statistics} of common.load_dataset's split, the first `size` images of each
     set (all if None), cached as .npz with provenance in cache_dir (<data_root>/fid_stats)."""
     if common is None:
-        raise UserError(f"dataset:{dataset} needs common.py (the project's data loader) next to "
-                        "fid.py")
-    cache_dir = os.path.join(data_root, "fid_stats") if cache_dir is None else cache_dir
-    ds = None
-    tag = [re.sub(r"[^A-Za-z0-9.]+", "_", dataset).strip("_")[:40],
-           hashlib.sha1(dataset.encode()).hexdigest()[:6], str(img_size or "native"), split]
+        raise UserError(f"dataset:{dataset} needs common.py (the project's loader) beside fid.py")
+    load = lambda: common.load_dataset(dataset, data_root, img_size, train=split == "train")  # noqa
+    tag, ds = [re.sub(r"[^A-Za-z0-9.]+", "_", dataset).strip("_")[:40], hashlib.sha1(
+        dataset.encode()).hexdigest()[:6], str(img_size or "native"), split], None
     if dataset.startswith("folder:"):              # a folder can change: its size keys the cache
-        ds = common.load_dataset(dataset, data_root, img_size, train=split == "train")
+        ds = load()
         tag.append(f"files{len(ds)}")
     tag += [f"n{size or 'all'}", model.mode, *([] if model.resize else ["noresize"]),
             f"d{model.dims}", f"w{model.weights_hash}"]
     out, todo = {}, {}
     for c in class_labels:
-        path = os.path.join(cache_dir, "-".join(tag + ["all" if c is None else f"class{c}"])
-                            + ".npz")
+        path = os.path.join(data_root, "fid_stats") if cache_dir is None else cache_dir
+        path = os.path.join(path, "-".join(tag + ["all" if c is None else f"class{c}"]) + ".npz")
         if os.path.isfile(path):
-            out[c] = load_stats(path)
-            check_stats(out[c], path, model.mode, model.dims, model.resize)
+            out[c] = load_stats(path, model.mode, model.dims, model.resize)
         else:
             todo[c] = path
     if not todo:
         return out
-    if ds is None:
-        ds = common.load_dataset(dataset, data_root, img_size, train=split == "train")
+    ds = load() if ds is None else ds
     n = len(ds) if size is None or any(c is not None for c in todo) else min(size, len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)),
                                          batch_size=batch_size, num_workers=num_workers)
-    device, labels = next(model.parameters()).device, []
+    device, labels, desc = next(model.parameters()).device, [], f"dataset:{dataset} {split}"
 
     def batches():
         for x, y in loader:
             labels.append(torch.as_tensor(y))
             yield quantize(x.to(device, non_blocking=True))         # [-1, 1] -> uint8 on device
-    desc = f"dataset:{dataset} {split}"
     feats = extract(batches(), model, n, Progress(f"reference {desc}", n, unit="img"))
     labels = torch.cat(labels).numpy()
     for c, path in todo.items():
-        f = feats if c is None else feats[labels == c]
-        what = desc + ("" if c is None else f" class {c}")
+        f, what = (feats, desc) if c is None else (feats[labels == c], f"{desc} class {c}")
         if size is not None and len(f) < size:
             raise UserError(f"ref_size {size}: {what} has only {len(f)} images")
-        f = f[:size]
-        mu, sigma = statistics(f, what)
-        out[c] = dict(provenance(model, len(f), f"{what}, first {size or 'all'}"), mu=mu,
+        mu, sigma = statistics(f[:size], what)
+        out[c] = dict(provenance(model, len(f[:size]), f"{what}, first {size or 'all'}"), mu=mu,
                       sigma=sigma)
         save_stats(path, mu, sigma, out[c])
     return out
 
 
 class TrainingFID:
-    """FID and IS (one Inception pass) of a generator during training, the --fid-every contract.
-    The Inception is built and the weights and reference statistics (one set per entry of
+    """FID and IS of a generator during training from one Inception pass (the --fid-every
+    contract). The net, the weights and the reference statistics (one set per entry of
     class_labels, None = all classes) are resolved here, at start-up: UserError if unavailable.
-    ev(sample_fn, class_label, n_samples) calls sample_fn(n) -> (n, C, H, W) in [-1, 1], n <= 50,
-    quantises like save_image and returns {"fid", "is", "is_std"}."""
+    ev(sample_fn) calls sample_fn(n <= 50) -> (n, C, H, W) in [-1, 1], quantises like save_image
+    and returns {"fid", "is", "is_std"}."""
 
     def __init__(self, dataset, data_root, img_size, device, n_samples, weights=None,
                  ref_split="train", ref_size=None, cache_dir=None, class_labels=(None,)):
@@ -819,14 +766,13 @@ class TrainingFID:
         device, ref = next(self.model.parameters()).device, self.ref[class_label]
 
         def batches():
-            for i in range(0, n, GEN_BATCH):
-                m = min(GEN_BATCH, n - i)
+            for i in range(0, n, 50):
                 with torch.no_grad():
-                    x = sample_fn(m)
-                if x.ndim != 4 or len(x) != m or x.shape[1] not in (1, 3) or x.dtype.is_complex \
+                    x = sample_fn(min(50, n - i))
+                if x.ndim != 4 or len(x) != min(50, n - i) or x.shape[1] not in (1, 3) \
                         or not x.is_floating_point():
-                    raise ValueError(f"sample_fn({m}) must return a ({m}, C, H, W) float tensor, "
-                                     f"C = 1 or 3; got {tuple(x.shape)} {x.dtype}")
+                    raise ValueError(f"sample_fn({min(50, n - i)}) must return (n, C, H, W) "
+                                     f"floats, C = 1 or 3; got {tuple(x.shape)} {x.dtype}")
                 yield quantize(x.to(device))                        # like save_image, on device
         feats = extract(batches(), self.model, n, Progress("fid samples", n, unit="img"))
         mu, sigma, method = *statistics(feats), "sqrtm"
@@ -835,7 +781,7 @@ class TrainingFID:
         except ValueError as e:   # DEVIATION: monitoring keeps going on tiny N; the CLI raises
             method = f"eig (sqrtm failed: {e})"
             value = frechet_distance(mu, sigma, ref["mu"], ref["sigma"], method="eig")
-        is_mean, is_std = inception_score(logits_unbiased(feats, self.model))   # Salimans: 10 splits
+        is_mean, is_std = inception_score(logits_unbiased(feats, self.model))  # 10 splits
         print(f"fid {value:.4f} | is {is_mean:.4g} +- {is_std:.2g} | mode pytorch-fid | N_gen {n} "
               f"vs N_ref {ref['n']} ({ref['source']}) | {method} | dims 2048 | weights "
               f"{self.model.weights_hash}", flush=True)
@@ -927,7 +873,7 @@ def budget_curve(fids, resamples=5000, seed=0):
 
 
 def seed_report(rows):
-    """Per model and setting: the FID distribution over seeds (n, min, quartiles, max, mean, std)."""
+    """Per model and setting: the FID distribution over seeds (n, min, quartiles, max, mean, sd)."""
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], r["setting_id"]), []).append(r["fid"])
@@ -941,16 +887,6 @@ def seed_report(rows):
 
 
 # ==== Main ====
-def _device(name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; e.g. cuda, cuda:1, cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA not available; pass --device cpu")
-    return device
-
-
 def _source(path, args, get_model):
     """Features (None for statistics), mu, sigma, provenance and a description of one source."""
     if path.startswith("dataset:"):
@@ -960,6 +896,7 @@ def _source(path, args, get_model):
         return dict(s, feats=None, desc=s["source"])
     if not os.path.exists(path):
         raise UserError(f"Invalid path: {path}")
+    skipped, batch_size = [], args.batch_size
     if path.endswith(".npz"):
         try:
             with np.load(path) as f:
@@ -967,51 +904,42 @@ def _source(path, args, get_model):
         except Exception as e:
             raise UserError(f"cannot read {path}: {e}") from None
         if is_stats:
-            s = load_stats(path)
-            check_stats(s, path, args.mode, args.dims, not args.no_resize)
+            s = load_stats(path, args.mode, args.dims, not args.no_resize)
             return dict(s, feats=None, desc=f"stats {path}")
         images = load_npz_images(path, args.float_range)
-        progress = Progress(f"features {path}", len(images), unit="img")
-        feats = extract(images.split(args.batch_size), get_model(), len(images), progress,
-                        args.allow_tf32)
-    elif not os.path.isdir(path):
-        raise UserError(f"{path} is neither a folder nor an .npz file")
+        batches, total = images.split(batch_size), len(images)
+    elif os.path.isdir(path):
+        files = list_images(path, args.recursive, args.ignore_case)
+        if not files:
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path} (see "
+                            "--recursive, --ignore-case)")
+        if batch_size > len(files):
+            print("Warning: batch size is bigger than the data size. Setting batch size to data "
+                  "size")
+            batch_size = len(files)
+        loader = torch.utils.data.DataLoader(
+            files, batch_size=batch_size, shuffle=False, drop_last=False, collate_fn=read_images,
+            num_workers=args.num_workers, pin_memory=next(get_model().parameters()).is_cuda)
+
+        def batches():
+            for x, bad in loader:
+                if bad and not args.skip_unreadable:
+                    raise UserError(f"cannot read image {bad[0]} (--skip-unreadable skips them)")
+                skipped.extend(bad)
+                progress.update(len(bad))
+                if len(x):
+                    yield x
+        batches, total = batches(), len(files)
     else:
-        feats = _folder_features(path, args, get_model())
+        raise UserError(f"{path} is neither a folder nor an .npz file")
+    progress = Progress(f"features {path}", total, unit="img")
+    feats = extract(batches, get_model(), total, progress, args.allow_tf32)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable of {total} files in {path}, e.g. "
+              f"{skipped[0]}", flush=True)
     mu, sigma = statistics(feats, path)
     return dict(provenance(get_model(), len(feats), path), feats=feats, mu=mu, sigma=sigma,
                 desc=path)
-
-
-def _folder_features(path, args, model):
-    files = list_images(path, args.recursive, args.ignore_case)
-    if not files:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}"
-                        + ("" if args.recursive and args.ignore_case else
-                           " (see --recursive, --ignore-case)"))
-    batch_size = args.batch_size
-    if batch_size > len(files):
-        print("Warning: batch size is bigger than the data size. Setting batch size to data size")
-        batch_size = len(files)
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(files), batch_size=batch_size, shuffle=False, drop_last=False,
-        num_workers=args.num_workers, collate_fn=collate_images,
-        pin_memory=next(model.parameters()).is_cuda)
-    progress, skipped = Progress(f"features {path}", len(files), unit="img"), []
-
-    def batches():
-        for x, bad in loader:
-            if bad and not args.skip_unreadable:
-                raise UserError(f"cannot read image {bad[0]} (--skip-unreadable skips such files)")
-            skipped.extend(bad)
-            progress.update(len(bad))
-            if len(x):
-                yield x
-    feats = extract(batches(), model, len(files), progress, args.allow_tf32)
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable of {len(files)} files in {path}, e.g. "
-              f"{skipped[0]}", flush=True)
-    return feats
 
 
 def main(argv=None):
@@ -1019,7 +947,12 @@ def main(argv=None):
     if argv[:1] == ["--tool"]:                     # explicit: a folder named like a tool is a path
         return run_tool(parse_tool_args(argv[1:]))
     args = parse_args(argv)
-    device = _device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"unknown --device {args.device!r}; e.g. cuda, cuda:1, cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA not available; pass --device cpu")
     if args.batch_size is None:                    # pytorch-fid's 50 on CPU; a GPU wants more
         args.batch_size = 250 if device.type == "cuda" else 50
     if not (len(args.path) == 2 or (len(args.path) == 1 and args.isc and not args.save_stats)):
@@ -1044,15 +977,14 @@ def main(argv=None):
     for p, s in zip(args.path, src):
         if s["n"] is not None and s["n"] < args.dims:
             print(f"warning: {p}: N = {s['n']} < {args.dims} dims: the covariance is singular and "
-                  "FID biased upward; compare only at equal N (TTUR recommends >= 10000)",
-                  flush=True)
+                  "FID biased upward; compare only at equal N (TTUR: >= 10000)", flush=True)
     hashes = sorted({s["weights"] for s in src if s["weights"]})
     if len(hashes) > 1:
         print(f"warning: statistics from different Inception weights ({', '.join(hashes)}) are not "
               "comparable", flush=True)
     tag = (f"mode {args.mode} | N {' vs '.join(str(s['n'] or '?') for s in src)} | ref "
            f"{src[-1]['desc']} | dims {args.dims} | weights {'/'.join(hashes) or 'unrecorded'}")
-    res = {}
+    res, feats = {}, [s["feats"] for s in src]
     if len(src) == 2:
         try:
             res["fid"] = frechet_distance(src[0]["mu"], src[0]["sigma"], src[1]["mu"],
@@ -1062,30 +994,28 @@ def main(argv=None):
                             "--fd-method eig gives a finite value") from None
         print(f"FID:  {res['fid']}  | {args.fd_method} | {tag}", flush=True)
     if args.isc:
-        if args.dims != 2048 or src[0]["feats"] is None:
+        if args.dims != 2048 or feats[0] is None:
             raise UserError("--isc needs --dims 2048 and images (not statistics) as PATH1")
-        res["is_mean"], res["is_std"] = inception_score(
-            logits_unbiased(src[0]["feats"], get_model()), args.isc_splits, not args.no_shuffle,
-            args.seed)
-        print(f"IS:  {res['is_mean']} +- {res['is_std']}  | {args.isc_splits} splits | {tag}",
-              flush=True)
+        res["is_mean"], res["is_std"] = inception_score(logits_unbiased(feats[0], get_model()),
+                                                        args.isc_splits, not args.no_shuffle,
+                                                        args.seed)
+        print(f"IS:  {res['is_mean']} +- {res['is_std']}  | {args.isc_splits} splits | {tag}")
     needs = [f for f in ("kid", "prc", "fid_inf") if getattr(args, f)]
-    if needs and (len(src) != 2 or src[0]["feats"] is None or
-                  (src[1]["feats"] is None and needs != ["fid_inf"])):
+    if needs and (len(src) != 2 or feats[0] is None or (feats[1] is None and needs != ["fid_inf"])):
         raise UserError(f"--{', --'.join(needs).replace('_', '-')} need images (not statistics) "
                         "for both sources (--fid-inf: for PATH1)")
     if args.kid:
-        res["kid_mean"], res["kid_std"] = kid(src[0]["feats"], src[1]["feats"], args.kid_subsets,
-                                              args.kid_subset_size, args.seed)
+        res["kid_mean"], res["kid_std"] = kid(*feats, args.kid_subsets, args.kid_subset_size,
+                                              args.seed)
         print(f"KID:  {res['kid_mean']} +- {res['kid_std']}  | {args.kid_subsets} x "
-              f"{args.kid_subset_size} | {tag}", flush=True)
+              f"{args.kid_subset_size} | {tag}")
     if args.prc:                        # DEVIATION: pool3 features, not VGG-16 fc2 (no 2nd weights)
-        res["precision"], res["recall"], res["f1"] = precision_recall(
-            src[1]["feats"], src[0]["feats"], args.prc_k, device=device)
+        res["precision"], res["recall"], res["f1"] = precision_recall(feats[1], feats[0],
+                                                                      args.prc_k, device=device)
         print(f"PRC:  precision {res['precision']} recall {res['recall']} f1 {res['f1']}  | k "
-              f"{args.prc_k} | {tag}", flush=True)
+              f"{args.prc_k} | {tag}")
     if args.fid_inf:
-        res["fid_inf"] = fid_infinity(src[0]["feats"], src[1]["mu"], src[1]["sigma"],
+        res["fid_inf"] = fid_infinity(feats[0], src[1]["mu"], src[1]["sigma"],
                                       lo=args.fid_inf_min, seed=args.seed, method=args.fd_method)
         print(f"FID_inf:  {res['fid_inf']}  | 15 N in [{args.fid_inf_min}, {src[0]['n']}] | "
               f"{args.fd_method} | {tag}", flush=True)
@@ -1094,15 +1024,14 @@ def main(argv=None):
 
 def run_tool(args):
     if args.tool == "triangles":
-        import torchvision.io
         if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
             raise UserError(f"{args.out_dir} is not empty; give a new folder")
-        images = make_polygons(args.n, args.n_vertices, seed=args.seed)
+        images = np.round(make_polygons(args.n, args.n_vertices, seed=args.seed) * 255)
         for split, idx in zip(("train", "test", "holdout"), polygon_splits(args.n)):
-            os.makedirs(os.path.join(args.out_dir, split), exist_ok=True)
+            os.makedirs(os.path.join(args.out_dir, split))
             for i in idx:
-                img = torch.from_numpy(np.round(images[i] * 255).astype(np.uint8))[None]  # (1, H, W)
-                torchvision.io.write_png(img, os.path.join(args.out_dir, split, f"{i:05d}.png"))
+                TF.to_pil_image(images[i].astype(np.uint8)).save(
+                    os.path.join(args.out_dir, split, f"{i:05d}.png"))
         print(f"wrote {args.n} images to {args.out_dir}/{{train,test,holdout}}")
         return {"n": args.n}
     if args.tool == "sample-hparams":
@@ -1124,8 +1053,8 @@ def run_tool(args):
             mean, lo, hi = budget_curve([r["fid"] for r in rows if r["model"] == m],
                                         args.resamples, args.seed)
             out[m] = mean
-            for k in range(len(mean)):
-                print(f"{m},{k + 1},{mean[k]:.4f},{lo[k]:.4f},{hi[k]:.4f}")
+            print("\n".join(f"{m},{k + 1},{mean[k]:.4f},{lo[k]:.4f},{hi[k]:.4f}"
+                            for k in range(len(mean))))
         return out
     report = seed_report(rows)
     print("model      setting   n      min       q1   median       q3      max     mean      std")
@@ -1137,7 +1066,7 @@ def run_tool(args):
 
 def cli():
     """The command line: a UserError is one `error: ...` line and exit 2, as common.cli prints it
-    (common.cli itself is not used: its SIGTERM/SIGINT handler waits for a training loop to save)."""
+    (common.cli is not used: its SIGTERM/SIGINT handler waits for a training loop to save)."""
     try:
         main()
     except UserError as e:
