@@ -64,6 +64,31 @@ def vgg_file(tmp_path_factory):
     return path
 
 
+# ---- defaults (card Sec. 2.5) ----
+def test_defaults_per_stage_are_the_papers():
+    g = P.parse_args(["--dataset", "shapes"])
+    loc = P.parse_args(["--dataset", "shapes", "--stage", "local"])
+    assert (g.size, g.ngf, g.epochs, g.niter_decay, g.niter_fix_global) == ([512, 1024], 64, 200,
+                                                                            100, 0)
+    assert (loc.size, loc.ngf, loc.epochs, loc.niter_decay, loc.niter_fix_global) == (
+        [1024, 2048], 32, 100, 50, 10)
+    for a in (g, loc):
+        assert (a.lr, a.betas, a.batch_size, a.num_D, a.n_layers_D, a.ndf) == (
+            2e-4, [0.5, 0.999], 1, 3, 3, 64)
+        assert (a.n_downsample_global, a.n_blocks_global, a.n_blocks_local) == (4, 9, 3)
+        assert (a.lambda_feat, a.n_clusters, a.feat_num, a.nef, a.n_downsample_E) == (
+            10.0, 10, 3, 16, 4)
+        assert a.lsgan and a.gan_feat and a.vgg and a.instance and a.label_nc == 7
+    cs = P.parse_args([])
+    assert cs.dataset == "cityscapes" and cs.label_nc == 35 and cs.instance
+    ade = P.parse_args(["--dataset", "ade20k"])
+    assert ade.label_nc == 151 and not ade.instance and ade.size == [512, 512]
+    for bad in (["--size", "500x1000"], ["--stage", "local", "--size", "512x1000"],
+                ["--niter-fix-global", "2"], ["--epochs", "4", "--niter-decay", "5"]):
+        with pytest.raises(SystemExit):
+            P.parse_args(["--dataset", "shapes", *bad])
+
+
 # ---- inputs (Sec. 3.1, 3.3) ----
 def test_boundary_map_hand_case_and_constant_map():
     inst = torch.tensor([[1, 1, 2], [1, 1, 2], [3, 3, 3]]).view(1, 1, 3, 3)
@@ -196,6 +221,36 @@ def test_shapes_and_parameter_counts_at_full_size():
     assert not any(isinstance(m, nn.InstanceNorm2d) for m in D3.scales[0].blocks[-1])
     assert isinstance(G1.features[0], nn.ReflectionPad2d) and isinstance(G1.head[-1], nn.Tanh)
     assert isinstance(G.G1.head, nn.Identity) and isinstance(G.back[-1][-1], nn.Tanh)
+    slopes = {m.negative_slope for m in D3.modules() if isinstance(m, nn.LeakyReLU)}
+    assert slopes == {0.2} and sum(isinstance(m, nn.LeakyReLU) for m in D3.modules()) == 12
+
+
+def test_local_enhancer_sums_G2_front_and_G1_features():
+    torch.manual_seed(0)
+    G = P.LocalEnhancer(5, ngf=4, n_down_global=1, n_blocks_global=1, n_blocks_local=1)
+    s = torch.randn(1, 5, 16, 16)
+    want = G.back(G.front(s) + G.G1.features(G.downsample(s)))
+    assert torch.allclose(G(s), want)
+    nn.init.zeros_(G.front[4].weight)                            # G2's d64 silent: G1 alone
+    nn.init.zeros_(G.front[4].bias)
+    assert torch.allclose(G(s), G.back(G.G1.features(G.downsample(s))))
+
+
+def test_residual_block_is_identity_plus_block_without_a_relu_after():
+    torch.manual_seed(0)
+    rb = P.ResnetBlock(4)
+    x = torch.full((1, 4, 6, 6), -5.0) + torch.randn(1, 4, 6, 6)
+    assert torch.allclose(rb(x), x + rb.block(x)) and (rb(x) < 0).float().mean() > 0.5
+
+
+def test_g_optimizer_holds_G2_and_E_while_G1_is_fixed_then_all():
+    G = P.LocalEnhancer(5, ngf=4, n_down_global=1, n_blocks_global=1, n_blocks_local=1)
+    E = P.Encoder(3, 3, 4, 1)
+    fixed = {id(p) for p in P.g_params(G, E, True)}
+    assert fixed == {id(p) for p in G.local_parameters()} | {id(p) for p in E.parameters()}
+    assert not fixed & {id(p) for p in G.G1.parameters()}
+    assert {id(p) for p in P.g_params(G, E, False)} == {
+        id(p) for net in (G, E) for p in net.parameters()}
 
 
 def test_generators_keep_the_size_and_the_range_and_init_is_n_0_002():
@@ -318,6 +373,19 @@ def test_encode_features_reads_the_median_pixel_and_filters_small_instances():
     area, median, cls = P.segment_stats(seg, 3, label)
     assert area.tolist() == [3, 4, 1] and median.tolist() == [1, 6, 5]   # idx[num // 2]
     assert cls.tolist() == [4, 6, 5]
+    # a 16x16 pair: instance 1 of 8 pixels (> 16*16/64 = 4), instance 2 of 4 pixels (dropped)
+    args = P.parse_args(["--dataset", "shapes", "--size", "16x16", "--instance-feat",
+                         "--n-downsample-E", "1", "--n-downsample-global", "1"])
+    inst = torch.zeros(1, 16, 16, dtype=torch.long)
+    inst[0, 0, :8], inst[0, 5, :4] = 1, 2
+    item = {"label": torch.where(inst > 0, 3, 0), "inst": inst,
+            "image": torch.linspace(-1, 1, 768).view(3, 16, 16)}
+    feats, classes = P.encode_features(lambda x, seg, n: P.instance_average_pool(x, seg, n),
+                                       [item], args, "cpu")
+    assert classes.tolist() == [0, 3]
+    x = item["image"]
+    assert torch.allclose(feats[1], x[:, 0, :8].mean(1)) and torch.allclose(
+        feats[0], x[:, inst[0] == 0].mean(1))
 
 
 # ---- lr schedule (App. A, official update_learning_rate) ----
@@ -326,7 +394,9 @@ def test_lr_schedule_official_rule(global_run):
     lr0 = args.lr
     assert [P.lr_at(e, args) for e in range(1, 6)] == [lr0, lr0, lr0, lr0 / 2, 0.0]
     assert [r["lr"] for r in rows(global_run)] == [lr0, lr0, lr0, lr0 / 2]   # one pair / epoch
-    assert ckpt(global_run)["opt_G"]["param_groups"][0]["lr"] == lr0 / 2
+    for opt in ("opt_G", "opt_D"):
+        group = ckpt(global_run)[opt]["param_groups"][0]
+        assert group["lr"] == lr0 / 2 and tuple(group["betas"]) == (0.5, 0.999)
 
 
 # ---- train step (Sec. 2.3) ----
@@ -343,7 +413,10 @@ def test_train_step_moves_G_E_D_never_VGG_and_does_not_accumulate_grads(vgg_file
     opt_D = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
     args.vgg = True
     out = P.train_step(G, D, E, vgg, opt_G, opt_D, batch, args, contextlib.nullcontext)
-    assert out["loss_vgg"] > 0 and set(out) >= {"loss_G_GAN", "loss_fm", "loss_D"}
+    assert out["loss_vgg"] > 0 and out["loss_fm"] > 0 and out["loss_G_GAN"] > 0
+    assert out["loss_G"] == pytest.approx((out["loss_G_GAN"] + out["loss_fm"] + out["loss_vgg"])
+                                          .item())
+    assert out["loss_D"] == pytest.approx(0.5 * (out["loss_D_real"] + out["loss_D_fake"]).item())
     for before, net in ((g0, G), (d0, D), (e0, E)):
         assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(v0, vgg.parameters()))
