@@ -93,7 +93,7 @@ except (ImportError, AttributeError):
                 rate, self.t_print = self.done / max(now - self.t0, 1e-9), now
                 print(f"{self.what} {self.done}/{self.total} ({100 * self.done / self.total:.0f}%)"
                       f" | {rate:.3g} {self.unit}/s | {hms(now - self.t0)} elapsed | eta "
-                      f"{hms((self.total - self.done) / rate)}", flush=True)
+                      f"{hms((self.total - self.done) / max(rate, 1e-12))}", flush=True)
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -120,13 +120,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog=f"study tools: python fid.py --tool {{{','.join(TOOLS)}}} ... (--tool NAME --help)")
+        epilog=f"study tools: python fid.py --tool {{{','.join(TOOLS)}}} ... (--tool first; "
+               "a folder named like a tool is still a folder)")
     a, pos, nonneg = p.add_argument, _int_at_least(1), _int_at_least(0)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     a("path", nargs="*", help="two sources: image folder, statistics .npz, images .npz or "
       "dataset:<name>; one with --isc only [official pytorch-fid fid_score.py]")
-    a("--tool", nargs=argparse.REMAINDER, help="a study tool instead, as the first argument: a "
-      "folder named like a tool is still a folder [ours]")
     a("--batch-size", type=pos, help="images per forward; default 50 on CPU (pytorch-fid's), 250 "
       "on CUDA [official pytorch-fid fid_score.py; ours: CUDA]")
     a("--num-workers", type=nonneg, default=min(8, cpus or 0),
@@ -177,10 +176,7 @@ def parse_args(argv=None):
     a("--ref-size", type=_int_at_least(2), help="first N images of dataset: sources; default all "
       "[run]")
     a("--cache-dir", help="statistics of dataset: sources; default <data-root>/fid_stats [run]")
-    args = p.parse_args(argv)
-    if args.tool is not None:
-        p.error("--tool must be the first argument: python fid.py --tool NAME ...")
-    return args
+    return p.parse_args(argv)
 
 
 def parse_tool_args(argv):
