@@ -109,8 +109,9 @@ def parse_args(argv=None):
                    "(50000: 10 x 5K IS) [UNSPECIFIED: card, CIFAR FID of 5K generated, unverified]")
     e.add_argument("--fid-ref-split", choices=["train", "test"], default="train",
                    help="split of the real reference images [official calc_ref_stats.py: train]")
-    e.add_argument("--fid-ref-size", type=nonneg, default=10_000, help="at most N real images per "
-                   "reference set, 0 = all [UNSPECIFIED: card, CIFAR FID of 10K real, unverified]")
+    e.add_argument("--fid-ref-size", type=nonneg, default=0, help="first N real images of every "
+                   "reference set (each class too), 0 = all (10000 with --intra-fid-samples 0: "
+                   "SN-GAN's 10K real) [official calc_ref_stats.py: all; CIFAR FID unverified]")
     e.add_argument("--intra-fid-samples", type=nonneg, default=5000, help="generated images per "
                    "class for intra-FID, 0 = off [official calc_intra_FID.py]")
     e.add_argument("--fid-weights", type=str, help="Inception weight file for fid.py [run]")
@@ -495,10 +496,9 @@ def build_evaluator(args, device):
         msg = "--fid-every needs fid.py (the project's metric file) next to projection.py"
         raise common.UserError(msg) if e.name == "fid" else e
     per_class = tuple(range(args.num_classes)) if args.intra_fid_samples else ()
-    ref = f"at most {args.fid_ref_size} " if args.fid_ref_size else "all "
-    print(f"eval: IS and FID from one Inception pass over {args.fid_samples} generated images "
-          f"(uniform labels) vs {ref}{args.fid_ref_split} images; intra-FID: mean over "
-          f"{len(per_class)} classes of {args.intra_fid_samples} generated vs {ref}of the class "
+    ref = f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images"
+    print(f"eval: IS and FID of {args.fid_samples} generated (uniform y) vs {ref}; intra-FID: mean"
+          f" of {len(per_class)} classes, {args.intra_fid_samples} each vs {ref} of the class "
           "(official calc_intra_FID.py: 5K vs all)", flush=True)
     # DEVIATION: fid.py's Inception and reference statistics, not the paper's TF Inception (#34)
     return fid.TrainingFID(args.dataset, args.data_root, args.img_size, device, args.fid_samples,

@@ -147,7 +147,7 @@ def test_fid_every_logs_is_fid_and_intra_fid_over_every_class(tmp_path, monkeypa
              "--intra-fid-samples", "10", *quick)
     (ev,) = FakeTrainingFID.made                                # one Inception for the run
     assert ev.kw == dict(dataset="shapes", img_size=32, n_samples=11, weights=None,
-                         ref_split="train", ref_size=10_000, class_labels=(None, 0, 1, 2, 3, 4, 5))
+                         ref_split="train", ref_size=None, class_labels=(None, 0, 1, 2, 3, 4, 5))
     assert [c for c, _ in ev.calls] == [None, 0, 1, 2, 3, 4, 5]
     assert [len(x) for _, x in ev.calls] == [11] + [10] * 6
     assert (m["fid"], m["is"], m["is_std"]) == (49.0, 2.0, 0.5)
@@ -167,8 +167,9 @@ def test_fid_every_logs_is_fid_and_intra_fid_over_every_class(tmp_path, monkeypa
     assert _rows(tmp_path / "fid", evals) == _rows(tmp_path / "plain")
     FakeTrainingFID.made = []
     _run(tmp_path, "nointra", "--steps", "1", "--fid-every", "1", "--fid-samples", "10",
-         "--intra-fid-samples", "0", *quick)
-    assert FakeTrainingFID.made[0].kw["class_labels"] == (None,)
+         "--intra-fid-samples", "0", "--fid-ref-size", "10000", *quick)   # SN-GAN's 10K real
+    assert (FakeTrainingFID.made[0].kw["class_labels"], FakeTrainingFID.made[0].kw["ref_size"]) == (
+        (None,), 10_000)
     monkeypatch.setitem(sys.modules, "fid", None)               # a copy without fid.py
     with pytest.raises(common.UserError, match="--fid-every needs fid.py"):
         _run(tmp_path, "nofid", "--fid-every", "2")
@@ -472,7 +473,7 @@ def test_linear_decay_schedule_and_defaults():
     assert (b.lr, tuple(b.betas), b.n_dis, b.batch_size, b.g_batch_size, b.z_dim) == (
         2e-4, (0.0, 0.9), 5, 64, 128, 128)
     assert (b.dequantize, b.fid_samples, b.fid_ref_size, b.fid_ref_split,
-            b.intra_fid_samples) == (True, 5000, 10_000, "train", 5000)
+            b.intra_fid_samples) == (True, 5000, 0, "train", 5000)
     c = vars(projection.parse_args(["--dataset", "cifar100"]))   # only the dataset (and K) change
     assert {k: v for k, v in c.items() if k not in ("dataset", "out_dir")} == {
         k: v for k, v in vars(b).items() if k not in ("dataset", "out_dir")}
