@@ -335,9 +335,9 @@ MUTANTS = {
         ("projection.py", "    out = ev(sampler(None))\n",
          "    out = {\"fid\": ev(sampler(None))[\"fid\"]}\n",
          "tests/test_projection.py", "issue 12: IS not logged next to FID"),
-        ("projection.py", 'e.add_argument("--fid-ref-size", type=nonneg, default=10_000,',
-         'e.add_argument("--fid-ref-size", type=nonneg, default=0,', "tests/test_projection.py",
-         "issue 12: FID against the whole split, not 10K real"),
+        ("projection.py", "ref_size=args.fid_ref_size or None, class_labels",
+         "ref_size=args.fid_ref_size or 10_000, class_labels", "tests/test_projection.py",
+         "--fid-ref-size not passed on: 10K real refs although each class has fewer"),
         ("projection.py", "gen = torch.Generator().manual_seed(args.seed + 3)", "gen = None",
          "tests/test_projection.py", "FID sampling draws from the training RNG stream"),
         # checklist 18 and exports
