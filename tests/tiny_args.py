@@ -58,6 +58,8 @@ TINY = {
 SPEC = {
     "sngan.py": dict(length="--steps", shape=("--g-ch", "24"), nan=["--lr", "1e30"], folder=True,
                      total=12, kill_at="step 5/"),
+    "wgan_gp.py": dict(length="--steps", shape=("--dim-g", "16"), nan=["--lr", "1e30"],
+                       folder=True, total=12, kill_at="step 5/"),
     # progan counts kimg (a float step); 250-image batches keep every kimg value exact in binary
     "progan.py": dict(length="--kimg", shape=("--fmap-max", "4"), nan=["--lr", "1e30"], folder=True,
                       total=5, kill_at="kimg 1/"),
