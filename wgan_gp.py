@@ -657,8 +657,8 @@ def draw_toy(D, x_real, x_fake, path, title, lim=3.0, res=384, levels=8):
             i = len(rows) // 2
             d.text((cols[i].item() + 2, rows[i].item() - 5), f"{lo + k * gap:.3g}",
                    fill=(20, 40, 120))
-    lines = [title, f"x, y in [-{lim:g}, {lim:g}] | grey: critic D(x), light = high | contours "
-                    f"every {gap:.3g} from {lo:.3g} to {lo + levels * gap:.3g}"]
+    lines = [title, f"x, y in [-{lim:g}, {lim:g}] | grey: critic D(x), light = high",
+             f"labelled contours of D every {gap:.3g}, from {lo:.3g} to {lo + levels * gap:.3g}"]
     key = [("real", common.REAL_RGB), ("generated", common.FAKE_RGB)]
     common.title_strip(im, lines, key=key).save(path)
 
@@ -683,7 +683,7 @@ def save_samples(G, D, args, step, device, data, fixed_z, fixed_y):
     fake = (real + torch.randn(real.shape, generator=gen).to(device) if args.fixed_generator
             else sample(G, 512, args, device, gen))
     what = "real + N(0, I); the critic trains alone" if args.fixed_generator else "G(z)"
-    draw_toy(D, real, fake, path, f"wgan_gp | {args.dataset} | {args.mode} | step {step} | "
+    draw_toy(D, real, fake, path, f"wgan_gp {args.mode} | {args.dataset} | step {step} | "
              f"lambda {args.lam:g} | generated: {what}")
 
 

@@ -241,6 +241,13 @@ def test_official_cifar_resnet_parameter_counts():
     assert [b.down for b in D.blocks] == [True, False, False]
     assert isinstance(D.blocks[1].sc, nn.Identity) and D.fc.out_features == 1
     assert not any(m.track_running_stats for m in G.modules() if isinstance(m, nn.BatchNorm2d))
+    z = torch.randn(4, 128)
+    h = G.fc(z).view(4, 128, 4, 4)
+    for b in G.blocks:
+        h = b(h)
+    assert torch.allclose(G(z), torch.tanh(G.out(F.relu(G.bn(h)))), atol=1e-6)
+    assert all(b.c1.bias is not None for b in G.blocks)             # 64x64: no bias before a norm
+    assert all(b.c1.bias is None for b in small("resnet64")[0].blocks)
 
 
 def up2(t):
@@ -328,16 +335,20 @@ def test_ac_terms_use_real_labels_in_the_critic_and_uniform_labels_in_G(monkeypa
                     "--batch-size", "4", "--g-batch-size", "64")
     assert (args.ac_weight_d, args.ac_weight_g) == (1.0, 0.1)       # official ACGAN_SCALE(_G)
     G, D = wgan_gp.build_models(args, 3, 10)
-    calls, ce = [], F.cross_entropy
-    monkeypatch.setattr(F, "cross_entropy", lambda lg, y: calls.append((y.clone(), len(lg)))
+    calls, ce, ys = [], F.cross_entropy, []
+    monkeypatch.setattr(F, "cross_entropy", lambda lg, y: calls.append((y.clone(), len(lg), lg))
                         or ce(lg, y))
+    G.register_forward_pre_hook(lambda m, a: ys.append(a[1].clone()))
     reals = [(torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])),
              (torch.randn(4, 3, 32, 32), torch.tensor([5, 6, 7, 8]))]
+    logits_real = D(reals[0][0])[1].detach()                        # the critic before its step
     out = wgan_gp.train_step(G, D, torch.optim.Adam(G.parameters()),
                              torch.optim.Adam(D.parameters()), iter(reals), args, 10, OFF)
     assert [c[0].tolist() for c in calls[:2]] == [[1, 2, 3, 4], [5, 6, 7, 8]] and len(calls) == 3
-    y_g, n = calls[2]                                               # the G step: 64 fresh labels
+    assert torch.allclose(calls[0][2].detach(), logits_real, atol=1e-6)   # real samples' logits
+    y_g, n, _ = calls[2]                                            # the G step: 64 fresh labels
     assert n == 64 and y_g.unique().numel() >= 5 and 0 <= y_g.min() and y_g.max() < 10
+    assert [y.tolist() for y in ys] == [[1, 2, 3, 4], [5, 6, 7, 8], y_g.tolist()]
     assert 0 <= out["ac_acc_real"] <= 1
 
 
@@ -362,7 +373,19 @@ def test_toy_data_match_the_official_generators():
     s = wgan_gp.toy_batch("swissroll", 20000, "cpu")
     assert torch.isfinite(s).all()
     assert s.std(0) == pytest.approx(torch.tensor([0.88, 0.93]), abs=0.05)
-    assert wgan_gp.mode_coverage(s, "swissroll")[0] == 25           # noise 0.25 / 7.5
+    modes, hq = wgan_gp.mode_coverage(s, "swissroll")               # noise 0.25 / 7.5
+    assert modes == 25 and hq > 0.97
+
+
+def test_real_stream_serves_one_fresh_batch_per_critic_step_from_the_resume_point():
+    args = args_for("--dataset", "25gaussians", "--batch-size", "256")
+    data = wgan_gp.ToyGrid25(0, "cpu")
+    stream = wgan_gp.real_stream(args, data, 7, "cpu")
+    assert [torch.equal(next(stream)[0], data.batch(k, 256)) for k in (7, 8, 9)] == [True] * 3
+    torch.manual_seed(0)
+    a = next(wgan_gp.real_stream(args_for("--dataset", "8gaussians"), None, 0, "cpu"))[0]
+    torch.manual_seed(0)
+    assert torch.equal(a, wgan_gp.toy_batch("8gaussians", 256, "cpu"))   # the training RNG
 
 
 def test_mode_coverage_counts_modes_and_quality():
@@ -492,12 +515,16 @@ def test_fid_every_logs_is_and_fid_from_one_training_fid_built_at_start_up(tmp_p
             calls.append((x.shape, x.min().item(), x.max().item()))
             return {"fid": 12.5, "is": 3.25, "is_std": 0.5}
     monkeypatch.setitem(sys.modules, "fid", types.SimpleNamespace(TrainingFID=TrainingFID))
+    sizes, real_sample = [], wgan_gp.sample
+    monkeypatch.setattr(wgan_gp, "sample",
+                        lambda G, n, *a: sizes.append(n) or real_sample(G, n, *a))
     run(tmp_path, "--fid-every", "2", "--fid-samples", "500", "--fid-ref-split", "test",
         "--log-every", "3", "--steps", "4")
     assert made == [("shapes", 32, 500, "test", None)]              # once, at start-up
     assert [(r["step"], r.get("is")) for r in rows(tmp_path)] == [(2, 3.25), (3, None), (4, 3.25)]
     assert rows(tmp_path)[0]["fid"] == 12.5 and rows(tmp_path)[0]["is_std"] == 0.5
     assert all(s == (57, 3, 32, 32) and -1 <= lo and hi <= 1 for s, lo, hi in calls)
+    assert sizes == [100] * 4                       # G on batches of 100 (official IS code)
 
     def broken(*a, **k):
         raise common.UserError("no Inception weights")
@@ -545,11 +572,14 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, 
 
 
 def test_sampling_never_touches_the_training_stream(tmp_path):
-    for i, base in enumerate((TOY, TOY + ["--dataset", "swissroll"], ARGV)):
+    runs = [(TOY, "--log-every", "1"), (TOY, "--log-every", "3"),       # fewer toy evaluations
+            (TOY + ["--dataset", "swissroll"], "--log-every", "1"), (ARGV, "--log-every", "1")]
+    for i, (base, *flags) in enumerate(runs):
         a, b = tmp_path / f"{i}a", tmp_path / f"{i}b"
         run(a, "--sample-every", "1", base=base)
-        run(b, "--sample-every", "0", base=base)
-        assert rows(a) == rows(b)                                  # incl. modes and hq
+        run(b, "--sample-every", "0", *flags, base=base)
+        if flags[1] == "1":
+            assert rows(a) == rows(b)                              # incl. modes and hq
         sa, sb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
         for net in ("G", "D"):
             assert all(torch.equal(sa[net][k], v) for k, v in sb[net].items())
