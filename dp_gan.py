@@ -401,10 +401,11 @@ def build_models(args, info, device):
     k, shape = info["n_classes"], info["shape"]
     g_config = {"table": info["table"], "n_classes": k, "shape": list(shape),
                 "latent": args.z_dim, "width": args.width}
+    G = make_generator(**g_config)                           # G first: the init order is fixed
     D = TableDiscriminator(k, shape[1:], args.width) if info["table"] else \
         ImageDiscriminator(k, shape[0], shape[1], args.width)
     check_no_batch_coupling(D)
-    return make_generator(**g_config).to(device), D.to(device), g_config
+    return G.to(device), D.to(device), g_config
 
 
 def make_generator(table, n_classes, shape, latent, width):
