@@ -85,12 +85,15 @@ CELEBAHQ_BATCH = {256: 14, 512: 6, 1024: 3}   # App. A.1: 16 below 256^2
 
 Config = collections.namedtuple("Config", "resolution fmap_base fmap_max z_dim phase_kimg kimg "
                                 "gamma mirror rampup_kimg batch_at")
-CONFIGS = {  # card 2.8: T = F = phase_kimg; total in kimg; gamma of the GP; mirror; lr ramp-up
+# Card 2.8: T = F = phase_kimg; total kimg; gamma of the GP; mirror; lr ramp-up; batch overrides.
+# PAPER-VS-CODE: celeba's T = F = 800 is the Theano config's (App. A.2 text: 600k); cifar10's net,
+# z and T = F = 400 are the Theano config behind IS 8.80 (Sec. 6.5: "same network as for CelebA")
+CONFIGS = {
     "celebahq": Config(1024, 8192, 512, 512, 800, 19000, 1.0, True, 40, CELEBAHQ_BATCH),  # A.1
     "celeba": Config(128, 2048, 512, 512, 800, 10000, 1.0, True, 0, {}),    # Theano Sec. 6.1
     "lsun": Config(256, 8192, 512, 512, 800, 20000, 1.0, True, 40, {}),     # Theano Sec. 6.4
     "cifar10": Config(32, 4096, 128, 128, 400, 20000, 750.0, False, 0, {}),  # Theano Sec. 6.5
-    "folder": Config(None, 8192, 512, 512, 800, 15000, 1.0, False, 0, {}),  # ours: TF defaults
+    "folder": Config(None, 8192, 512, 512, 800, 15000, 1.0, False, 0, {}),  # ours; TF total
     "shapes": Config(32, 4096, 128, 128, 400, 20000, 1.0, False, 0, {}),    # ours: CIFAR-10 net
 }
 LSUN_FULL_SETS = ("lsun-bedroom", "lsun-dog")   # official: no mirror (others: 100k, mirrored)
@@ -579,7 +582,8 @@ def train_step(G, D, opt_G, opt_D, x_full, level, alpha, args, autocast=contextl
     """One iteration of App. A.1 with n_critic = 1: the reals at the current resolution, faded
     (card 2.4); a D step on L_D = E[D(G(z))] - E[D(x)] + lambda GP + eps_drift E[D(x)^2]; then a G
     step on L_G = -E[D(G(z))] with fresh z. UNSPECIFIED: D sees reals, fakes and x_hat in separate
-    passes (official), so the minibatch stddev is taken within each set."""
+    passes (official), so the minibatch stddev is taken within each set. DEVIATION for cifar10:
+    the Theano run behind IS 8.80 updated D and G from one forward pass (separate_funcs=False)."""
     res = 4 * 2**level
     x_real = process_reals(x_full, res, alpha, args.mirror)
     z = torch.randn(x_real.shape[0], args.z_dim, device=x_real.device)
@@ -779,7 +783,8 @@ def build_fid(args, device):
 
 @torch.no_grad()
 def _final_res_sampler(G_ema, level, alpha, args, device, seed):
-    """sample_fn(n): G_ema images at the final resolution (nearest-upsampled during growth)."""
+    """sample_fn(n): G_ema images at the final resolution. DEVIATION: during growth they are
+    nearest-upsampled (like TF's full-resolution G output) and scored by fid.py's protocol."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def sample_fn(n):

@@ -212,7 +212,7 @@ def test_train_step_shows_d_the_faded_reals_and_one_level_alpha(mirror):
     args = progan.parse_args(TINY["progan.py"] + ["--resolution", "16", "--fmap-base", "64",
                                                   "--fmap-max", "32", "--z-dim", "16",
                                                   "--batch-size", "16"])
-    args.mirror = mirror
+    args.mirror, args.eps_drift = mirror, 0.5                  # a drift weight a test can see
     G, D = _tiny_nets()
     opt_G, opt_D = (torch.optim.Adam(n.parameters(), lr=1e-3, betas=(0.0, 0.99)) for n in (G, D))
     calls, outs = [], []
@@ -229,7 +229,7 @@ def test_train_step_shows_d_the_faded_reals_and_one_level_alpha(mirror):
     assert all(s or f for s, f in zip(same, flip)) and (not all(same)) == mirror
     d = {k: v.item() for k, v in out.items()}
     assert d["loss_D"] == pytest.approx(d["d_fake"] - d["d_real"] + 10 * d["gp"]
-                                        + 0.001 * d["drift"], rel=1e-5, abs=1e-6)
+                                        + 0.5 * d["drift"], rel=1e-5, abs=1e-6)
     assert d["d_real"] == pytest.approx(outs[0].mean().item(), abs=1e-6)
     assert d["drift"] == pytest.approx(outs[0].square().mean().item(), rel=1e-5)  # on the reals
 
@@ -439,7 +439,8 @@ def test_ms_ssim_matches_the_official_code():
                             y.permute(0, 2, 3, 1).double().numpy())
     assert np.allclose(ours, ref, atol=1e-4)
     assert torch.allclose(progan.ms_ssim(x, x), torch.ones(8), atol=1e-5)
-    noisy = [progan.ms_ssim(x, (x + s * torch.randn_like(x)).clamp(0, 255)).mean() for s in (5, 40)]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    noisy = [progan.ms_ssim(x, (x + s * noise).clamp(0, 255)).mean() for s in (5, 40)]
     assert 1 > noisy[0] > noisy[1]
 
 
