@@ -83,7 +83,9 @@ CONFIGS = {  # lr   betas       decay  steps    batch z_dim dim_g size  dequanti
 }
 MODES = {"wgan-gp": dict(n_critic=5),                                  # Alg. 1
          "wgan": dict(n_critic=5, lr=5e-5),                            # RMSProp [Sec. 3; WGAN]
-         "dcgan": dict(n_critic=1, lr=2e-4, betas=[0.5, 0.999])}       # official gan_cifar.py
+         "dcgan": dict(n_critic=1, lr=2e-4, betas=[0.5, 0.999])}       # see below
+# UNSPECIFIED: the paper gives no optimiser for its DCGAN baseline; gan_cifar.py / gan_64x64.py use
+# Adam(2e-4, beta1 0.5) with TF's default beta2 0.999 and one D step
 
 
 def rule(key):
@@ -451,7 +453,7 @@ class DCGANGenerator(nn.Module):
     def __init__(self, z_dim=128, dim=128, n_up=3, out_ch=3):
         super().__init__()
         self.z_dim, self.c0, self.unit_bn = z_dim, dim * 2 ** (n_up - 1), n_up == 3
-        self.fc = tflib_init(nn.Linear(z_dim, 16 * self.c0), he=False)
+        self.fc = tflib_init(nn.Linear(z_dim, 16 * self.c0), he=False)  # UNSPECIFIED: tflib init
         # UNSPECIFIED: gan_cifar.py normalises each of the 16 c0 units (BN axes [0]), gan_64x64.py
         # each channel after the reshape [official]
         self.bn0 = (nn.BatchNorm1d(16 * self.c0, track_running_stats=False) if self.unit_bn
@@ -632,7 +634,7 @@ def mode_coverage(x_fake, dataset):
 
 
 @torch.no_grad()
-def draw_toy(D, x_real, x_fake, path, title, lim=3.0, res=384, levels=8):
+def draw_toy(D, x_real, x_fake, path, title_lines, lim=3.0, res=384, levels=8):
     """Fig. 1: the critic's value over [-lim, lim]^2 in grey (light = high) with labelled
     contours, real points orange, generated green, under a title strip [official gan_toy.py]."""
     from PIL import Image, ImageDraw
@@ -657,7 +659,7 @@ def draw_toy(D, x_real, x_fake, path, title, lim=3.0, res=384, levels=8):
             i = len(rows) // 2
             d.text((cols[i].item() + 2, rows[i].item() - 5), f"{lo + k * gap:.3g}",
                    fill=(20, 40, 120))
-    lines = [title, f"x, y in [-{lim:g}, {lim:g}] | grey: critic D(x), light = high",
+    lines = title_lines + [f"x, y in [-{lim:g}, {lim:g}] | grey: critic D(x), light = high",
              f"labelled contours of D every {gap:.3g}, from {lo:.3g} to {lo + levels * gap:.3g}"]
     key = [("real", common.REAL_RGB), ("generated", common.FAKE_RGB)]
     common.title_strip(im, lines, key=key).save(path)
@@ -683,8 +685,8 @@ def save_samples(G, D, args, step, device, data, fixed_z, fixed_y):
     fake = (real + torch.randn(real.shape, generator=gen).to(device) if args.fixed_generator
             else sample(G, 512, args, device, gen))
     what = "real + N(0, I); the critic trains alone" if args.fixed_generator else "G(z)"
-    draw_toy(D, real, fake, path, f"wgan_gp {args.mode} | {args.dataset} | step {step} | "
-             f"lambda {args.lam:g} | generated: {what}")
+    draw_toy(D, real, fake, path, [f"wgan_gp.py | {args.dataset} | {args.mode} | step {step} | "
+                                   f"lambda {args.lam:g}", f"generated = {what}"])
 
 
 def export_samples(G, args, device, n_classes, path):

@@ -3,7 +3,6 @@ through main / train_step and the modules a run builds. Mutants: tests/mutants.p
 import json
 import math
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -502,33 +501,26 @@ def test_load_generator_rebuilds_G_from_the_checkpoint_alone(tmp_path):
 
 
 # ---- Inception Score and FID during training (fid.TrainingFID contract) ----
-def test_fid_every_logs_is_and_fid_from_one_training_fid_built_at_start_up(tmp_path, monkeypatch):
-    made, calls = [], []
-
-    class TrainingFID:
-        def __init__(self, dataset, data_root, img_size, device, n_samples, weights=None,
-                     ref_split="train", ref_size=None, cache_dir=None, class_labels=(None,)):
-            made.append((dataset, img_size, n_samples, ref_split, ref_size))
-
-        def __call__(self, sample_fn, class_label=None, n_samples=None):
-            x = torch.cat([sample_fn(50), sample_fn(7)])
-            calls.append((x.shape, x.min().item(), x.max().item()))
-            return {"fid": 12.5, "is": 3.25, "is_std": 0.5}
-    monkeypatch.setitem(sys.modules, "fid", types.SimpleNamespace(TrainingFID=TrainingFID))
+def test_fid_every_logs_is_and_fid_from_one_training_fid_built_at_start_up(
+        tmp_path, monkeypatch, fid_recorder):
     sizes, real_sample = [], wgan_gp.sample
     monkeypatch.setattr(wgan_gp, "sample",
                         lambda G, n, *a: sizes.append(n) or real_sample(G, n, *a))
     run(tmp_path, "--fid-every", "2", "--fid-samples", "500", "--fid-ref-split", "test",
         "--log-every", "3", "--steps", "4")
-    assert made == [("shapes", 32, 500, "test", None)]              # once, at start-up
-    assert [(r["step"], r.get("is")) for r in rows(tmp_path)] == [(2, 3.25), (3, None), (4, 3.25)]
-    assert rows(tmp_path)[0]["fid"] == 12.5 and rows(tmp_path)[0]["is_std"] == 0.5
-    assert all(s == (57, 3, 32, 32) and -1 <= lo and hi <= 1 for s, lo, hi in calls)
-    assert sizes == [100] * 4                       # G on batches of 100 (official IS code)
+    assert len(fid_recorder.built) == 1                             # once, at start-up
+    built = fid_recorder.built[0]
+    assert (built["dataset"], built["img_size"], built["n_samples"], built["ref_split"],
+            built["ref_size"], built["class_labels"]) == ("shapes", 32, 500, "test", None, (None,))
+    got = [(r["step"], r.get("fid"), r.get("is"), r.get("is_std")) for r in rows(tmp_path)]
+    assert got == [(2, 11.0, 1.1, 0.1), (3, None, None, None), (4, 12.0, 1.2, 0.1)]
+    assert all(c["shape"] == (3, 3, 32, 32) and -1 <= c["lo"] and c["hi"] <= 1
+               for c in fid_recorder.calls)
+    assert sizes == [100, 100]                      # G on batches of 100 (official IS code)
 
     def broken(*a, **k):
         raise common.UserError("no Inception weights")
-    monkeypatch.setattr(TrainingFID, "__init__", broken)
+    monkeypatch.setattr(fid_recorder, "TrainingFID", broken)
     with pytest.raises(common.UserError, match="Inception"):
         run(tmp_path / "new", "--fid-every", "2")
     assert not (tmp_path / "new").exists()                          # nothing written
