@@ -543,10 +543,14 @@ def test_fid_every_builds_the_evaluator_at_start_up(tmp_path, fid_recorder):
     assert all(-1 <= c["lo"] and c["hi"] <= 1 for c in fid_recorder.calls)
 
 
-def test_amp_bf16_and_the_vgg_loss_run_through_main(tmp_path, vgg_file):
+def test_amp_bf16_cross_entropy_and_the_vgg_loss_run_through_main(tmp_path, vgg_file):
     m = P.main(GLOBAL + ["--out-dir", str(tmp_path / "run"), "--amp", "bf16", "--vgg",
-                         "--vgg-weights", str(vgg_file), "--epochs", "2", "--niter-decay", "1"])
+                         "--vgg-weights", str(vgg_file), "--epochs", "2", "--niter-decay", "1",
+                         "--no-lsgan", "--vgg-imagenet-norm"])
     assert m["step"] == 2 and m["loss_vgg"] > 0 and np.isfinite(m["loss_G"])
+    assert m["loss_G_GAN"] > 0
+    preds = fake_preds(0.0)                     # logits 0: cross entropy log 2 per scale
+    assert P.gan_loss(preds, True, lsgan=False) == pytest.approx(2 * np.log(2))
 
 
 @pytest.mark.gpu
