@@ -85,7 +85,8 @@ def parse_args(argv=None):
         common.positive_float
     a("--dataset", default="sprint_synth", help="sprint_synth | npz:<path> | mnist | shapes "
       "[card 4.3]")
-    a("--epochs", type=pos, help="500 for tables, 20 for images [README --epochs 500; ours]")
+    a("--epochs", type=pos, help="length, in epochs of round(1/q) steps: 500 for tables, 20 for "
+      "images [README --epochs 500; ours]")
     lot = g.add_mutually_exclusive_group()
     lot.add_argument("--batch-size", type=pos, help="expected lot size L, q = L/N: 1 for tables, "
                      "64 for images [README --batch_size 1; ours]")

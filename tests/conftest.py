@@ -18,7 +18,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def fid_recorder(monkeypatch):
-    """Replaces fid.fid_for_training for a training script's --fid-every (see tests/fid_recorder.py)."""
+    """Replaces fid.fid_for_training for a training script's --fid-every.
+
+    See tests/fid_recorder.py."""
     import sys
 
     from fid_recorder import Recorder

@@ -638,21 +638,26 @@ MUTANTS = {
          "g_G, _, out = player_grads(G, D, batches_D[0][0], batch_G[1],", T_GDS,
          "4: the G step reuses the D step's reals"),
         # 5. only theta_G moves in the G step
-        ("gd_stable.py", '    descend(opt_G, G, g_G)\n    return {**out, "loss_D": loss_D.detach()}',
-         '    descend(opt_G, G, g_G)\n    opt_D.step()\n    return {**out, "loss_D": loss_D.detach()}',
+        ("gd_stable.py",
+         '    descend(opt_G, G, g_G)\n    return {**out, "loss_D": loss_D.detach()}',
+         '    descend(opt_G, G, g_G)\n    opt_D.step()\n'
+         '    return {**out, "loss_D": loss_D.detach()}',
          T_GDS, "5: D moves again after the G step"),
         # 6. minimax by default
-        ("gd_stable.py", 'g("--g-objective", default="minimax"', 'g("--g-objective", default="nonsat"',
+        ("gd_stable.py", 'g("--g-objective", default="minimax"',
+         'g("--g-objective", default="nonsat"',
          T_GDS, "6: non-saturating G by default"),
         ("gd_stable.py", 'obj = V if g_objective == "minimax" else',
          'obj = V if g_objective != "minimax" else', T_GDS, "6: the objectives swapped"),
         # 7. mog8 data and networks
         ("gd_stable.py", "MOG8_CENTERS = (2.0 *", "MOG8_CENTERS = (2.5 *", T_GDS, "7: radius 2.5"),
-        ("gd_stable.py", "def sample_mog8(n, device, std=0.02,", "def sample_mog8(n, device, std=0.05,",
+        ("gd_stable.py", "def sample_mog8(n, device, std=0.02,",
+         "def sample_mog8(n, device, std=0.05,",
          T_GDS, "7: data std 0.05"),
         ("gd_stable.py", "[_ANGLES.sin(), _ANGLES.cos()]", "[_ANGLES.cos(), _ANGLES.sin()]", T_GDS,
          "7: centres (r cos, r sin)"),
-        ("gd_stable.py", "return super().forward(x / 4.0)", "return super().forward(x / 2.0)", T_GDS,
+        ("gd_stable.py", "return super().forward(x / 4.0)", "return super().forward(x / 2.0)",
+         T_GDS,
          "7: D input x / 2"),
         ("gd_stable.py", "nn.Linear(width, 1))\n        self.apply(orthogonal_init)",
          "nn.Linear(width, 1))\n        self.apply(lambda m: orthogonal_init(m, gain=1.0))", T_GDS,
@@ -673,29 +678,37 @@ MUTANTS = {
         ("gd_stable.py", "z_dim=(256, 100)", "z_dim=(128, 100)", T_GDS, "8: z 128"),
         ("gd_stable.py", "betas=tuple(args.betas), eps=args.adam_eps)",
          "betas=(0.5, 0.999), eps=args.adam_eps)", T_GDS, "8: Adam betas hard-wired (issue 12)"),
-        ("gd_stable.py", "betas=tuple(args.betas), eps=args.adam_eps)", "betas=tuple(args.betas))",
+        ("gd_stable.py", "betas=tuple(args.betas), eps=args.adam_eps)",
+         "betas=tuple(args.betas))",
          T_GDS, "8: --adam-eps ignored"),
         ("gd_stable.py", "nargs=2, default=(0.5, 0.999),", "nargs=2, default=(0.5, 0.9),", T_GDS,
          "8: beta2 0.9"),
         ("gd_stable.py", 'g("--eta", type=common.nonnegative_float, default=0.5,',
          'g("--eta", type=common.nonnegative_float, default=0.1,', T_GDS, "8: eta 0.1"),
-        ("gd_stable.py", 'g("--update", default="alternating"', 'g("--update", default="simultaneous"',
+        ("gd_stable.py", 'g("--update", default="alternating"',
+         'g("--update", default="simultaneous"',
          T_GDS, "8: simultaneous by default"),
-        ("gd_stable.py", "batches_D = [draw() for _ in range(args.d_steps)]", "batches_D = [draw()]",
+        ("gd_stable.py", "batches_D = [draw() for _ in range(args.d_steps)]",
+         "batches_D = [draw()]",
          T_GDS, "8: --d-steps ignored"),
         # 9. simultaneous: both gradients at the same point
-        ("gd_stable.py", '        descend(opt_G, G, g_G)\n        return {**out, "loss_D": -out["V"]}',
+        ("gd_stable.py",
+         '        descend(opt_G, G, g_G)\n        return {**out, "loss_D": -out["V"]}',
          '        descend(opt_G, G, player_grads(G, D, *batches_D[0], **kw)[0])\n'
          '        return {**out, "loss_D": -out["V"]}', T_GDS, "9: G's gradient after D moved"),
         ("gd_stable.py", "descend(opt_D, D, [-g for g in g_D], clip=d_clip)",
          "descend(opt_D, D, g_D, clip=d_clip)", T_GDS, "9: simultaneous D descends V"),
         # 10. --eta 0 is the plain GAN, same RNG stream
         ("gd_stable.py", "loss_G = obj + eta * R if eta > 0 else obj",
-         "loss_G = obj + eta * R if eta > 0 else obj + 1e-3 * gradient_norm_penalty(V, d_params)",
+         "loss_G = obj + eta * R if eta > 0 else obj + 1e-3 * "
+         "gradient_norm_penalty(V, d_params)",
          T_GDS, "10: eta 0 still regularizes"),
-        ("gd_stable.py", "    fixed_z = torch.randn(len(reals) if args.dataset == \"mog8\" else 64, "
-         "args.z_dim,\n                          generator=torch.Generator().manual_seed(args.seed))",
-         "    fixed_z = torch.randn(len(reals) if args.dataset == \"mog8\" else 64, args.z_dim)",
+        ("gd_stable.py",
+         "    fixed_z = torch.randn(len(reals) if args.dataset == \"mog8\" else 64, "
+         "args.z_dim,\n                          "
+         "generator=torch.Generator().manual_seed(args.seed))",
+         "    fixed_z = torch.randn(len(reals) if args.dataset == \"mog8\" else 64, "
+         "args.z_dim)",
          T_GDS, "10: the figure z drawn from the training stream"),
         # 11. logged V, ||grad_D V||, ||grad_G V||
         ("gd_stable.py", "g_V = g_G if loss_G is V else torch.autograd.grad(V, g_params)",
@@ -1895,7 +1908,8 @@ def run_one(mutant, timeout):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         t = time.time()
         try:
-            r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+            r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q",
+                                "-p", "no:cacheprovider",
                                 test], cwd=d, env=env, capture_output=True, text=True,
                                timeout=timeout)
             status = "SURVIVED" if r.returncode == 0 else "killed"

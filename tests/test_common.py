@@ -1,4 +1,5 @@
-"""common.py: loaders on data the tests write, the shapes generator, resumable batches, checkpoints."""
+"""common.py: loaders on data the tests write, the shapes generator, resumable batches,
+checkpoints."""
 import itertools
 import json
 import os
@@ -72,7 +73,8 @@ def test_infinite_batches_resume_matches_uninterrupted_stream_across_epochs():
     full = [y for _, y in itertools.islice(common.infinite_batches(ds, 16, 3, 0, 0), 10)]
     late = [y for _, y in itertools.islice(common.infinite_batches(ds, 16, 3, 4, 0), 6)]
     assert all(torch.equal(a, b) for a, b in zip(full[4:], late))
-    # 50 // 16 = 3 batches per epoch; each epoch draws distinct items, epochs are shuffled differently
+    # 50 // 16 = 3 batches per epoch; each epoch draws distinct items, epochs are shuffled
+    # differently
     e0, e1 = torch.cat(full[:3]), torch.cat(full[3:6])
     idx0 = [b for b in common._EpochBatches(50, 16, 3, 0).__iter__().__next__()]
     assert len(set(idx0)) == 16
@@ -110,7 +112,8 @@ def test_cifar10_pickle_loads_in_range(tmp_path, monkeypatch):
     expect = torch.tensor(last["data"][3], dtype=torch.float32).view(3, 32, 32) / 127.5 - 1
     assert torch.allclose(x, expect, atol=1e-5)                 # pixel p -> p / 127.5 - 1
     assert len(common.load_dataset("cifar10", str(tmp_path), img_size=16, download=False)) == 100
-    assert common.load_dataset("cifar10", str(tmp_path), img_size=16, download=False)[0][0].shape == (3, 16, 16)
+    ds = common.load_dataset("cifar10", str(tmp_path), img_size=16, download=False)
+    assert ds[0][0].shape == (3, 16, 16)
 
 
 def test_missing_torchvision_dataset_gives_an_actionable_error(tmp_path):
@@ -132,7 +135,8 @@ def test_image_folder_with_classes_and_flat(tmp_path):
     ds = common.load_dataset(f"folder:{tmp_path / 'cls'}", img_size=8)
     assert ds.classes == ["cats", "dogs"] and len(ds) == 6
     x, y = ds[4]
-    assert x.shape == (3, 8, 8) and y == 1 and torch.allclose(x[2], torch.ones(8, 8)) and (x[0] == -1).all()
+    assert x.shape == (3, 8, 8) and y == 1
+    assert torch.allclose(x[2], torch.ones(8, 8)) and (x[0] == -1).all()
     (tmp_path / "flat").mkdir()
     for i in range(2):
         _png(tmp_path / "flat" / f"{i}.PNG", (0, 255, 0))
@@ -195,7 +199,8 @@ def test_checkpoint_flag_mismatch_names_the_flags(tmp_path, capsys):
     now = argparse.Namespace(dim_g=64, lr=2e-4, seed=0)
     with pytest.raises(common.UserError, match="--dim-g 128 \\(now 64\\)"):
         common.load_checkpoint(path, args=now, shape_flags=("dim_g",))
-    common.load_checkpoint(path, args=now, shape_flags=("seed",))   # only non-shape flags differ: fine
+    # only non-shape flags differ: fine
+    common.load_checkpoint(path, args=now, shape_flags=("seed",))
     assert "--lr was 0.0001 in the checkpoint, now 0.0002" in capsys.readouterr().out
 
 
@@ -286,7 +291,8 @@ def test_run_log_is_strict_json_trimmed_on_resume_and_stops_on_nan(tmp_path, cap
     run.start(2)
     assert [json.loads(s)["step"] for s in open(tmp_path / "r" / "metrics.jsonl")] == [1, 2]
     args.lr = 2.0
-    with pytest.raises(common.UserError, match="cannot change --lr \\(1.0 in the checkpoint, now 2.0"):
+    with pytest.raises(common.UserError,
+                       match="cannot change --lr \\(1.0 in the checkpoint, now 2.0"):
         common.Run(args, "s", total=10).load()
     assert common.Run(args, "s", total=10, mutable=("lr",)).load()["step"] == 2
 
@@ -300,7 +306,8 @@ def test_a_failed_save_says_so_and_keeps_the_old_checkpoint(tmp_path, monkeypatc
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
                            "writing file data/0: file write failed: unexpected pos 203776")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(common.UserError, match="could not write .*unexpected pos.*GiB free.*intact"):
+    with pytest.raises(common.UserError,
+                       match="could not write .*unexpected pos.*GiB free.*intact"):
         common.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert common.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]

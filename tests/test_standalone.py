@@ -34,7 +34,9 @@ def _spawn(script, argv, cwd):
 
 
 def _run_until(proc, prefix=None, sig=None):
-    """Reads progress lines; sends `sig` once a line starts with `prefix`; returns (out, err, rc)."""
+    """Reads progress lines; sends `sig` once a line starts with `prefix`.
+
+    Returns (out, err, rc)."""
     lines = []
     if prefix:
         for line in proc.stdout:
@@ -65,7 +67,8 @@ def test_script_runs_alone_saves_on_sigterm_and_resumes_after_kill9(script, tmp_
     if spec is None:
         _, err, rc = _run_until(_spawn(script, [*TINY[script], "--out-dir", "run"], tmp_path))
         assert rc == 0, err[-3000:]
-        assert {"ckpt.pt", "metrics.jsonl", "args.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
+        names = {p.name for p in (tmp_path / "run").iterdir()}
+        assert {"ckpt.pt", "metrics.jsonl", "args.json"} <= names
         return
     argv = [*TINY[script], spec["length"], str(spec["total"]), "--ckpt-every", "3",
             "--log-every", "1"]
@@ -75,7 +78,8 @@ def test_script_runs_alone_saves_on_sigterm_and_resumes_after_kill9(script, tmp_
     out, err, rc = _run_until(_spawn(script, [*argv, "--out-dir", "run"], tmp_path),
                               spec["kill_at"], signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM and "SIGTERM" in out, (rc, err[-3000:])
-    assert {"ckpt.pt", "metrics.jsonl", "args.json", "curves.png"} <= {p.name for p in run.iterdir()}
+    names = {p.name for p in run.iterdir()}
+    assert {"ckpt.pt", "metrics.jsonl", "args.json", "curves.png"} <= names
     saved = torch.load(run / "ckpt.pt", weights_only=True)["step"]
     assert saved == _rows(run)[-1]["step"] < spec["total"]   # saved at the step it stopped
 

@@ -68,7 +68,8 @@ def test_every_flag_cites_its_source(name, monkeypatch):
         pass
     assert parsers
     missing = [a.option_strings[0] for a in parsers[0]._actions
-               if a.option_strings and a.dest != "help" and not str(a.help or "").rstrip().endswith("]")]
+               if a.option_strings and a.dest != "help"
+               and not str(a.help or "").rstrip().endswith("]")]
     assert not missing, f"{name}: help without a [source]: {missing}"
 
 
@@ -80,7 +81,8 @@ def test_main_goes_through_common_cli_and_parsers_take_no_abbreviations(name, mo
     assert re.search(r'if __name__ == "__main__":\n    common\.cli\(main\)', src), name
     parsers = []
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
-                        lambda self, *a, **k: parsers.append(self) or (_ for _ in ()).throw(SystemExit))
+                        lambda self, *a, **k:
+                        parsers.append(self) or (_ for _ in ()).throw(SystemExit))
     with pytest.raises(SystemExit):
         importlib.import_module(name).parse_args([])
     assert parsers and not parsers[0].allow_abbrev, name
