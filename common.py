@@ -15,8 +15,7 @@ Data
   infinite_batches  endless, per-epoch seeded shuffling that can start at any step (exact resume).
 Checkpoints
   save_checkpoint   atomic write: temp file, flush + fsync, os.replace
-  load_checkpoint   torch.load(weights_only=True); reports every flag that differs from the run's
-  prepare_run       refuses to overwrite a run without --resume
+  load_checkpoint   torch.load(weights_only=True), one clear message for a bad file
   rng_state / set_rng_state   Python, numpy, torch CPU and CUDA generator states
 """
 
@@ -373,9 +372,9 @@ def save_checkpoint(path, state):
         pass
 
 
-def load_checkpoint(path, device="cpu", args=None, shape_flags=()):
+def load_checkpoint(path, device="cpu"):
     """torch.load(weights_only=True), with one clear message for a missing, empty, truncated or
-    foreign file. (args, shape_flags: the old interface, kept until every script uses Run.)"""
+    foreign file."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path!r} (nothing to resume; drop --resume)")
     size = os.path.getsize(path)
@@ -397,32 +396,7 @@ def load_checkpoint(path, device="cpu", args=None, shape_flags=()):
     if not isinstance(state, dict):
         raise UserError(f"{path!r} holds a {type(state).__name__}, not a checkpoint of these "
                         "scripts")
-    if args is not None and "args" in state:
-        diff = {k: (v, vars(args).get(k)) for k, v in state["args"].items()
-                if vars(args).get(k) != v and k != "resume"}
-        for k, (old, new) in diff.items():
-            print(f"resume: --{_flag(k)} was {old!r} in the checkpoint, now {new!r}", flush=True)
-        bad = [k for k in shape_flags if k in diff]
-        if bad:
-            raise UserError(f"checkpoint {path!r} was trained with different shape flags: "
-                            + ", ".join(f"--{_flag(k)} {diff[k][0]!r} (now {diff[k][1]!r})"
-                                        for k in bad)
-                + ". Pass the checkpoint's values or use another --out-dir.")
     return state
-
-
-def prepare_run(out_dir, resume, ckpt_name="ckpt.pt"):
-    """(Old interface, kept until every script uses Run.) The checkpoint to resume or None."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, ckpt_name)
-    if resume:
-        if not os.path.isfile(path):
-            raise UserError(f"--resume given but {path!r} does not exist")
-        return path
-    if os.path.exists(path):
-        raise UserError(f"{path!r} exists: pass --resume to continue it, or choose another "
-                        "--out-dir")
-    return None
 
 
 def rng_state():
