@@ -827,6 +827,14 @@ class Dist:
         for g, v in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(v.view_as(g))
 
+    def broadcast_buffers(self, *modules):
+        """Rank 0's buffers copied to every process: BN running statistics, which each process
+        updates from its own share, become one model to score on every rank (the one rank 0
+        saves). Call at the same steps on every rank; training itself never reads them."""
+        if self.world_size > 1:
+            for b in (b for m in modules for b in m.buffers()):
+                torch.distributed.broadcast(b, 0)
+
     def average(self, values):
         """Logged scalars averaged over the processes (at log steps only: it syncs)."""
         if self.world_size == 1 or not values:
