@@ -20,8 +20,9 @@ Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   2. PAPER-VS-CODE  CIFAR: 50K iterations, lr linearly to 0 from iteration 0 (official config
      only; the ICLR text gives the ImageNet schedule only).
   3. PAPER-VS-CODE  psi: no bias in the official 32x32 D, a bias in the 128x128 D; we follow each.
-  4. DEVIATION  one device: the ImageNet run used 4 GPUs x (16 real, 32 G) images; G's batch-norm
-     statistics here span the whole batch, not a quarter of it.
+  4. DEVIATION  one process: G's BN statistics span the whole batch. The ImageNet run used 4 GPUs
+     x (16 real, 32 G), each normalising its own quarter: torchrun --nproc_per_node 4 does that
+     (--sync-bn: over the global batch instead); rank 0's BN statistics are saved (as official).
   5. DEVIATION  ImageNet through common.load_dataset (antialiased resize to 128, centre crop), not
      official preprocess.sh (centre crop, bilinear resize, images under 256 px dropped).
   6. DEVIATION  torch's spectral_norm starts u with 15 power iterations (official: a random u).
@@ -32,6 +33,7 @@ Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
      Chainer iterator fills it from the next epoch.
   10. DEVIATION  BN running variances start at 1 (torch), the official CBN's at 0: only eval-mode
      samples of the first ~50 iterations differ (decay 0.9).
+  11. DEVIATION  --amp bf16 (paper fp32): bf16 forwards, fp32 losses.
   Not implemented: the AC-GAN baseline (loss weights not given, official issue #33) and the
   super-resolution model (Eqs. 7, 9).
 Datasets (--dataset, labels required): cifar10 (default), cifar100, folder:<dir with one
@@ -40,7 +42,8 @@ Datasets (--dataset, labels required): cifar10 (default), cifar100, folder:<dir 
 Run
   python projection.py --dataset cifar10 --fid-every 5000     # CIFAR-10, official config, IS/FID
   python projection.py --dataset cifar100                     # CIFAR-100 32x32
-  python projection.py --dataset folder:/data/imagenet/train  # ImageNet 128x128, 450K it (main)
+  torchrun --nproc_per_node 4 projection.py --dataset folder:/data/imagenet/train   # ImageNet
+                                 128x128, 450K it, 4 x 16 (main; official 4 GPUs, BN per GPU)
   python projection.py --dataset folder:/data/imagenet/train --disc concat   # concat baseline
   python projection.py --dataset shapes --device cpu --steps 2 --g-ch 16 --d-ch 16 --batch-size 8
 Sample and score (--steps counts generator iterations; a finished run can be resumed to export)
@@ -138,7 +141,10 @@ def parse_args(argv=None):
     r.add_argument("--deterministic", action="store_true", help="deterministic kernels, "
                    "cudnn.benchmark off; on CUDA also sets CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
     r.add_argument("--amp", default="off", choices=["off", "bf16"], help="bf16 autocast of the "
-                   "forward passes; SN's power iteration then runs in bf16 too [ours: paper fp32]")
+                   "forward passes; SN's power iteration then runs in bf16 too [ours: DEVIATION "
+                   "11, paper fp32]")
+    r.add_argument("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm in "
+                   "G, BN over the global batch [ours: DEVIATION 4; official: BN per GPU]")
     args = p.parse_args(argv)
     if max(args.betas) >= 1:
         p.error(f"argument --betas: expected two numbers in [0, 1), got {args.betas}")
@@ -161,10 +167,11 @@ def parse_args(argv=None):
 
 
 # ==== Data ====
-def dequantize(x):
-    """UNSPECIFIED (not in the paper): official loaders' pixel/128 - 1 + U(0, 1/128)."""
+def dequantize(x, noise):
+    """UNSPECIFIED (not in the paper): official loaders' pixel/128 - 1 + U(0, 1/128); noise is
+    U(0, 1) of x's shape (this process's rows of the global batch's draw)."""
     pixels = torch.round((x + 1) * 127.5)                              # back to the 8-bit values
-    return pixels / 128 - 1 + torch.rand_like(x) / 128
+    return pixels / 128 - 1 + noise / 128
 
 
 def load_data(args):
@@ -381,24 +388,28 @@ def sample_zy(n, z_dim, num_classes, device):
     return torch.randn(n, z_dim, device=device), torch.randint(0, num_classes, (n,), device=device)
 
 
-def train_step(G, D, opt_G, opt_D, real_batches, args, num_classes, amp):
-    """One iteration = one G update, then n_dis D updates [official updater.py, conditional]."""
-    # DEVIATION: one device; the ImageNet run's 4 GPUs each normalised a quarter of G's batch
-    device = next(G.parameters()).device
+def train_step(G, D, opt_G, opt_D, real_batches, args, dist, amp):
+    """One iteration = one G update, then n_dis D updates [official updater.py, conditional].
+    Under torchrun every process draws the global batch's z, y and noise and keeps its rows
+    (dist.shard); gradients are averaged after each backward, as ChainerMN's optimizer did."""
+    # DEVIATION 4: G's BN normalises this process's rows only (per GPU, as the ImageNet run)
+    device, K = dist.device, args.num_classes
     # G update on a fresh batch; the same y goes to G and to D (card pitfall 2)
     D.requires_grad_(False)                                # no D weight gradients here
-    z, y = sample_zy(args.g_batch_size, args.z_dim, num_classes, device)
+    z, y = (dist.shard(t) for t in sample_zy(args.g_batch_size, args.z_dim, K, device))
     with amp():
         loss_G = hinge_loss_G(D(G(z, y), y).float())
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
+    dist.average_gradients(G)                              # no-op in one process
     opt_G.step()
     D.requires_grad_(True)
     for _ in range(args.n_dis):
         x_real, y_real = (t.to(device, non_blocking=True) for t in next(real_batches))  # (x, y) ~ q
         if args.dequantize:
-            x_real = dequantize(x_real)
-        z, y_fake = sample_zy(x_real.size(0), args.z_dim, num_classes, device)
+            u = torch.rand(args.batch_size, *x_real.shape[1:], device=device)
+            x_real = dequantize(x_real, dist.shard(u))
+        z, y_fake = (dist.shard(t) for t in sample_zy(args.batch_size, args.z_dim, K, device))
         with torch.no_grad(), amp():
             x_fake = G(z, y_fake)                          # G in train mode, as official
         with amp():
@@ -409,6 +420,7 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, num_classes, amp):
         loss_D = hinge_loss_D(d_real, d_fake)
         opt_D.zero_grad(set_to_none=True)
         loss_D.backward()
+        dist.average_gradients(D)
         opt_D.step()
     return {"loss_D": loss_D.detach(), "loss_G": loss_G.detach(),
             "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
@@ -527,35 +539,46 @@ def evaluate(ev, G, args):
     return out
 
 
-def report(run, step, lr, out, G, ev, fixed_z, names, args):
-    """The log row (losses, this step's lr, IS/FID/intra-FID) and the sample grid."""
+def report(run, step, lr, out, G, ev, fixed_z, names, args, dist):
+    """The log row (losses, this step's lr, IS/FID/intra-FID) and the sample grid. Under torchrun
+    every process scores one G (rank 0's BN statistics); only rank 0 draws the grid."""
     last = step == args.steps
     fid_now = ev is not None and (step % args.fid_every == 0 or last)
+    if fid_now:
+        dist.broadcast_buffers(G)
     if step % args.log_every == 0 or last or fid_now:
         run.log(step, {**out, "lr": lr, **(evaluate(ev, G, args) if fid_now else {})})
-    if args.sample_every and (step % args.sample_every == 0 or last):
+    if dist.main and args.sample_every and (step % args.sample_every == 0 or last):
         sample_grid(G, fixed_z, names, step, args)
 
 
 # ==== Main ====
 def main(argv=None):
     args = parse_args(argv)
-    device = common.get_device(args.device)
+    dist = common.Dist(args.device)                        # torchrun: one process per device
+    device = dist.device
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)                           # the same nets in every process
     if args.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
-    run = common.Run(args, "projection", args.steps, mutable=("steps", "lr", "intra_fid_samples"))
+    if args.sync_bn and dist.world_size > 1 and device.type != "cuda":
+        raise common.UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
+    dist.share(args.batch_size), dist.share(args.g_batch_size)   # global batches split evenly
+    run = common.Run(args, "projection", args.steps, mutable=("steps", "lr", "intra_fid_samples"),
+                     dist=dist)
 
     ds = load_data(args)
     names = common.SHAPE_KINDS if args.dataset == "shapes" else ds.classes
     G, D = (net.to(device) for net in build_models(args))
-    # DEVIATION: torch Adam's eps acts on the bias-corrected sqrt(v_hat), Chainer's on sqrt(v)
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=tuple(args.betas))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=tuple(args.betas))
+    if args.sync_bn and dist.world_size > 1:               # DEVIATION 4: else BN per process
+        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)     # CBN's BN0 and the final BN
+    # DEVIATION 8: torch Adam's eps acts on the bias-corrected sqrt(v_hat), Chainer's on sqrt(v)
+    adam = dict(lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
+    opt_G = torch.optim.Adam(G.parameters(), **adam)
+    opt_D = torch.optim.Adam(D.parameters(), **adam)
     fixed_z = torch.randn(8, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
     ev = build_evaluator(args, device)
     state, step = run.load(device), 0
@@ -566,8 +589,9 @@ def main(argv=None):
         common.set_rng_state(state["rng"])
 
     run.start(step, device, G=G, D=D)
-    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if step == 0:
+    if dist.main:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    if dist.main and step == 0:
         save_figure(torch.stack([ds[i][0] for i in range(min(64, len(ds)))]),
                     os.path.join(args.out_dir, "reals.png"), [f"{args.dataset}: training images",
                     "x in [-1, 1]"], [("real", common.REAL_RGB)])
@@ -576,22 +600,24 @@ def main(argv=None):
     # DEVIATION: each epoch's last partial batch is dropped (official: filled from the next epoch)
     real_batches = common.infinite_batches(ds, args.batch_size, args.seed, device=device,
                                            start_step=step * args.n_dis,
-                                           num_workers=args.num_workers)
+                                           num_workers=args.num_workers, rank=dist.rank,
+                                           world_size=dist.world_size)
     while step < args.steps and not run.stopping:
         lr = linear_decay_lr(step, args.lr, args.decay_start, args.steps)
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:
                 group["lr"] = lr
-        out = train_step(G, D, opt_G, opt_D, real_batches, args, args.num_classes, amp)
+        out = train_step(G, D, opt_G, opt_D, real_batches, args, dist, amp)
         step += 1                                          # iteration = generator updates
-        report(run, step, lr, out, G, ev, fixed_z, names, args)
+        report(run, step, lr, out, G, ev, fixed_z, names, args, dist)
         if step % args.ckpt_every == 0 or step == args.steps or run.stopping:
             run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                             "opt_D": opt_D.state_dict(), "fixed_z": fixed_z,
                             "rng": common.rng_state()})
-    if args.export_samples and not run.stopping:
+    finished = not run.stopping                            # a collective: on every rank
+    if dist.main and args.export_samples and finished:
         export_samples(G, args)
-    if args.morph and not run.stopping:
+    if dist.main and args.morph and finished:
         morph_grid(G, fixed_z, args)
     return run.finish(step, device)
 

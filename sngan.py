@@ -27,6 +27,8 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   6. PAPER-VS-CODE  official SNLinear also advances u in eval mode; here only training forwards do.
   7. DEVIATION  IS and FID come from fid.py (its Inception port), not the official TF Inception.
   8. DEVIATION  scope: no Tab. 6 ImageNet nets, no concat SN-GAN (see projection.py), no WGAN-GP.
+  9. DEVIATION  --amp bf16 (paper fp32). Under torchrun G's BN normalises each process's share (as
+     the official ChainerMN runs did per GPU) unless --sync-bn; rank 0's BN statistics are saved.
 Datasets (--dataset, resized to --img-size, labels unused): cifar10, stl10 (the 100K unlabeled
   images, 48x48), cifar100, mnist, fashion-mnist, celeba, lsun-<cat>, folder:<path>, shapes.
 Run
@@ -39,6 +41,7 @@ Run
   python sngan.py --dataset stl10 --arch cnn --steps 200000            # "2x updates" (8.69 / 47.5)
   python sngan.py --dataset cifar10 --gamma-reparam       # UNSPECIFIED: App. E uses it with WGAN-GP
   python sngan.py --dataset shapes --device cpu --steps 2              # smoke test, offline
+  torchrun --nproc_per_node 4 sngan.py --dataset stl10     # 4 GPUs, --batch-size = global batch
 Sample and score (--steps counts generator iterations; a finished run can be resumed to export)
   python sngan.py --dataset cifar10 --resume --export-samples 50000    # runs/.../samples_50000.npz
   python fid.py runs/sngan-cifar10-s0/samples_50000.npz dataset:cifar10 --isc
@@ -136,7 +139,10 @@ def parse_args(argv=None):
     r.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
     r.add_argument("--deterministic", action="store_true", help="deterministic kernels, no "
                    "cudnn.benchmark; on CUDA sets CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
-    r.add_argument("--amp", choices=["off", "bf16"], default="off", help="bf16 autocast [run]")
+    r.add_argument("--amp", choices=["off", "bf16"], default="off",
+                   help="bf16 autocast of the forwards; losses and sigma in fp32 [run; DEVIATION]")
+    r.add_argument("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm "
+                   "in G, BN over the global batch [run; DEVIATION: official per-GPU BN]")
     args = p.parse_args(argv)
     if args.betas is not None and max(args.betas) >= 1:
         p.error(f"argument --betas: expected two numbers in [0, 1), got {args.betas}")
@@ -166,9 +172,10 @@ def parse_args(argv=None):
 
 
 # ==== Data ====
-def dequantize(x):
-    """PAPER-VS-CODE: official datasets/cifar10.py x_uint8/128 - 1 + U(0, 1/128); not in paper."""
-    return ((x + 1) * 127.5).round() / 128.0 - 1.0 + torch.rand_like(x) / 128.0
+def dequantize(x, noise):
+    """PAPER-VS-CODE: official datasets/cifar10.py x_uint8/128 - 1 + U(0, 1/128); not in paper.
+    noise: U(0, 1) of x's shape (this process's rows of the global batch's draw)."""
+    return ((x + 1) * 127.5).round() / 128.0 - 1.0 + noise / 128.0
 
 
 def sample_z(n, z_dim, dist, device, generator=None):
@@ -427,24 +434,29 @@ def lr_factor(step, args):
     return max(0.0, 1.0 - step / args.steps) if args.lr_decay else 1.0
 
 
-def train_step(G, D, opt_G, opt_D, batches, args, device, autocast):
+def train_step(G, D, opt_G, opt_D, batches, args, dist, autocast):
     """One generator iteration of the official updater.py: one G step, then n_dis D steps.
     UNSPECIFIED: D sees real and fake in separate forwards (official); every training-mode D
-    forward, the one in the G step included, advances the power iteration once (official, torch)."""
+    forward, the one in the G step included, advances the power iteration once (official, torch).
+    Under torchrun every process draws the global batch's noise and keeps its rows (dist.shard),
+    and gradients are averaged after each backward: the global batch's update (BN: DEVIATION 9)."""
+    device = dist.device
     D.requires_grad_(False)                         # G step: no D weight gradients needed
-    z = sample_z(args.g_batch_size, args.z_dim, args.z_dist, device)   # 2x D batch (official)
+    z = dist.shard(sample_z(args.g_batch_size, args.z_dim, args.z_dist, device))  # 2x D batch
     with autocast():
         d_gen = D(G(z)).float()
         loss_G = standard_loss_G(d_gen) if args.loss == "standard" else hinge_loss_G(d_gen)
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
+    dist.average_gradients(G)                       # no-op in one process
     opt_G.step()
     D.requires_grad_(True)
     for _ in range(args.n_dis):                     # fresh reals and z per D step; G in train mode
         x_real = next(batches)[0].to(device, non_blocking=True)
         if args.dequantize:
-            x_real = dequantize(x_real)
-        z = sample_z(args.batch_size, args.z_dim, args.z_dist, device)
+            u = torch.rand(args.batch_size, *x_real.shape[1:], device=device)
+            x_real = dequantize(x_real, dist.shard(u))
+        z = dist.shard(sample_z(args.batch_size, args.z_dim, args.z_dist, device))
         with autocast():
             with torch.no_grad():
                 x_fake = G(z)
@@ -452,6 +464,7 @@ def train_step(G, D, opt_G, opt_D, batches, args, device, autocast):
             loss_D = (hinge_loss_D if args.loss == "hinge" else standard_loss_D)(d_real, d_fake)
         opt_D.zero_grad(set_to_none=True)
         loss_D.backward()
+        dist.average_gradients(D)
         opt_D.step()
     return {"loss_G": loss_G.detach(), "loss_D": loss_D.detach(), "D_real": d_real.detach().mean(),
             "D_fake": d_fake.detach().mean()}
@@ -529,16 +542,20 @@ def evaluate(ev, G, args, device):
     return ev(sample_fn)
 
 
-def report(run, step, out, G, D, ev, fixed_z, args, device):
-    """The log row (losses, lr, Fig. 9's sigma(W_SN), IS/FID) and the sample grid of this step."""
+def report(run, step, out, G, D, ev, fixed_z, args, dist):
+    """The log row (losses, lr, Fig. 9's sigma(W_SN), IS/FID) and the sample grid of this step.
+    Under torchrun every process scores the same samples of one G (rank 0's BN statistics), so
+    the logged average is that value; only rank 0 draws the grid."""
     last = step == args.steps
     sigma_now = args.sigma_every > 0 and step % args.sigma_every == 0
     fid_now = ev is not None and (step % args.fid_every == 0 or last)
+    if fid_now:
+        dist.broadcast_buffers(G)
     if step % args.log_every == 0 or last or sigma_now or fid_now:
         run.log(step, {**out, "lr": args.lr * lr_factor(step, args),
                        **(d_spectral_norms(D) if sigma_now else {}),
-                       **(evaluate(ev, G, args, device) if fid_now else {})})
-    if args.sample_every and (step % args.sample_every == 0 or last):
+                       **(evaluate(ev, G, args, dist.device) if fid_now else {})})
+    if dist.main and args.sample_every and (step % args.sample_every == 0 or last):
         sample_grid(G, fixed_z, step, args)
 
 
@@ -547,20 +564,29 @@ def main(argv=None):
     args = parse_args(argv)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = common.get_device(args.device)
+    torch.manual_seed(args.seed)                    # the same seed, so the same nets, everywhere
+    dist = common.Dist(args.device)                 # torchrun: one process per device
+    device = dist.device
     if args.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
-    run = common.Run(args, "sngan", total=args.steps, mutable=("steps", "lr", "sigma_every"))
+    if args.sync_bn and dist.world_size > 1 and device.type != "cuda":
+        raise common.UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
+    dist.share(args.batch_size), dist.share(args.g_batch_size)   # global batches split evenly
+    run = common.Run(args, "sngan", total=args.steps, mutable=("steps", "lr", "sigma_every"),
+                     dist=dist)
+    # DEVIATION 9: bf16 forwards; losses, D outputs and sigma(W) stay fp32
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
     dataset = common.load_dataset(args.dataset, args.data_root, img_size=args.img_size)
     args.img_channels = dataset[0][0].shape[0]      # 3, or 1 for MNIST-like sets
     G, D = (net.to(device) for net in build_models(args))
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=tuple(args.betas))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=tuple(args.betas))
+    if args.sync_bn and dist.world_size > 1:        # DEVIATION 9: else BN per process
+        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
+    adam = dict(lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
+    opt_G = torch.optim.Adam(G.parameters(), **adam)
+    opt_D = torch.optim.Adam(D.parameters(), **adam)
     fixed_z = sample_z(64, args.z_dim, args.z_dist, "cpu", torch.Generator().manual_seed(args.seed)
                        ).to(device)
     ev = build_evaluator(args, device)
@@ -572,26 +598,28 @@ def main(argv=None):
         common.set_rng_state(state["rng"])
 
     run.start(step, device, G=G, D=D)
-    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if step == 0:
+    if dist.main:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    if dist.main and step == 0:
         save_figure(torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))]),
                     os.path.join(args.out_dir, "reals.png"), [f"{args.dataset}: training images",
                     "x in [-1, 1]"], [("real", common.REAL_RGB)])
     # every D step draws one batch, so a resumed stream starts at batch step * n_dis
     batches = common.infinite_batches(dataset, args.batch_size, args.seed, device=device,
-                                      start_step=step * args.n_dis, num_workers=args.num_workers)
+                                      start_step=step * args.n_dis, num_workers=args.num_workers,
+                                      rank=dist.rank, world_size=dist.world_size)
     while step < args.steps and not run.stopping:
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(step, args)   # by G iterations done (official)
-        out = train_step(G, D, opt_G, opt_D, batches, args, device, autocast)
+        out = train_step(G, D, opt_G, opt_D, batches, args, dist, autocast)
         step += 1
-        report(run, step, out, G, D, ev, fixed_z, args, device)
+        report(run, step, out, G, D, ev, fixed_z, args, dist)
         if step % args.ckpt_every == 0 or step == args.steps or run.stopping:
             run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                             "opt_D": opt_D.state_dict(), "fixed_z": fixed_z.cpu(),
                             "rng": common.rng_state()})
-    if args.export_samples > 0 and not run.stopping:
+    if not run.stopping and dist.main and args.export_samples > 0:   # stopping: on every rank
         export_samples(G, args, device)
     return run.finish(step, device)
 

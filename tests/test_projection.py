@@ -430,7 +430,7 @@ def _recorded_step(*argv, K=4, reals=None):
                       for _ in range(3)]
     opt_G, opt_D = (torch.optim.Adam(m.parameters(), lr=2e-4, betas=(0.0, 0.9)) for m in (G, D))
     amp = lambda: torch.autocast("cpu", enabled=False)           # noqa: E731
-    out = projection.train_step(G, D, opt_G, opt_D, iter(reals), args, K, amp)
+    out = projection.train_step(G, D, opt_G, opt_D, iter(reals), args, common.Dist("cpu"), amp)
     return out, G.calls, D.calls, reals
 
 
@@ -483,5 +483,7 @@ def test_linear_decay_schedule_and_defaults():
 
 def test_dequantize_matches_official_formula():
     pixels = torch.arange(256.0)
-    x = projection.dequantize(pixels / 127.5 - 1)
+    x = projection.dequantize(pixels / 127.5 - 1, torch.rand(256))
     assert ((x - (pixels / 128 - 1)) >= 0).all() and ((x - (pixels / 128 - 1)) < 1 / 128).all()
+    exact = projection.dequantize(pixels / 127.5 - 1, torch.zeros(256))
+    assert torch.equal(exact, pixels / 128 - 1)

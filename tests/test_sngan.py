@@ -192,7 +192,7 @@ def _recorded_train_step(args, batch=4):
     G.register_forward_pre_hook(lambda m, i: z_in.append(i[0]))
     opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
     reals = [(torch.rand(batch, 3, 32, 32) * 2 - 1, torch.zeros(batch))] * args.n_dis
-    out = sngan.train_step(G, D, opt_G, opt_D, iter(reals), args, torch.device("cpu"),
+    out = sngan.train_step(G, D, opt_G, opt_D, iter(reals), args, common.Dist("cpu"),
                            contextlib.nullcontext)
     return out, d_out, torch.cat(z_in)
 
@@ -441,7 +441,7 @@ def test_train_step_runs_n_dis_D_steps_and_a_double_G_batch():
     opt_G, opt_D = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
     batches = iter([(torch.rand(4, 3, 32, 32) * 2 - 1, torch.zeros(4))] * 5)
     u0 = D.blocks[1].c1.weight_u.clone()
-    sngan.train_step(G, D, opt_G, opt_D, batches, args, torch.device("cpu"), contextlib.nullcontext)
+    sngan.train_step(G, D, opt_G, opt_D, batches, args, common.Dist("cpu"), contextlib.nullcontext)
     assert sizes == [8] + [4, 4] * 5                             # G step, then (real, fake) x n_dis
     assert next(batches, None) is None                           # one real batch per D step
     assert opt_D.state[D.fc.weight_orig]["step"] == 5 and opt_G.state[G.l1.weight]["step"] == 1
@@ -450,8 +450,9 @@ def test_train_step_runs_n_dis_D_steps_and_a_double_G_batch():
 
 def test_dequantize_matches_official_loader():
     k = torch.arange(256.0)
-    x = sngan.dequantize(k / 127.5 - 1)                        # common.py's [-1, 1] scaling
+    x = sngan.dequantize(k / 127.5 - 1, torch.rand(256))       # common.py's [-1, 1] scaling
     assert ((x >= k / 128 - 1) & (x < (k + 1) / 128 - 1 + 1e-6)).all()
+    assert torch.equal(sngan.dequantize(k / 127.5 - 1, torch.zeros(256)), k / 128 - 1)
 
 
 def test_spectral_norm_logging_leaves_D_untouched():
