@@ -1,6 +1,7 @@
 """WGAN-GP: Improved Training of Wasserstein GANs.
 Gulrajani, Ahmed, Arjovsky, Dumoulin, Courville. NeurIPS 2017. arXiv:1704.00028 (v3)
-Official code: igul222/improved_wgan_training (gan_toy, gan_cifar, gan_cifar_resnet, gan_64x64.py)
+Official code: igul222/improved_wgan_training (gan_toy, gan_cifar, gan_cifar_resnet, gan_64x64.py,
+  gan_language.py, language_helpers.py)
 
 Paper -> code
   Eq. (2)    WGAN value E[D(x)] - E[D(G(z))] .................... critic_loss(), generator_loss()
@@ -14,7 +15,12 @@ Paper -> code
   Tab. 3     supervised (AC) variant: cond. BN in G, AC head ... ConditionalBatchNorm2d
   App. E     64x64 ResNet ("Good" nets), layer-norm critic ..... ResNetCritic64, LayerNormCHW
   Sec. 3/5.3 baselines: weight clipping (WGAN), standard GAN ... --mode wgan, --mode dcgan
+  Sec. 5.5   character-level language model (gan_language.py):
+             32-char lines, vocabulary, padding, one-hot ...... load_text(), encode_lines()
+             1-D ResNet G (softmax per position), critic ...... LangGenerator, LangCritic
+             JS of n-gram distributions, n = 1..4 .............. ngram_counts(), js_divergence()
   Tab. 3     Inception Score (and FID) during training ......... evaluate() via fid.py
+  Sec. 5.5   text: js1..js4 logged, samples/<step>.txt ......... evaluate(), save_samples()
 Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. PAPER-VS-CODE  ResNet lr 2e-4 decayed linearly to 0 (official) vs 1e-4 (Alg. 1): the code's.
   2. PAPER-VS-CODE  ResNet G batch 2x the critic batch (official) vs 64 (App. F): --g-batch-size.
@@ -28,14 +34,20 @@ Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
      iteration 0): the same sequence shifted by half an iteration.
   9. DEVIATION  LSUN bedrooms (App. E) from an exported image folder (no lmdb); the official 64x64
      script used downsampled ImageNet.
- 10. DEVIATION  The character-level language model (Sec. 5.5) is not implemented.
+ 10. DEVIATION  Text (Sec. 5.5): the official loop draws fresh noise for each JS evaluation; ours
+     uses the same 640 z at every evaluation (its own RNG, never the training stream), and reads
+     the Billion Word shards present (official: all 99, in order). Characters are bytes (latin-1),
+     as the official Python 2 str. The untuned --mode dcgan baseline takes the image baseline's
+     Adam(2e-4, 0.5, 0.999) and 1 D step (UNSPECIFIED: the paper names no text baseline settings).
  11. DEVIATION  The official ResNet runs G on two halves of each batch (its 2-GPU split, also on
      1 GPU): its BN sees 32 (critic step) and 64 (G step) samples; we use one batch.
  12. DEVIATION  --mode wgan: torch RMSprop with TF1's constants (decay 0.9, eps 1e-10, mean square
      started at 1), but eps outside the square root (TF: inside); moot above ~1e-10.
 Datasets: 8gaussians, 25gaussians, swissroll (made here), or a common.load_dataset name: cifar10
   (the paper's), folder:<dir> (e.g. LSUN bedrooms exported as images), lsun-<category>, shapes,
-  cifar100, stl10, mnist, fashion-mnist, celeba. --steps counts generator iterations.
+  cifar100, stl10, mnist, fashion-mnist, celeba; text (Sec. 5.5, --arch lang): billion-word
+  (the released layout under --data-root), text:<file> (any plain text, one example a line), or
+  shapes-text (the captions of common.py's shapes, offline). --steps counts generator iterations.
 Run
   python wgan_gp.py --dataset cifar10                             # Tab. 3 unsupervised, 1 GPU
   python wgan_gp.py --dataset cifar10 --conditional               # Tab. 3 supervised (AC-WGAN-GP)
@@ -47,14 +59,24 @@ Run
   python wgan_gp.py --dataset swissroll --device cpu --fixed-generator --mode wgan  # Fig. 1a
   python wgan_gp.py --dataset cifar10 --fid-every 1000    # + IS and FID of 50K samples (official)
   python wgan_gp.py --dataset cifar10 --resume --export-samples 50000   # -> samples_50000.npz
+  python wgan_gp.py --dataset billion-word --data-root /data/1-billion-word-language-modeling-\
+      benchmark-r13output                                 # Sec. 5.5, Tab. 4: js1..js4, samples/
+  python wgan_gp.py --dataset billion-word --mode dcgan   # the standard GAN on the same nets
+  for lr in 5e-5 1e-4 2e-4 4e-4; do python wgan_gp.py --dataset billion-word --mode dcgan \
+      --n-critic 10 --betas 0.5 0.9 --lr $lr; done        # tuned GAN: WGAN-GP's D steps, Adam
+      # betas, capacity (the same nets) and a 4-point lr grid around its 1e-4; keep the best js4
+  python wgan_gp.py --dataset shapes-text --device cpu --dim-g 64 --steps 1000  # offline, CPU
 Sampling: G = wgan_gp.load_generator("runs/wgan_gp-cifar10-s0/ckpt.pt", "cuda")
   x = G(torch.randn(100, G.z_dim, device="cuda"))   # (100, 3, 32, 32) in [-1, 1]; AC: G(z, y)
+  text: p = G(z) is (100, 32, V), rows on the simplex; "".join(G.vocab[i] for i in p[0].argmax(1))
 Paper reports: Inception score 7.86 +- .07 unsupervised, 8.42 +- .10 supervised, CIFAR-10 (Tab. 3).
 Our numbers: README.
 """
 
 import argparse
+import collections
 import contextlib
+import glob
 import math
 import os
 import random
@@ -68,6 +90,13 @@ import torchvision
 import common
 
 TOYS = ("8gaussians", "25gaussians", "swissroll")
+TEXTS = ("billion-word", "text:<file>", "shapes-text")     # Sec. 5.5, --arch lang
+BW_DIR = "training-monolingual.tokenized.shuffled"         # the released Billion Word layout
+PAD, UNK = "`", "unk"                                      # [official language_helpers.py]
+
+
+def is_text(name):
+    return name in ("billion-word", "shapes-text") or name.startswith("text:")
 
 # ==== Args ====
 # Per-configuration defaults: a flag left unset takes its --arch row, then its --mode row (both
@@ -80,7 +109,9 @@ CONFIGS = {  # lr   betas       decay  steps    batch z_dim dim_g size  dequanti
     "dcgan":    (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 128, 32,   False),  # Sec. 5.3
     "resnet64": (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False),  # App. E
     "dcgan64":  (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False),  # App. E
+    "lang":     (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 512, None, False),  # gan_language
 }
+LANG_MODES = {"wgan-gp": dict(n_critic=10)}   # CRITIC_ITERS 10 ("5 should work") [gan_language.py]
 MODES = {"wgan-gp": dict(n_critic=5),                                  # Alg. 1
          "wgan": dict(n_critic=5, lr=5e-5),                            # RMSProp [Sec. 3; WGAN]
          "dcgan": dict(n_critic=1, lr=2e-4, betas=[0.5, 0.999])}       # see below
@@ -97,6 +128,8 @@ def rule(key):
             by_value.setdefault(fmt(row[KEYS.index(key)]), []).append(arch)
     parts = [f"{v} ({'/'.join(a)})" for v, a in by_value.items()]
     parts += [f"{fmt(m[key])} in --mode {name}" for name, m in MODES.items() if key in m]
+    parts += [f"{fmt(m[key])} for lang in --mode {name}" for name, m in LANG_MODES.items()
+              if key in m]
     return "default: " + ", ".join(parts)
 
 
@@ -105,9 +138,11 @@ def parse_args(argv=None):
                                 formatter_class=common.HelpFormatter)
     pos, nonneg, nonneg_f = common.positive_int, common.nonnegative_int, common.nonnegative_float
     g = p.add_argument_group("paper")
-    g.add_argument("--dataset", default="cifar10", help=f"{', '.join(TOYS)} or a common."
-                   "load_dataset name (cifar10, folder:<dir>, shapes, ...) [Sec. 3, 5]")
-    g.add_argument("--arch", choices=list(CONFIGS), help="default: mlp (toys), resnet [Sec. 3, 5]")
+    g.add_argument("--dataset", default="cifar10", help=f"{', '.join(TOYS)}, a common."
+                   f"load_dataset name (cifar10, folder:<dir>, shapes, ...), or text: "
+                   f"{', '.join(TEXTS)} [Sec. 3, 5, 5.5]")
+    g.add_argument("--arch", choices=list(CONFIGS), help="default: mlp (toys), lang (text), "
+                   "resnet [Sec. 3, 5, 5.5]")
     g.add_argument("--mode", default="wgan-gp", choices=list(MODES),
                    help="wgan-gp, or the weight-clipping / standard-GAN baselines [Sec. 3, 5.3]")
     g.add_argument("--lam", type=nonneg_f, default=10.0, help="penalty weight lambda; 0.1 in the "
@@ -145,6 +180,15 @@ def parse_args(argv=None):
                    help="toys: fake = real + N(0, I), train the critic only [Fig. 1a, gan_toy.py]")
     g.add_argument("--dequantize", action=argparse.BooleanOptionalAction, help="reals 2(pixel/256"
                    f" - 1/2) + U(0, 1/128); {rule('dequantize')} [official gan_cifar_resnet.py]")
+    t = p.add_argument_group("text (Sec. 5.5, --arch lang)")
+    t.add_argument("--seq-len", type=pos, default=32, help="characters per example, longer lines "
+                   "cut, shorter padded with '`' [Sec. 5.5; official SEQ_LEN, language_helpers]")
+    t.add_argument("--max-examples", type=pos, default=10_000_000, help="lines read at most, in "
+                   "file order [official MAX_N_EXAMPLES]")
+    t.add_argument("--max-vocab", type=pos, default=2048, help="vocabulary: 'unk' + the most "
+                   "common characters (padding included) [official language_helpers.py]")
+    t.add_argument("--js-samples", type=pos, default=640, help="generated strings per JS "
+                   "evaluation (every --log-every) [official gan_language.py: 10 x BATCH_SIZE]")
     e = p.add_argument_group("eval")
     e.add_argument("--fid-every", type=nonneg, default=0, help="Inception Score and FID (fid.py) "
                    "every K G iterations, 0 = off [official INCEPTION_FREQUENCY 1000]")
@@ -177,8 +221,9 @@ def parse_args(argv=None):
 
     toy = args.dataset in TOYS
     if args.arch is None:
-        args.arch = "mlp" if toy else "resnet"
-    for key, value in {**dict(zip(KEYS, CONFIGS[args.arch])), **MODES[args.mode]}.items():
+        args.arch = "mlp" if toy else "lang" if is_text(args.dataset) else "resnet"
+    lang = LANG_MODES.get(args.mode, {}) if args.arch == "lang" else {}
+    for key, value in {**dict(zip(KEYS, CONFIGS[args.arch])), **MODES[args.mode], **lang}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.g_batch_size is None:                      # PAPER-VS-CODE (dev. 2) [official]
@@ -187,6 +232,9 @@ def parse_args(argv=None):
         args.dim_d = args.dim_g
 
     size = CONFIGS[args.arch][KEYS.index("img_size")]
+    if is_text(args.dataset) != (args.arch == "lang"):
+        raise common.UserError(f"--arch {args.arch} does not fit --dataset {args.dataset}: text "
+                               f"({', '.join(TEXTS)}) uses --arch lang, and only text does")
     if toy != (args.arch == "mlp"):
         raise common.UserError(f"--arch {args.arch} does not fit --dataset {args.dataset}: the "
                                "toys use mlp, images the CNNs")
@@ -201,6 +249,9 @@ def parse_args(argv=None):
         raise common.UserError("--conditional is the AC-WGAN-GP ResNet (Tab. 3): --arch resnet")
     if toy and (args.fid_every or args.export_samples):
         raise common.UserError("--fid-every / --export-samples are for images; toys log modes, hq")
+    if args.arch == "lang" and (args.fid_every or args.export_samples or args.conditional):
+        raise common.UserError("--fid-every / --export-samples / --conditional are for images; "
+                               "text logs js1..js4 and writes samples/<step>.txt")
     return args
 
 
@@ -250,8 +301,87 @@ def dequantize(x):
     return 2 * (pixel / 256 - 0.5) + torch.rand_like(x) / 128
 
 
+def read_lines(args):
+    """The raw example lines of a text --dataset, at most --max-examples, in file order. Billion
+    Word: training shards news.en-000NN-of-00100 in order [official language_helpers.py
+    load_dataset]. Bytes as latin-1 characters: one token per byte, as the official Python 2 str.
+    shapes-text: the captions of common.py's shapes training set (items 0.., seed 0)."""
+    n = args.max_examples
+    if args.dataset == "shapes-text":    # a caption depends on the item's RNG only, not its size
+        ds = common.ShapesDataset(min(n, 50_000), img_size=4, seed=0)
+        return [ds.caption(ds.sample(i)[1]) for i in range(len(ds))]
+    if args.dataset == "billion-word":
+        roots = [os.path.join(args.data_root, BW_DIR), os.path.join(
+            args.data_root, "1-billion-word-language-modeling-benchmark-r13output", BW_DIR)]
+        paths = next((sorted(glob.glob(os.path.join(r, "news.en-*-of-00100"))) for r in roots
+                      if glob.glob(os.path.join(r, "news.en-*-of-00100"))), [])
+        if not paths:
+            raise common.UserError(
+                f"Billion Word not found: no {roots[0]}/news.en-*-of-00100. Download "
+                "1-billion-word-language-modeling-benchmark-r13output.tar.gz from "
+                "http://www.statmt.org/lm-benchmark/ and extract it into --data-root (or pass the "
+                "extracted folder as --data-root)")
+    else:
+        paths = [args.dataset[len("text:"):]]
+        if not os.path.isfile(paths[0]):
+            raise common.UserError(f"--dataset {args.dataset}: no such file {paths[0]!r} (text:"
+                                   "<path> reads any plain text file, one example a line)")
+    lines = []
+    for path in paths:
+        with open(path, encoding="latin-1", newline="\n") as f:
+            for line in f:
+                lines.append(line[:-1] if line.endswith("\n") else line)  # official line[:-1]
+                if len(lines) == n:
+                    return lines
+    if not lines:
+        raise common.UserError(f"--dataset {args.dataset}: {paths[0]!r} holds no lines")
+    return lines
+
+
+def encode_lines(lines, seq_len, max_vocab, seed):
+    """[official language_helpers.py load_dataset, tokenize=False]: each line a tuple of characters
+    cut to seq_len and padded with '`'; the lines shuffled once; vocabulary 'unk' (index 0) + the
+    max_vocab - 1 most common characters (padding counted); rarer characters -> 'unk'.
+    Returns (codes (N, seq_len) int64, vocab list, tokenised lines as tuples)."""
+    toks = [tuple(s[:seq_len]) + (PAD,) * (seq_len - len(s[:seq_len])) for s in lines]
+    perm = np.random.default_rng(seed).permutation(len(toks))     # official np.random.shuffle
+    toks = [toks[i] for i in perm]
+    counts = collections.Counter(c for t in toks for c in t)
+    vocab = [UNK] + [c for c, _ in counts.most_common(max_vocab - 1) if c != UNK]
+    index = {c: i for i, c in enumerate(vocab)}
+    codes = torch.tensor([[index.get(c, 0) for c in t] for t in toks], dtype=torch.int64)
+    toks = [tuple(vocab[i] for i in row) for row in codes.tolist()]  # rare characters -> 'unk'
+    return codes, vocab, toks
+
+
+class TextData:
+    """A text --dataset: codes (N, seq_len), vocab, tokenised lines and the n-gram counts of all
+    real lines for the JS evaluation (n = 1..4) [official gan_language.py true_char_ngram_lms]."""
+
+    def __init__(self, args):
+        self.codes, self.vocab, self.lines = encode_lines(read_lines(args), args.seq_len,
+                                                          args.max_vocab, args.seed)
+        if len(self.lines) < args.batch_size:
+            raise common.UserError(f"--dataset {args.dataset} has {len(self.lines)} lines, fewer "
+                                   f"than one batch of {args.batch_size}")
+        self.true = [ngram_counts(self.lines, n) for n in range(1, 5)]
+
+    def floor(self, k=640):
+        """(k, js1..js4) of k held-out real lines vs the rest (k at most half the lines): about the
+        best value a run can reach [official gan_language.py "validation set JSD",
+        lines[:10 BATCH_SIZE] vs lines[10 BATCH_SIZE:]]."""
+        k = min(k, len(self.lines) // 2)
+        held, rest = self.lines[:k], self.lines[k:]
+        return k, [js_divergence(ngram_counts(held, n), ngram_counts(rest, n))
+                   for n in range(1, 5)]
+
+
 def load_data(args, device):
-    """(data, channels, classes): a toy source, or a dataset of images in [-1, 1] and labels."""
+    """(data, channels, classes): a toy source, a text source (channels = vocabulary size), or a
+    dataset of images in [-1, 1] and labels."""
+    if args.arch == "lang":
+        data = TextData(args)
+        return data, len(data.vocab), 1
     if args.dataset in TOYS:
         return (ToyGrid25(args.seed, device) if args.dataset == "25gaussians" else None), 2, 1
     # DEVIATION (dev. 9): LSUN (App. E) comes as an exported image folder (lsun-<cat> or folder:)
@@ -265,6 +395,11 @@ def load_data(args, device):
 def real_stream(args, data, start, device):
     """Endless (x, y) real batches from batch `start` on. One batch per critic step (Alg. 1 l.3),
     so a run resumed at G iteration s starts at batch s * n_critic."""
+    if args.arch == "lang":         # one-hot (B, seq_len, V) reals [official gan_language.py]
+        codes = torch.utils.data.TensorDataset(data.codes, torch.zeros(len(data.codes)))
+        for x, _ in common.infinite_batches(codes, args.batch_size, args.seed, start, 0,
+                                            on_device=False):
+            yield F.one_hot(x.to(device), len(data.vocab)).float(), None
     if args.dataset in TOYS:                  # 8gaussians, swissroll: the checkpointed torch RNG
         k = start
         while True:
@@ -493,8 +628,55 @@ class DCGANCritic(nn.Module):
         return self.net(x).squeeze(1), None
 
 
+class LangResBlock(nn.Module):
+    """x + 0.3 conv5(ReLU(conv5(ReLU(x)))), 1-D "same" convs, He-uniform [gan_language.py]."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.c1 = tflib_init(nn.Conv1d(dim, dim, 5, padding=2))
+        self.c2 = tflib_init(nn.Conv1d(dim, dim, 5, padding=2))
+
+    def forward(self, x):
+        return x + 0.3 * self.c2(F.relu(self.c1(F.relu(x))))
+
+
+class LangGenerator(nn.Module):
+    """z (128) -> Linear -> (dim, seq_len) -> 5 res blocks -> conv1x1 to V -> softmax over the
+    vocabulary at each position: (B, seq_len, V), no sampling: the critic sees the distributions
+    [Sec. 5.5; official gan_language.py Generator]."""
+
+    def __init__(self, z_dim=128, dim=512, seq_len=32, vocab=2048, blocks=5):
+        super().__init__()
+        self.z_dim, self.dim, self.seq_len = z_dim, dim, seq_len
+        self.fc = tflib_init(nn.Linear(z_dim, seq_len * dim), he=False)   # tflib Linear: Glorot
+        self.blocks = nn.Sequential(*[LangResBlock(dim) for _ in range(blocks)])
+        self.out = tflib_init(nn.Conv1d(dim, vocab, 1))
+
+    def forward(self, z, y=None):
+        h = self.blocks(self.fc(z).view(-1, self.dim, self.seq_len))     # (B, dim, seq_len)
+        return F.softmax(self.out(h).transpose(1, 2).float(), dim=2)     # (B, seq_len, V)
+
+
+class LangCritic(nn.Module):
+    """(B, seq_len, V) one-hot or softmax -> conv1x1 to dim -> 5 res blocks -> flatten -> Linear(1)
+    [Sec. 5.5; official gan_language.py Discriminator]."""
+
+    def __init__(self, dim=512, seq_len=32, vocab=2048, blocks=5):
+        super().__init__()
+        self.inp = tflib_init(nn.Conv1d(vocab, dim, 1))
+        self.blocks = nn.Sequential(*[LangResBlock(dim) for _ in range(blocks)])
+        self.fc = tflib_init(nn.Linear(seq_len * dim, 1), he=False)
+
+    def forward(self, x):
+        h = self.blocks(self.inp(x.transpose(1, 2)))                     # (B, dim, seq_len)
+        return self.fc(h.flatten(1)).squeeze(1), None
+
+
 def build_models(args, channels, n_classes):
     a, k = args.arch, (n_classes if args.conditional else 0)
+    if a == "lang":                                            # channels = vocabulary size
+        return (LangGenerator(args.z_dim, args.dim_g, args.seq_len, channels),
+                LangCritic(args.dim_d, args.seq_len, channels))
     if a == "mlp":
         return ToyMLP(args.z_dim, 2, args.dim_g), ToyMLP(2, 1, args.dim_d)
     if a == "resnet":
@@ -665,6 +847,36 @@ def draw_toy(D, x_real, x_fake, path, title_lines, lim=3.0, res=384, levels=8):
     common.title_strip(im, lines, key=key).save(path)
 
 
+def ngram_counts(lines, n):
+    """Counter of the character n-grams (tuples) of tokenised lines [official language_helpers.py
+    NgramLanguageModel, tokenize=False]."""
+    return collections.Counter(t[i:i + n] for t in lines for i in range(len(t) - n + 1))
+
+
+def js_divergence(p, q):
+    """Jensen-Shannon divergence of two n-gram count tables, in bits: 0.5 (KL(P||M) + KL(Q||M))
+    / log 2 with M = (P + Q) / 2, so 0 for equal and 1 (= log 2 nats) for disjoint supports
+    [official language_helpers.py js_with]."""
+    tp, tq = sum(p.values()), sum(q.values())
+    kl = 0.0
+    for a, b, ta, tb in ((p, q, tp, tq), (q, p, tq, tp)):
+        for g, c in a.items():
+            pa, pb = c / ta, b.get(g, 0) / tb
+            kl += pa * (math.log(pa) - math.log((pa + pb) / 2))
+    return 0.5 * kl / math.log(2)
+
+
+@torch.no_grad()
+def text_samples(G, args, device, vocab, n):
+    """n strings: argmax of G's softmax per position, G run on batches of --batch-size, z from its
+    own RNG (the same z at every call, never the training stream) [official generate_samples]."""
+    gen, out = torch.Generator().manual_seed(args.seed + 3), []
+    for i in range(0, n, args.batch_size):
+        p = sample(G, args.batch_size, args, device, gen)[: n - i]
+        out += [tuple(vocab[c] for c in row) for row in p.argmax(2).tolist()]
+    return out
+
+
 @torch.no_grad()
 def sample(G, n, args, device, gen, y=None):
     """G(z) for z ~ N(0, I) drawn from `gen` on the CPU, never from the training RNG."""
@@ -674,6 +886,13 @@ def sample(G, n, args, device, gen, y=None):
 def save_samples(G, D, args, step, device, data, fixed_z, fixed_y):
     """A 10x10 grid of G(fixed z), one class per column (official), or the toys' Fig. 1 panel."""
     path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
+    if args.arch == "lang":         # the JS evaluation's strings [official samples_{it}.txt]
+        text = "".join("".join(t) + "\n" for t in text_samples(G, args, device, data.vocab,
+                                                                args.js_samples))
+        for f in (path[:-4] + ".txt", os.path.join(args.out_dir, "samples.txt")):
+            with open(f, "w", encoding="latin-1") as fh:
+                fh.write(text)
+        return
     if args.dataset not in TOYS:    # PAPER-VS-CODE (dev. 7): BN with batch statistics (official)
         with torch.no_grad():
             x = G(fixed_z.to(device), fixed_y)
@@ -716,9 +935,14 @@ def build_fid(args, device):
                            ref_size=args.fid_ref_size)
 
 
-def evaluate(G, args, device, n_classes, fid_ev, mode_gen):
+def evaluate(G, args, device, n_classes, fid_ev, mode_gen, data=None):
     """Toys: modes and hq of 2500 samples (own RNG stream, checkpointed). Images: Inception Score
-    (Tab. 3: 50K samples, 10 splits) and FID from one Inception pass of fid.TrainingFID."""
+    (Tab. 3: 50K samples, 10 splits) and FID from one Inception pass of fid.TrainingFID. Text:
+    js1..js4 of --js-samples strings vs all real lines [official gan_language.py, every 100 it]."""
+    if args.arch == "lang":
+        fake = text_samples(G, args, device, data.vocab, args.js_samples)
+        return {f"js{n}": js_divergence(ngram_counts(fake, n), data.true[n - 1])
+                for n in range(1, 5)}
     if args.dataset in TOYS:
         if args.fixed_generator:
             return {}
@@ -738,6 +962,7 @@ def load_generator(ckpt_path, device="cpu"):
     state = common.load_checkpoint(ckpt_path, device)
     G, _ = build_models(argparse.Namespace(**state["args"]), state["channels"], state["n_classes"])
     G.load_state_dict(state["G"])
+    G.vocab = state.get("vocab")                      # text: index -> character (None: images)
     return G.to(device).eval()
 
 
@@ -774,7 +999,14 @@ def main(argv=None):
 
     run.start(step, device, G=G, D=D)
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if step == 0 and args.dataset not in TOYS:
+    if args.arch == "lang":
+        k, floor = data.floor()
+        print(f"js floor ({k} held-out real lines vs the other {len(data.lines) - k}): " + " ".join(
+            f"js{n + 1} {v:.4g}" for n, v in enumerate(floor)), flush=True)
+        if step == 0:
+            with open(os.path.join(args.out_dir, "reals.txt"), "w", encoding="latin-1") as f:
+                f.write("".join("".join(t) + "\n" for t in data.lines[:640]))
+    elif step == 0 and args.dataset not in TOYS:
         reals = torch.stack([data[i][0] for i in range(min(64, len(data)))])
         torchvision.utils.save_image(reals, os.path.join(args.out_dir, "reals.png"), nrow=8,
                                      normalize=True, value_range=(-1, 1))
@@ -786,8 +1018,8 @@ def main(argv=None):
         step += 1
         fid_now = args.fid_every > 0 and (step % args.fid_every == 0 or step == args.steps)
         if step % args.log_every == 0 or step == args.steps or fid_now:
-            evals = evaluate(G, args, device, n_classes, fid_ev, mode_gen) if (
-                fid_now or args.dataset in TOYS) else {}
+            evals = evaluate(G, args, device, n_classes, fid_ev, mode_gen, data) if (
+                fid_now or args.dataset in TOYS or args.arch == "lang") else {}
             run.log(step, {**out, "lr": lr_at(step, args), **evals})
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
             save_samples(G, D, args, step, device, data, fixed_z, fixed_y)
@@ -795,7 +1027,8 @@ def main(argv=None):
             run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                             "opt_D": opt_D.state_dict(), "fixed_z": fixed_z,
                             "mode_gen": mode_gen.get_state(), "rng": common.rng_state(),
-                            "channels": channels, "n_classes": n_classes})
+                            "channels": channels, "n_classes": n_classes,
+                            **({"vocab": data.vocab} if args.arch == "lang" else {})})
     if args.export_samples and not run.stopping:
         path = os.path.join(args.out_dir, f"samples_{args.export_samples}.npz")
         export_samples(G, args, device, n_classes, path)

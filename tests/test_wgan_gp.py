@@ -18,6 +18,9 @@ ARGV = TINY["wgan_gp.py"]
 TOY = ["--dataset", "8gaussians", "--device", "cpu", "--dim-g", "16", "--dim-d", "16",
        "--batch-size", "32", "--steps", "3", "--log-every", "1", "--sample-every", "0",
        "--ckpt-every", "1"]
+TEXT = ["--dataset", "shapes-text", "--device", "cpu", "--dim-g", "8", "--batch-size", "8",
+        "--n-critic", "2", "--steps", "2", "--max-examples", "200", "--js-samples", "16",
+        "--log-every", "1", "--sample-every", "1", "--ckpt-every", "1"]     # Sec. 5.5, tiny
 OFF = lambda: torch.autocast("cpu", enabled=False)   # noqa: E731  the amp context of a CPU run
 
 
@@ -539,7 +542,8 @@ def test_smoke_writes_artifacts_and_finite_metrics(tmp_path):
     assert [r["step"] for r in rows(tmp_path)] == [1, 2] and m["gp"] > 0 and "loss_G" in m
 
 
-@pytest.mark.parametrize("base", [ARGV, TOY + ["--dataset", "25gaussians"]], ids=["shapes", "toy"])
+@pytest.mark.parametrize("base", [ARGV, TOY + ["--dataset", "25gaussians"], TEXT],
+                         ids=["shapes", "toy", "text"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, base):
     extra = ["--steps", "4", "--ckpt-every", "2"]
     run(tmp_path / "a", *extra, base=base)
@@ -623,3 +627,134 @@ def test_the_one_minute_toy_run_covers_the_8_modes(tmp_path):
     m = run(tmp_path, "--steps", "2000", "--dim-g", "128", "--dim-d", "128", "--lam", "0.1",
             "--batch-size", "256", "--log-every", "2000", base=TOY)
     assert m["modes"] >= 7 and m["hq"] >= 0.2
+
+
+# ---- Sec. 5.5: the character-level language model (official gan_language.py) ----
+def test_text_defaults_are_gan_language_and_text_needs_the_lang_nets():
+    r = args_for("--dataset", "billion-word")
+    assert (r.arch, r.n_critic, r.lam, r.lr, r.betas, r.batch_size, r.g_batch_size, r.steps,
+            r.z_dim, r.dim_g, r.dim_d, r.seq_len, r.max_vocab, r.max_examples, r.js_samples,
+            r.lr_decay) == ("lang", 10, 10.0, 1e-4, [0.5, 0.9], 64, 64, 200_000, 128, 512, 512,
+                            32, 2048, 10_000_000, 640, False)
+    g = args_for("--dataset", "shapes-text", "--mode", "dcgan")     # the untuned standard GAN
+    assert (g.arch, g.n_critic, g.lr, g.betas) == ("lang", 1, 2e-4, [0.5, 0.999])
+    assert args_for("--dataset", "text:x.txt").arch == "lang"
+    for bad in (["--dataset", "cifar10", "--arch", "lang"], ["--dataset", "billion-word",
+                "--arch", "resnet"], ["--dataset", "shapes-text", "--fid-every", "10"]):
+        with pytest.raises(common.UserError):
+            args_for(*bad)
+
+
+def test_text_nets_shapes_parameters_init_and_softmax_rows():
+    args = args_for("--dataset", "billion-word")
+    V = 97
+    G, D = wgan_gp.build_models(args, V, 1)
+    conv = 5 * 512 * 512 + 512
+    assert sum(p.numel() for p in G.parameters()) == (128 + 1) * 32 * 512 + 10 * conv + 513 * V
+    assert sum(p.numel() for p in D.parameters()) == (V + 1) * 512 + 10 * conv + 32 * 512 + 1
+    w = G.blocks[0].c1.weight                                       # tflib He: fan = c * k
+    assert w.abs().max() <= math.sqrt(3 * 4 / (2 * 512 * 5)) < 1.01 * w.abs().max()
+    assert G.fc.weight.abs().max() <= math.sqrt(3 * 2 / (128 + 32 * 512))     # Glorot
+    torch.manual_seed(0)
+    p = G(torch.randn(3, 128))
+    assert p.shape == (3, 32, V) and (p >= 0).all()
+    assert torch.allclose(p.sum(2), torch.ones(3, 32), atol=1e-5)  # a distribution per position
+    assert p.max() < 0.9                                            # not sampled / one-hot
+    assert D(p)[0].shape == (3,) and D(F.one_hot(p.argmax(2), V).float())[1] is None
+
+
+def test_text_residual_block_is_relu_conv5_relu_conv5_scaled_by_0_3():
+    G, _ = wgan_gp.build_models(args_for("--dataset", "shapes-text", "--dim-g", "6"), 11, 1)
+    assert len(G.blocks) == 5 and G.out.kernel_size == (1,)
+    b, x = G.blocks[2], torch.randn(2, 6, 32)
+    ref = x + 0.3 * F.conv1d(F.relu(F.conv1d(F.relu(x), b.c1.weight, b.c1.bias, padding=2)),
+                             b.c2.weight, b.c2.bias, padding=2)
+    assert b.c1.kernel_size == b.c2.kernel_size == (5,)
+    assert torch.allclose(b(x), ref, atol=1e-6)
+
+
+def test_js_divergence_in_bits_self_zero_disjoint_one_per_n():
+    a = [tuple("abcabcab"), tuple("aab`````")]
+    b = [tuple("xyzxyzxy"), tuple("zzy`````")]
+    b[1] = tuple("zzyqqqqq")                                        # no shared n-gram at all
+    for n in range(1, 5):
+        pa, pb = wgan_gp.ngram_counts(a, n), wgan_gp.ngram_counts(b, n)
+        assert sum(pa.values()) == 2 * (8 - n + 1)                  # every position's n-gram
+        assert wgan_gp.js_divergence(pa, pa) == pytest.approx(0, abs=1e-12)
+        assert wgan_gp.js_divergence(pa, pb) * math.log(2) == pytest.approx(math.log(2))  # nats
+    p, q = {("a",): 1}, {("a",): 1, ("b",): 1}                      # by hand, M = (.75, .25)
+    kl = math.log(1 / .75) + .5 * math.log(.5 / .75) + .5 * math.log(.5 / .25)
+    assert wgan_gp.js_divergence(p, q) == pytest.approx(kl / 2 / math.log(2))
+
+
+def test_tiny_text_run_logs_js_of_the_evaluation_samples_and_writes_samples(tmp_path):
+    m = run(tmp_path, base=TEXT)
+    assert m["step"] == 2 and all(math.isfinite(v) for v in m.values()) and m["gp"] > 0
+    for f in ("samples/0000001.txt", "samples/0000002.txt", "samples.txt", "reals.txt"):
+        assert (tmp_path / f).exists(), f
+    lines = (tmp_path / "samples.txt").read_text("latin-1").splitlines()
+    assert len(lines) == 16
+    reals = (tmp_path / "reals.txt").read_text().splitlines()
+    assert all(len(s) == 32 for s in reals) and reals[0].startswith("a ")   # captions, padded
+    args = args_for(*TEXT)
+    data = wgan_gp.TextData(args)
+    G = wgan_gp.load_generator(str(tmp_path / "ckpt.pt"))
+    assert G.vocab == data.vocab and G.vocab[0] == "unk"
+    fake = wgan_gp.text_samples(G, args, "cpu", G.vocab, 16)
+    assert "\n".join("".join(t) for t in fake) == "\n".join(lines)
+    for n in range(1, 5):             # the logged js_n: these samples vs every real line
+        ref = wgan_gp.js_divergence(wgan_gp.ngram_counts(fake, n),
+                                    wgan_gp.ngram_counts(data.lines, n))
+        assert m[f"js{n}"] == pytest.approx(ref, abs=1e-9)
+
+
+def test_text_critic_sees_one_hot_reals_of_the_shuffled_stream():
+    args = args_for(*TEXT)
+    data = wgan_gp.TextData(args)
+    x, y = next(wgan_gp.real_stream(args, data, 0, "cpu"))
+    assert y is None and x.shape == (8, 32, len(data.vocab))
+    assert set(x.unique().tolist()) == {0.0, 1.0} and (x.sum(2) == 1).all()
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(0))[:8]
+    assert torch.equal(x.argmax(2), data.codes[perm])
+
+
+def test_billion_word_loader_reads_the_released_layout(tmp_path):
+    with pytest.raises(common.UserError, match="statmt.org/lm-benchmark"):
+        wgan_gp.main(["--dataset", "billion-word", "--data-root", str(tmp_path), "--device", "cpu",
+                      "--out-dir",
+                      str(tmp_path / "run")])
+    d = tmp_path / wgan_gp.BW_DIR
+    d.mkdir()
+    long = "The quick brown fox jumps over the lazy dog again ."
+    (d / "news.en-00001-of-00100").write_bytes(f"{long}\nzz z\n".encode())
+    (d / "news.en-00002-of-00100").write_bytes("caf\u00e9 q\nnever read\n".encode())
+    bw = ["--dataset", "billion-word", "--data-root", str(tmp_path), "--max-examples", "3",
+          "--batch-size", "2"]
+    args = args_for(*bw)
+    assert wgan_gp.read_lines(args) == [long, "zz z", "caf\u00c3\u00a9 q"]  # bytes, file order
+    data = wgan_gp.TextData(args)
+    assert len(data.lines) == 3 and all(len(t) == 32 for t in data.lines)
+    toks = sorted(data.lines, key=lambda t: t[0])
+    assert [t[:32] for t in toks if t[0] == "T"] == [tuple(long[:32])]        # cut at 32
+    assert toks[-1][:5] == tuple("zz z`") and toks[-1][4:] == ("`",) * 28    # padded with '`'
+    assert data.vocab[:3] == ["unk", "`", " "] and "unk" not in sum(data.lines, ())
+    small = wgan_gp.TextData(args_for(*bw, "--max-vocab", "3"))   # 'unk' + the 2 most common
+    assert small.vocab == ["unk", "`", " "] and small.codes.max() == 2
+    assert [t for t in small.lines if t[0] != "unk"] == [] and small.lines[0][-1] == "`"
+    with pytest.raises(common.UserError, match="no such file"):
+        wgan_gp.main(["--dataset", f"text:{tmp_path}/none.txt", "--device", "cpu", "--out-dir",
+                      str(tmp_path / "r")])
+    f = tmp_path / "plain.txt"
+    f.write_text("one line\nanother\n")
+    assert wgan_gp.read_lines(args_for("--dataset", f"text:{f}")) == ["one line", "another"]
+
+
+def test_text_standard_gan_baseline_runs_on_the_same_nets(tmp_path):
+    m = run(tmp_path / "g", "--mode", "dcgan", base=TEXT)
+    assert "js4" in m and math.isfinite(m["loss_D"])
+    a = torch.load(tmp_path / "g" / "ckpt.pt", weights_only=True)
+    run(tmp_path / "w", base=TEXT)
+    b = torch.load(tmp_path / "w" / "ckpt.pt", weights_only=True)
+    for net in ("G", "D"):
+        assert {k: v.shape for k, v in a[net].items()} == {k: v.shape for k, v in b[net].items()}
+    assert a["opt_D"]["param_groups"][0]["betas"] == (0.5, 0.999)
