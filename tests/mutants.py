@@ -595,12 +595,175 @@ MUTANTS = {
         ("wgan_gp.py", 'mutable=("steps", "lr")',
          'mutable=("steps",)',
          "tests/test_wgan_gp.py", 'a new --lr refused on resume'),
-        ("wgan_gp.py", 'if (\n                fid_now or args.dataset in TOYS)',
-         'if (\n                args.dataset in TOYS)',
+        ("wgan_gp.py", 'if (\n                fid_now or args.dataset in TOYS or',
+         'if (\n                args.dataset in TOYS or',
          "tests/test_wgan_gp.py", '--fid-every never evaluates'),
         ("wgan_gp.py", 'return sample(G, 100, args, device, gen, None if y is None',
          'return sample(G, n, args, device, gen, None if y is None',
          "tests/test_wgan_gp.py", 'IS/FID samples from batches of n, not 100'),
+        # issue 20: the language model of Sec. 5.5 (gan_language.py, language_helpers.py)
+        ("wgan_gp.py", 'LANG_MODES = {"wgan-gp": dict(n_critic=10)}',
+         'LANG_MODES = {"wgan-gp": dict(n_critic=5)}',
+         "tests/test_wgan_gp.py::"
+         "test_text_defaults_are_gan_language_and_text_needs_the_lang_nets",
+         'text: CRITIC_ITERS 10'),
+        ("wgan_gp.py", '"lang":     (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 512,',
+         '"lang":     (2e-4, [0.5, 0.9], False, 200_000, 64,  128, 128,',
+         "tests/test_wgan_gp.py::"
+         "test_text_defaults_are_gan_language_and_text_needs_the_lang_nets",
+         'text: Adam lr 1e-4, DIM 512'),
+        ("wgan_gp.py", '"--seq-len", type=pos, default=32,',
+         '"--seq-len", type=pos, default=64,',
+         "tests/test_wgan_gp.py::"
+         "test_text_defaults_are_gan_language_and_text_needs_the_lang_nets",
+         'text: SEQ_LEN 32'),
+        ("wgan_gp.py", '"--max-vocab", type=pos, default=2048,',
+         '"--max-vocab", type=pos, default=256,',
+         "tests/test_wgan_gp.py::"
+         "test_text_defaults_are_gan_language_and_text_needs_the_lang_nets",
+         'text: max_vocab_size 2048'),
+        ("wgan_gp.py", 'else "lang" if is_text(args.dataset) else',
+         'else "resnet" if is_text(args.dataset) else',
+         "tests/test_wgan_gp.py::"
+         "test_text_defaults_are_gan_language_and_text_needs_the_lang_nets",
+         'text: default arch lang'),
+        ("wgan_gp.py", 'return x + 0.3 * self.c2(',
+         'return x + 1.0 * self.c2(',
+         "tests/test_wgan_gp.py::"
+         "test_text_residual_block_is_relu_conv5_relu_conv5_scaled_by_0_3",
+         'text: residual x 0.3'),
+        ("wgan_gp.py", 'self.c1 = tflib_init(nn.Conv1d(dim, dim, 5, padding=2))',
+         'self.c1 = tflib_init(nn.Conv1d(dim, dim, 3, padding=1))',
+         "tests/test_wgan_gp.py::"
+         "test_text_residual_block_is_relu_conv5_relu_conv5_scaled_by_0_3",
+         'text: conv k=5'),
+        ("wgan_gp.py", 'x + 0.3 * self.c2(F.relu(self.c1(F.relu(x))))',
+         'x + 0.3 * self.c2(F.relu(self.c1(x)))',
+         "tests/test_wgan_gp.py::"
+         "test_text_residual_block_is_relu_conv5_relu_conv5_scaled_by_0_3",
+         'text: ReLU before conv1'),
+        ("wgan_gp.py",
+         'self.blocks = nn.Sequential(*[LangResBlock(dim) for _ in range(blocks)])\n        sel'
+         'f.out',
+         'self.blocks = nn.Sequential(*[LangResBlock(dim) for _ in range(blocks - 1)])\n       '
+         ' self.out',
+         "tests/test_wgan_gp.py::"
+         "test_text_nets_shapes_parameters_init_and_softmax_rows",
+         'text: 5 res blocks in G'),
+        ("wgan_gp.py", 'self.inp = tflib_init(nn.Conv1d(vocab, dim, 1))',
+         'self.inp = tflib_init(nn.Conv1d(vocab, dim, 5, padding=2))',
+         "tests/test_wgan_gp.py::"
+         "test_text_nets_shapes_parameters_init_and_softmax_rows",
+         'text: critic input conv 1x1'),
+        ("wgan_gp.py", 'self.c2 = tflib_init(nn.Conv1d(dim, dim, 5, padding=2))',
+         'self.c2 = tflib_init(nn.Conv1d(dim, dim, 5, padding=2), he=False)',
+         "tests/test_wgan_gp.py::"
+         "test_text_nets_shapes_parameters_init_and_softmax_rows",
+         'text: He-uniform conv init'),
+        ("wgan_gp.py", 'self.c1 = tflib_init(nn.Conv1d(dim, dim, 5, padding=2))',
+         'self.c1 = tflib_init(nn.Conv1d(dim, dim, 5, padding=2), he=False)',
+         "tests/test_wgan_gp.py::"
+         "test_text_nets_shapes_parameters_init_and_softmax_rows",
+         'text: He-uniform conv1 init'),
+        ("wgan_gp.py", 'return F.softmax(self.out(h).transpose(1, 2).float(), dim=2)',
+         'return F.softmax(self.out(h).transpose(1, 2).float(), dim=1)',
+         "tests/test_wgan_gp.py::"
+         "test_text_nets_shapes_parameters_init_and_softmax_rows",
+         'text: softmax over the vocabulary'),
+        ("wgan_gp.py", 'return F.softmax(self.out(h).transpose(1, 2).float(), dim=2)',
+         'return F.one_hot(self.out(h).transpose(1, 2).argmax(2), self.out.out_channels).float'
+         '()',
+         "tests/test_wgan_gp.py::"
+         "test_text_nets_shapes_parameters_init_and_softmax_rows",
+         'text: no sampling inside G'),
+        ("wgan_gp.py", 'return 0.5 * kl / math.log(2)',
+         'return 0.5 * kl',
+         "tests/test_wgan_gp.py::"
+         "test_js_divergence_in_bits_self_zero_disjoint_one_per_n",
+         'text: JS in bits (/ log 2)'),
+        ("wgan_gp.py", 'math.log((pa + pb) / 2))',
+         'math.log(pa + pb))',
+         "tests/test_wgan_gp.py::"
+         "test_js_divergence_in_bits_self_zero_disjoint_one_per_n",
+         'text: JS mixture M = (P + Q) / 2'),
+        ("wgan_gp.py", 'for i in range(len(t) - n + 1))',
+         'for i in range(len(t) - n))',
+         "tests/test_wgan_gp.py::"
+         "test_js_divergence_in_bits_self_zero_disjoint_one_per_n",
+         'text: every n-gram position'),
+        ("wgan_gp.py", 'data.true[n - 1])',
+         'data.true[0])',
+         "tests/test_wgan_gp.py::"
+         "test_tiny_text_run_logs_js_of_the_evaluation_samples_and_writes_samples",
+         'text: js_n vs real n-grams'),
+        ("wgan_gp.py", 'self.true = [ngram_counts(self.lines, n)',
+         'self.true = [ngram_counts(self.lines[:640], n)',
+         "tests/test_wgan_gp.py::"
+         "test_tiny_text_run_logs_js_of_the_evaluation_samples_and_writes_samples",
+         'text: true n-grams of all lines'),
+        ("wgan_gp.py", 'out += [tuple(vocab[c] for c in row) for row in p.argmax(2).tolist()]',
+         'out += [tuple(vocab[c] for c in row) for row in torch.multinomial(p.flatten(0, 1), 1'
+         ').view(p.shape[:2]).tolist()]',
+         "tests/test_wgan_gp.py::"
+         "test_tiny_text_run_logs_js_of_the_evaluation_samples_and_writes_samples",
+         'text: argmax decoding'),
+        ("wgan_gp.py", 'for f in (path[:-4] + ".txt", os.path.join(args.out_dir, "samples.txt")):',
+         'for f in (path[:-4] + ".txt",):',
+         "tests/test_wgan_gp.py::"
+         "test_tiny_text_run_logs_js_of_the_evaluation_samples_and_writes_samples",
+         'text: samples.txt'),
+        ("wgan_gp.py", 'p = sample(G, args.batch_size, args, device, gen)[: n - i]',
+         'p = sample(G, args.batch_size, args, device, gen)[: n - i - 1]',
+         "tests/test_wgan_gp.py::"
+         "test_tiny_text_run_logs_js_of_the_evaluation_samples_and_writes_samples",
+         'text: --js-samples strings'),
+        ("wgan_gp.py", 'yield F.one_hot(x.to(device), len(data.vocab)).float(), None',
+         'yield 0.9 * F.one_hot(x.to(device), len(data.vocab)).float() + 0.1 / len(data.vocab)'
+         ', None',
+         "tests/test_wgan_gp.py::"
+         "test_text_critic_sees_one_hot_reals_of_the_shuffled_stream",
+         'text: one-hot reals'),
+        ("wgan_gp.py", 'toks = [tuple(s[:seq_len]) + (PAD,)',
+         'toks = [tuple(s[-seq_len:]) + (PAD,)',
+         "tests/test_wgan_gp.py::"
+         "test_billion_word_loader_reads_the_released_layout",
+         'text: lines cut to their first 32 chars'),
+        ("wgan_gp.py", 'PAD, UNK = "`", "unk"',
+         'PAD, UNK = " ", "unk"',
+         "tests/test_wgan_gp.py::"
+         "test_billion_word_loader_reads_the_released_layout",
+         "text: padding char '`'"),
+        ("wgan_gp.py",
+         'vocab = [UNK] + [c for c, _ in counts.most_common(max_vocab - 1) if c != UNK]',
+         'vocab = [c for c, _ in counts.most_common(max_vocab - 1) if c != UNK] + [UNK]',
+         "tests/test_wgan_gp.py::"
+         "test_billion_word_loader_reads_the_released_layout",
+         "text: 'unk' is index 0"),
+        ("wgan_gp.py", 'counts.most_common(max_vocab - 1)',
+         'counts.most_common(max_vocab)',
+         "tests/test_wgan_gp.py::"
+         "test_billion_word_loader_reads_the_released_layout",
+         "text: vocabulary size incl. 'unk'"),
+        ("wgan_gp.py", 'if len(lines) == n:',
+         'if len(lines) == n + 1:',
+         "tests/test_wgan_gp.py::"
+         "test_billion_word_loader_reads_the_released_layout",
+         'text: MAX_N_EXAMPLES'),
+        ("wgan_gp.py", 'lines.append(line[:-1] if line.endswith("\\n") else line)',
+         'lines.append(line)',
+         "tests/test_wgan_gp.py::"
+         "test_billion_word_loader_reads_the_released_layout",
+         'text: newline stripped'),
+        ("wgan_gp.py", 'encoding="latin-1", newline="\\n") as f:',
+         'encoding="utf-8", newline="\\n") as f:',
+         "tests/test_wgan_gp.py::"
+         "test_billion_word_loader_reads_the_released_layout",
+         'text: bytes as characters (official py2)'),
+        ("wgan_gp.py", '"news.en-*-of-00100"))) for r in roots',
+         '"news.en-*-of-00100")))[::-1] for r in roots',
+         "tests/test_wgan_gp.py::"
+         "test_billion_word_loader_reads_the_released_layout",
+         'text: shards in file order'),
     ],
     # ---- gd_stable.py ----
     "gd_stable.py": [  # one or more per checklist item of the card (Sec. 7), then issues 11, 12
