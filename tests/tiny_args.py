@@ -47,7 +47,12 @@ TINY = {
                      "2", "--seg-every", "2", "--seg-steps", "5", "--seg-images", "2",
                      "--export-samples", "2", "--num-workers", "0", "--log-every", "1",
                      "--sample-every", "2", "--ckpt-every", "1", "--deterministic"],
-    "stackganpp.py": None,
+    # stackganpp: 4 items in batches of 4, so one step an epoch (--epochs counts the steps)
+    "stackganpp.py": ["--dataset", "shapes", "--device", "cpu", "--base-size", "8", "--gf-dim",
+                      "4", "--df-dim", "4", "--cond-dim", "8", "--batch-size", "4",
+                      "--max-dataset-size", "4", "--epochs", "2", "--num-workers", "0",
+                      "--log-every", "1", "--sample-every", "2", "--ckpt-every", "1",
+                      "--deterministic"],
 }
 
 # What the run-plumbing tests (tests/test_run_plumbing.py, tests/test_standalone.py) need to know
@@ -78,4 +83,23 @@ SPEC = {
                    total=12, kill_at="step 5/"),
     "dp_gan.py": dict(length="--epochs", shape=("--width", "0.125"), nan=["--lr", "1e30"],
                       folder=False, total=12, kill_at="step 5/"),
+    # one step an epoch (TINY: --max-dataset-size 4 = --batch-size): step = epoch
+    "stackganpp.py": dict(length="--epochs", shape=("--gf-dim", "8"), nan=["--lr", "1e30"],
+                          folder=True, total=12, kill_at="step 5/"),
+}
+
+# The torchrun test (tests/test_torchrun.py: one `torchrun --nproc_per_node 2` launch of
+# tests/dist_driver.py, gloo on CPU, for every script here). A script joins by adding its entry:
+#   argv    tiny flags (its TINY entry, usually) with a global --batch-size divisible by 2
+#   length  the flag that sets the length of training; the driver appends `length steps`
+#   steps   k: the test compares the checkpoints after k steps
+#   stop    the step where the interrupted 2-process run stops (saved, then --resume to k)
+#   exact   True when the configuration is BN-free or per-sample independent: the 2-process
+#           parameters must equal a 1-process run with the global batch. False where BatchNorm
+#           sees the per-rank batch (no flag removes it): the test then checks that both ranks hold
+#           the same parameters instead.
+DIST = {
+    # BatchNorm in every G and D block (no BN-free flag): exact=False
+    "stackganpp.py": dict(argv=TINY["stackganpp.py"], length="--epochs", steps=3, stop=1,
+                          exact=False),
 }
