@@ -611,6 +611,7 @@ def main(argv=None):
         step += 1                                          # iteration = generator updates
         report(run, step, lr, out, G, ev, fixed_z, names, args, dist)
         if step % args.ckpt_every == 0 or step == args.steps or run.stopping:
+            dist.broadcast_buffers(G)                      # rank 0's BN statistics everywhere
             run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                             "opt_D": opt_D.state_dict(), "fixed_z": fixed_z,
                             "rng": common.rng_state()})

@@ -616,6 +616,7 @@ def main(argv=None):
         step += 1
         report(run, step, out, G, D, ev, fixed_z, args, dist)
         if step % args.ckpt_every == 0 or step == args.steps or run.stopping:
+            dist.broadcast_buffers(G)               # rank 0's BN statistics on every rank
             run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                             "opt_D": opt_D.state_dict(), "fixed_z": fixed_z.cpu(),
                             "rng": common.rng_state()})

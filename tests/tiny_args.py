@@ -102,4 +102,12 @@ DIST = {
     # BatchNorm in every G and D block (no BN-free flag): exact=False
     "stackganpp.py": dict(argv=TINY["stackganpp.py"], length="--epochs", steps=3, stop=1,
                           exact=False),
+    # BatchNorm in G (CBN in projection), none in D; no flag removes it: exact=False
+    "sngan.py": dict(argv=TINY["sngan.py"], length="--steps", steps=2, stop=1, exact=False),
+    "projection.py": dict(argv=TINY["projection.py"], length="--steps", steps=2, stop=1,
+                          exact=False),
+    # the same with G's BNs replaced by Identity in the test (tests/<script>_bnfree.py): exact
+    "sngan_bnfree.py": dict(argv=TINY["sngan.py"], length="--steps", steps=2, stop=1, exact=True),
+    "projection_bnfree.py": dict(argv=TINY["projection.py"], length="--steps", steps=2, stop=1,
+                                 exact=True),
 }
