@@ -58,83 +58,6 @@ def runs(tmp_path_factory):
     return root
 
 
-# ---- card 8.8: both modes end to end ----
-def test_tiny_runs_in_both_modes_step_all_three_ds_and_log_colour_statistics(runs):
-    for mode in ("text", "none"):
-        rows = _rows(runs / mode)
-        assert [r["step"] for r in rows] == [1, 2]
-        for r in rows:
-            assert all(np.isfinite(v) for k, v in r.items() if isinstance(v, float)), r
-            assert {"loss_D0", "loss_D1", "loss_D2", "loss_G", "color_mu_16", "color_cov_16",
-                    "color_mu_32", "color_cov_32"} <= set(r)
-            assert ("kl" in r) == (mode == "text")
-        state = _ckpt(runs / mode)
-        assert len(state["opt_D"]) == 3          # one Adam per D, each stepped every iteration
-        for o in [*state["opt_D"], state["opt_G"]]:
-            assert o["state"] and all(float(s["step"]) == 2 for s in o["state"].values())
-            assert o["param_groups"][0]["lr"] == 2e-4
-            assert tuple(o["param_groups"][0]["betas"]) == (0.5, 0.999)
-        names = {p.name for p in (runs / mode / "samples").iterdir()}
-        assert {"0000002_8.png", "0000002_16.png", "0000002_32.png"} <= names
-    assert (runs / "text" / "reals.png").exists()
-
-
-def test_resume_continues_exactly(runs):
-    assert _untimed(_rows(runs / "resumed")) == _untimed(_rows(runs / "text"))
-    a, b = _ckpt(runs / "resumed"), _ckpt(runs / "text")
-    for key in ("G", "G_ema"):
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
-    for da, db in zip(a["D"], b["D"]):
-        assert all(torch.equal(da[k], db[k]) for k in da)
-
-
-# ---- checklist 14 / card 8.7: EMA ----
-def test_ema_is_0999_old_plus_0001_new_per_step_and_live_g_stays_separate(runs):
-    s1, s2 = _ckpt(runs / "text1"), _ckpt(runs / "resumed")
-    G = sg.Generator(**s2["G_kwargs"])
-    params = {n for n, _ in G.named_parameters()}
-    assert params and params <= set(s2["G_ema"])
-    moved = 0
-    for n in s2["G_ema"]:
-        if n in params:
-            want = 0.999 * s1["G_ema"][n] + 0.001 * s2["G"][n]
-            assert torch.allclose(s2["G_ema"][n], want, atol=1e-7), n
-            moved += not torch.equal(s2["G_ema"][n], s2["G"][n])
-        else:                            # BN running statistics: the live G's (official)
-            assert torch.equal(s2["G_ema"][n], s2["G"][n]), n
-    assert moved > 10                    # live G not reset to the EMA at a snapshot
-
-
-def test_official_snapshot_reset_flag_copies_ema_into_live_g(tmp_path):
-    _main(tmp_path / "r", "--cond", "none", "--epochs", "1", "--snapshot-reset-every", "1")
-    s = _ckpt(tmp_path / "r")
-    assert all(torch.equal(s["G"][k], s["G_ema"][k]) for k in s["G"])
-
-
-def test_export_and_load_generator_use_the_ema_weights_in_eval_mode(runs):
-    G = sg.load_generator(runs / "none" / "ckpt.pt")
-    assert not G.training and not any(p.requires_grad for p in G.parameters())
-    s = _ckpt(runs / "none")
-    assert all(torch.equal(G.state_dict()[k], s["G_ema"][k]) for k in s["G_ema"])
-    z = torch.randn(4, 100, generator=torch.Generator().manual_seed(0 + 6))
-    with torch.no_grad():
-        imgs = G(z)[0]
-    npz = np.load(runs / "none" / "samples_4.npz")
-    assert npz["images"].shape == (4, 32, 32, 3) and npz["images_8"].shape == (4, 8, 8, 3)
-    for key, x in zip(("images_8", "images_16", "images"), imgs):
-        assert np.array_equal(npz[key], common.quantize(x).numpy()), key
-
-
-def test_fid_every_scores_every_branch(tmp_path, fid_recorder):
-    _main(tmp_path / "f", "--epochs", "1", "--fid-every", "1", "--fid-samples", "10")
-    assert fid_recorder.built[0]["img_size"] == 32
-    assert [c["shape"] for c in fid_recorder.calls] == [(3, 3, s, s) for s in (8, 16, 32)]
-    assert all(-1 <= c["lo"] and c["hi"] <= 1 for c in fid_recorder.calls)
-    row = _rows(tmp_path / "f")[-1]
-    assert {"fid", "is", "fid_8", "is_8", "fid_16", "is_16"} <= set(row)
-
-
 # ---- card 2.7: the paper's configuration is the default ----
 def test_defaults_are_the_official_configuration():
     a = sg.parse_args(["--dataset", "cub"])
@@ -206,8 +129,14 @@ def test_full_size_parameter_counts():
     assert Gu.f1.joint[0].in_channels == 164 and Gu.f2.joint[0].in_channels == 132
 
 
-def test_tiny_output_shapes_ranges_and_layers(runs):
-    G = sg.load_generator(runs / "text" / "ckpt.pt")
+def _built_g(*extra):
+    """G as main builds it (build_nets on the tiny flags), in eval mode."""
+    args = _args(*extra)
+    return sg.build_nets(_gkw(args), args)[0].eval()
+
+
+def test_tiny_output_shapes_ranges_and_layers():
+    G = _built_g()
     z, phi = torch.randn(4, 100), torch.randn(4, 1024)
     with torch.no_grad():
         s, mu, lv = G(z, phi)
@@ -279,8 +208,8 @@ def _capture(G):
     return seen
 
 
-def test_same_c_condition_first_at_every_stage_and_text_changes_s0(runs):
-    G = sg.load_generator(runs / "text" / "ckpt.pt")
+def test_same_c_condition_first_at_every_stage_and_text_changes_s0():
+    G = _built_g()
     seen = _capture(G)
     z, phi, eps = torch.randn(4, 100), torch.randn(4, 1024), torch.randn(4, 8)
     with torch.no_grad():
@@ -294,8 +223,8 @@ def test_same_c_condition_first_at_every_stage_and_text_changes_s0(runs):
     assert (s2[0] - s[0]).abs().max() > 1e-3
 
 
-def test_unconditional_branches_receive_z(runs):
-    G = sg.load_generator(runs / "none" / "ckpt.pt")
+def test_unconditional_branches_receive_z():
+    G = _built_g("--cond", "none")
     assert G.ca is None and G.f1.joint[0].in_channels == 4 + 100
     seen = _capture(G)
     z = torch.randn(4, 100)
@@ -549,3 +478,80 @@ def test_shapes_text_encoder_is_fixed_and_tells_captions_apart():
     assert e.shape == (10, 1024) and np.array_equal(e, src.embeddings(0))
     a, b = "a red circle", "a blue circle"
     assert np.abs(sg.encode_caption(a, W) - sg.encode_caption(b, W)).max() > 1
+
+
+# ---- card 8.8: both modes end to end ----
+def test_tiny_runs_in_both_modes_step_all_three_ds_and_log_colour_statistics(runs):
+    for mode in ("text", "none"):
+        rows = _rows(runs / mode)
+        assert [r["step"] for r in rows] == [1, 2]
+        for r in rows:
+            assert all(np.isfinite(v) for k, v in r.items() if isinstance(v, float)), r
+            assert {"loss_D0", "loss_D1", "loss_D2", "loss_G", "color_mu_16", "color_cov_16",
+                    "color_mu_32", "color_cov_32"} <= set(r)
+            assert ("kl" in r) == (mode == "text")
+        state = _ckpt(runs / mode)
+        assert len(state["opt_D"]) == 3          # one Adam per D, each stepped every iteration
+        for o in [*state["opt_D"], state["opt_G"]]:
+            assert o["state"] and all(float(s["step"]) == 2 for s in o["state"].values())
+            assert o["param_groups"][0]["lr"] == 2e-4
+            assert tuple(o["param_groups"][0]["betas"]) == (0.5, 0.999)
+        names = {p.name for p in (runs / mode / "samples").iterdir()}
+        assert {"0000002_8.png", "0000002_16.png", "0000002_32.png"} <= names
+    assert (runs / "text" / "reals.png").exists()
+
+
+def test_resume_continues_exactly(runs):
+    assert _untimed(_rows(runs / "resumed")) == _untimed(_rows(runs / "text"))
+    a, b = _ckpt(runs / "resumed"), _ckpt(runs / "text")
+    for key in ("G", "G_ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for da, db in zip(a["D"], b["D"]):
+        assert all(torch.equal(da[k], db[k]) for k in da)
+
+
+# ---- checklist 14 / card 8.7: EMA ----
+def test_ema_is_0999_old_plus_0001_new_per_step_and_live_g_stays_separate(runs):
+    s1, s2 = _ckpt(runs / "text1"), _ckpt(runs / "resumed")
+    G = sg.Generator(**s2["G_kwargs"])
+    params = {n for n, _ in G.named_parameters()}
+    assert params and params <= set(s2["G_ema"])
+    moved = 0
+    for n in s2["G_ema"]:
+        if n in params:
+            want = 0.999 * s1["G_ema"][n] + 0.001 * s2["G"][n]
+            assert torch.allclose(s2["G_ema"][n], want, atol=1e-7), n
+            moved += not torch.equal(s2["G_ema"][n], s2["G"][n])
+        else:                            # BN running statistics: the live G's (official)
+            assert torch.equal(s2["G_ema"][n], s2["G"][n]), n
+    assert moved > 10                    # live G not reset to the EMA at a snapshot
+
+
+def test_official_snapshot_reset_flag_copies_ema_into_live_g(tmp_path):
+    _main(tmp_path / "r", "--cond", "none", "--epochs", "1", "--snapshot-reset-every", "1")
+    s = _ckpt(tmp_path / "r")
+    assert all(torch.equal(s["G"][k], s["G_ema"][k]) for k in s["G"])
+
+
+def test_export_and_load_generator_use_the_ema_weights_in_eval_mode(runs):
+    G = sg.load_generator(runs / "none" / "ckpt.pt")
+    assert not G.training and not any(p.requires_grad for p in G.parameters())
+    s = _ckpt(runs / "none")
+    assert all(torch.equal(G.state_dict()[k], s["G_ema"][k]) for k in s["G_ema"])
+    z = torch.randn(4, 100, generator=torch.Generator().manual_seed(0 + 6))
+    with torch.no_grad():
+        imgs = G(z)[0]
+    npz = np.load(runs / "none" / "samples_4.npz")
+    assert npz["images"].shape == (4, 32, 32, 3) and npz["images_8"].shape == (4, 8, 8, 3)
+    for key, x in zip(("images_8", "images_16", "images"), imgs):
+        assert np.array_equal(npz[key], common.quantize(x).numpy()), key
+
+
+def test_fid_every_scores_every_branch(tmp_path, fid_recorder):
+    _main(tmp_path / "f", "--epochs", "1", "--fid-every", "1", "--fid-samples", "10")
+    assert fid_recorder.built[0]["img_size"] == 32
+    assert [c["shape"] for c in fid_recorder.calls] == [(3, 3, s, s) for s in (8, 16, 32)]
+    assert all(-1 <= c["lo"] and c["hi"] <= 1 for c in fid_recorder.calls)
+    row = _rows(tmp_path / "f")[-1]
+    assert {"fid", "is", "fid_8", "is_8", "fid_16", "is_16"} <= set(row)
