@@ -713,6 +713,7 @@ def evaluate(args, device):
 
 # ==== Main ====
 def main(argv=None):
+    common.single_process("avb")
     args = parse_args(argv)
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -617,7 +617,9 @@ class Run:
 
     @property
     def stopping(self):
-        """True once SIGTERM or SIGINT arrived (at any process): save after this step, then stop."""
+        """True once SIGTERM or SIGINT arrived (at any process): save after this step, then stop.
+        Under torchrun a collective: read it on every rank equally often (never after a
+        `dist.main and`, which leaves rank 0 waiting alone)."""
         return self.dist.any(_STOP)
 
     def load(self, device="cpu"):
@@ -639,7 +641,7 @@ class Run:
                 f"{self.changed[k][1]!r})" for k in refused)
                 + ": pass the checkpoint's values, or start a new --out-dir")
         for k, (old, new) in self.changed.items():
-            if k != "resume":
+            if k != "resume" and self.dist.main:
                 print(f"resume: --{_flag(k)} {old!r} -> {new!r} (takes effect)", flush=True)
         return state
 
@@ -778,6 +780,15 @@ def _write_text(path, text):
 
 
 # ==== Processes (torchrun) ====
+def single_process(script):
+    """First line of the main of a script that stays one process (small data; DP noise is added
+    once): under torchrun with WORLD_SIZE > 1 it stops with a one-line UserError."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n > 1:
+        raise UserError(f"{script}.py runs as one process (WORLD_SIZE is {n}): start it with "
+                        f"python {script}.py, not torchrun --nproc_per_node > 1")
+
+
 class Dist:
     """Data parallelism under `torchrun --nproc_per_node=N script.py ...` (and multi-node torchrun):
     one process per device, torch.distributed underneath (NCCL on CUDA, gloo on CPU), --batch-size

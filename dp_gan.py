@@ -931,6 +931,7 @@ def restore(state, args, G, D, opt_G, opt_D, accountant, cfg):
 
 
 def main(argv=None):
+    common.single_process("dp_gan")
     args = parse_args(argv)
     device = setup(args)
     train, test, info = load_data(args, device)                     # resolves q = L / N

@@ -632,6 +632,7 @@ def export_samples(G, args, device, chunk=1000):
 
 # ==== Main ====
 def main(argv=None):
+    common.single_process("gd_stable")
     args = parse_args(argv)
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -1072,7 +1072,7 @@ def main(argv=None):
         dt = max(time.time() - t0, 1e-9)
         print(f"throughput: {(step - step0) * args.batch_size / dt:.1f} images/s (global batch "
               f"{args.batch_size}, incl. logging and sampling)", flush=True)
-    if dist.main and step == total and not run.stopping and args.export_samples:
+    if step == total and not run.stopping and dist.main and args.export_samples:  # collective
         export_samples(G_ema, test if text else None, args, device)
     return run.finish(step, device)
 

@@ -100,7 +100,7 @@ SPEC = {
 #           the same parameters instead.
 DIST = {
     # BatchNorm in every G and D block (no BN-free flag): exact=False
-    "stackganpp.py": dict(argv=TINY["stackganpp.py"], length="--epochs", steps=3, stop=1,
+    "stackganpp.py": dict(argv=TINY["stackganpp.py"], length="--epochs", steps=2, stop=1,
                           exact=False),
     # BatchNorm in G (CBN in projection), none in D; no flag removes it: exact=False
     "sngan.py": dict(argv=TINY["sngan.py"], length="--steps", steps=2, stop=1, exact=False),
