@@ -715,9 +715,8 @@ MUTANTS = {
          "tests/test_wgan_gp.py::"
          "test_tiny_text_run_logs_js_of_the_evaluation_samples_and_writes_samples",
          'text: --js-samples strings'),
-        ("wgan_gp.py", 'yield F.one_hot(x.to(device), len(data.vocab)).float(), None',
-         'yield 0.9 * F.one_hot(x.to(device), len(data.vocab)).float() + 0.1 / len(data.vocab)'
-         ', None',
+        ("wgan_gp.py", 'yield one_hot.scatter_(2, x, 1.0), None',
+         'yield one_hot.scatter_(2, x, 0.9) + 0.1 / len(data.vocab), None',
          "tests/test_wgan_gp.py::"
          "test_text_critic_sees_one_hot_reals_of_the_shuffled_stream",
          'text: one-hot reals'),
