@@ -497,7 +497,7 @@ def export_samples(G, args):
                         labels=y.numpy())                                   # (N, H, W, C)
 
 
-def build_evaluator(args, device):
+def build_evaluator(args, device, main=True):
     """fid.TrainingFID, built at start-up: one Inception, reference statistics of all classes and
     (for intra-FID) of each class resolved now. None when --fid-every is 0."""
     if args.fid_every == 0:
@@ -509,9 +509,11 @@ def build_evaluator(args, device):
         raise common.UserError(msg) if e.name == "fid" else e
     per_class = tuple(range(args.num_classes)) if args.intra_fid_samples else ()
     ref = f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images"
-    print(f"eval: IS and FID of {args.fid_samples} generated (uniform y) vs {ref}; intra-FID: mean"
+    msg = (f"eval: IS and FID of {args.fid_samples} generated (uniform y) vs {ref}; intra-FID: mean"
           f" of {len(per_class)} classes, {args.intra_fid_samples} each vs {ref} of the class "
-          "(official calc_intra_FID.py: 5K vs all)", flush=True)
+          "(official calc_intra_FID.py: 5K vs all)")
+    if main:                                    # under torchrun: rank 0
+        print(msg, flush=True)
     # DEVIATION: fid.py's Inception and reference statistics, not the paper's TF Inception (#34)
     return fid.TrainingFID(args.dataset, args.data_root, args.img_size, device, args.fid_samples,
                            weights=args.fid_weights, ref_split=args.fid_ref_split,
@@ -580,7 +582,7 @@ def main(argv=None):
     opt_G = torch.optim.Adam(G.parameters(), **adam)
     opt_D = torch.optim.Adam(D.parameters(), **adam)
     fixed_z = torch.randn(8, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
-    ev = build_evaluator(args, device)
+    ev = build_evaluator(args, device, dist.main)      # every rank scores
     state, step = run.load(device), 0
     if state:
         for obj, k in ((G, "G"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):

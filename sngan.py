@@ -517,7 +517,7 @@ def export_samples(G, args, device):
     np.savez(path, images=to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())   # (N, H, W, C)
 
 
-def build_evaluator(args, device):
+def build_evaluator(args, device, main=True):
     """fid.TrainingFID, built at start-up (weights, reference statistics resolved now), or None."""
     if args.fid_every == 0:
         return None
@@ -526,9 +526,11 @@ def build_evaluator(args, device):
     except ModuleNotFoundError as e:
         msg = "--fid-every needs fid.py (the project's metric file) next to sngan.py"
         raise common.UserError(msg) if e.name == "fid" else e
-    print(f"eval: IS and FID of {args.fid_samples} generated images, one Inception pass, vs "
+    msg = (f"eval: IS and FID of {args.fid_samples} generated images, one Inception pass, vs "
           f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images of {args.dataset} (App. B.1: "
-          "FID 5K vs 10K real, IS 10 x 5K; Mimicry: 50K vs 50K)", flush=True)
+          "FID 5K vs 10K real, IS 10 x 5K; Mimicry: 50K vs 50K)")
+    if main:                                    # under torchrun: rank 0
+        print(msg, flush=True)
     return fid.TrainingFID(args.dataset, args.data_root, args.img_size, device, args.fid_samples,
                            weights=args.fid_weights, ref_split=args.fid_ref_split,
                            ref_size=args.fid_ref_size or None)
@@ -589,7 +591,7 @@ def main(argv=None):
     opt_D = torch.optim.Adam(D.parameters(), **adam)
     fixed_z = sample_z(64, args.z_dim, args.z_dist, "cpu", torch.Generator().manual_seed(args.seed)
                        ).to(device)
-    ev = build_evaluator(args, device)
+    ev = build_evaluator(args, device, dist.main)      # every rank scores
     state, step = run.load(device), 0
     if state:
         for net, key in ((G, "G"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):

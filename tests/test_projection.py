@@ -487,3 +487,31 @@ def test_dequantize_matches_official_formula():
     assert ((x - (pixels / 128 - 1)) >= 0).all() and ((x - (pixels / 128 - 1)) < 1 / 128).all()
     exact = projection.dequantize(pixels / 127.5 - 1, torch.zeros(256))
     assert torch.equal(exact, pixels / 128 - 1)
+
+
+# ---- speed (issue 18): same math, no host sync in the step, bf16 forwards with fp32 losses ----
+def test_train_step_has_no_host_sync_and_amp_keeps_losses_fp32(tmp_path, monkeypatch):
+    real_step, seen, in_adam = projection.train_step, [], []
+
+    def no_sync(original):                          # torch's CPU Adam reads its step counter
+        def call(self, *a, **k):
+            assert in_adam, f"host sync inside train_step: {original.__name__}"
+            return original(self, *a, **k)
+        return call
+
+    def step(G, D, opt_G, opt_D, batches, args, dist, amp):
+        G.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        for opt in (opt_G, opt_D):                 # fused on CUDA: no sync of ours to find there
+            opt.register_step_pre_hook(lambda *a: in_adam.append(1))
+            opt.register_step_post_hook(lambda *a: in_adam.pop())
+        reals = iter([next(batches) for _ in range(args.n_dis)])  # on CUDA: common's cache
+        with monkeypatch.context() as m:            # what would wait for the GPU
+            for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, no_sync(getattr(torch.Tensor, name)))
+            out = real_step(G, D, opt_G, opt_D, reals, args, dist, amp)
+        seen.extend(v.dtype for v in out.values())
+        return out
+    monkeypatch.setattr(projection, "train_step", step)
+    m = _run(tmp_path, "amp", "--steps", "1", "--amp", "bf16", "--export-samples", "0")
+    assert math.isfinite(m["loss_D"]) and seen[0] == torch.bfloat16   # G's convs in bf16
+    assert seen[-4:] == [torch.float32] * 4                       # losses and D outputs fp32
