@@ -321,7 +321,8 @@ def device_cache(dataset, device, num_workers=0, limit_bytes=4 << 30):
     labels = torch.empty(len(dataset), dtype=torch.int64, device=device)
     to_float, i = None, 0
     progress = Progress("caching the dataset on the device", len(dataset), unit="img")
-    for x, y in DataLoader(dataset, batch_size=500, num_workers=num_workers):
+    for x, y in DataLoader(dataset, batch_size=500, num_workers=num_workers,
+                           generator=torch.Generator()):     # no global RNG draw
         x = x.to(device)
         u = (x + 1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
         if to_float is None:
