@@ -39,11 +39,14 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
      the official loads by key name, the same mapping for its 2-D 512p -> 3-D 1024p scripts.
   11. DEVIATION  --amp bf16 (paper fp32). Not here: RGB inputs (label_nc 0), precomputed
      features (--load_features), the image pool (official default pool_size 0), the editing UI.
+  12. DEVIATION  torchrun: --batch-size is the global batch, 1 per process at --batch-size N
+     (the official untested multi-GPU example: --batchSize 8 on 8 GPUs); the paper: batch 1.
 Run
   python pix2pixhd.py --dataset cityscapes              # G1 at 512x1024, 3 Ds, 100 + 100 epochs
   python pix2pixhd.py --dataset cityscapes --stage local --load-global runs/pix2pixhd-cityscapes-s0
                                                         # G1 + G2 at 1024x2048, 50 + 50 epochs
   python pix2pixhd.py --dataset cityscapes --num-D 2    # official scripts/train_512p.sh
+  torchrun --nproc_per_node 8 pix2pixhd.py --dataset cityscapes --batch-size 8   # DEVIATION 12
   python pix2pixhd.py --dataset cityscapes --instance-feat --sample-features 4   # Sec. 3.4
   python pix2pixhd.py --dataset cityscapes --size 256x512 --seg-every 10000 --fid-every 10000
   python pix2pixhd.py --dataset ade20k --size 256x256 --no-vgg
@@ -319,11 +322,14 @@ def load_pairs(args, train=True):
     return ds
 
 
-def flip_batch(batch):
+def flip_batch(batch, dist):
     """One shared random horizontal flip per pair for label, instance map and image (official
-    base_dataset.py); drawn from torch's CPU RNG, whose state the checkpoint keeps."""
-    flip = (torch.rand(batch["image"].shape[0]) < 0.5).view(-1, 1, 1, 1)
-    return {k: torch.where(flip, v.flip(-1), v) for k, v in batch.items()}
+    base_dataset.py); drawn from torch's CPU RNG, whose state the checkpoint keeps, for the
+    global batch on every process (torchrun), which keeps the rows of its share. Pinned where
+    CUDA is, so prepare's copies to the GPU do not wait for the previous step."""
+    flip = dist.shard(torch.rand(len(batch["image"]) * dist.world_size) < 0.5).view(-1, 1, 1, 1)
+    out = {k: torch.where(flip, v.flip(-1), v) for k, v in batch.items()}
+    return {k: v.pin_memory() for k, v in out.items()} if torch.cuda.is_available() else out
 
 
 def one_hot_labels(label_map, label_nc, device=None):
@@ -382,7 +388,8 @@ def prepare(batch, args, device):
     if args.instance:
         s = torch.cat([s, boundary_map(batch["inst"].to(device, non_blocking=True))], 1)
     return {"s": s, "x": batch["image"].to(device, non_blocking=True), "n_seg": n_seg,
-            "seg": seg.to(device, non_blocking=True), "label": batch["label"].to(device)}
+            "seg": seg.to(device, non_blocking=True),
+            "label": batch["label"].to(device, non_blocking=True)}   # no host sync in the step
 
 
 # ==== Models ====
@@ -646,9 +653,11 @@ def g_input(s, E, b):
     return s if E is None else torch.cat([s, E(b["x"], b["seg"], b["n_seg"])], 1)
 
 
-def train_step(G, D, E, vgg, opt_G, opt_D, b, args, autocast):
+def train_step(G, D, E, vgg, opt_G, opt_D, b, args, dist, autocast):
     """One iteration of the official train.py at batch 1: fake = G(s); D on (s, fake.detach()),
-    (s, x) and (s, fake) from one G forward; step G (and E), then D (its grads zeroed first)."""
+    (s, x) and (s, fake) from one G forward; step G (and E), then D (its grads zeroed first).
+    Under torchrun b is this process's share and the finished gradients are averaged; instance
+    norm and E's pooling are per image, so N processes give the updates of one with batch N."""
     with autocast():
         x_fake = G(g_input(b["s"], E, b))
         D.requires_grad_(False)                     # L_G's pass: gradients reach G only
@@ -666,9 +675,11 @@ def train_step(G, D, E, vgg, opt_G, opt_D, b, args, autocast):
     loss_G = sum(out.values())                      # Eq. (4) (+ Sec. 4's VGG term)
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
+    dist.average_gradients(*(m for m in (G, E) if m is not None))
     opt_G.step()
     opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
+    dist.average_gradients(D)
     opt_D.step()
     out.update(loss_G=loss_G, loss_D=loss_D, loss_D_real=loss_D_real, loss_D_fake=loss_D_fake)
     return {k: v.detach() for k, v in out.items()}
@@ -739,14 +750,14 @@ def eval_classes(args):
     return torch.tensor(emap if emap is not None else range(args.label_nc)), n_eval
 
 
-def train_segmenter(train, args, device):
+def train_segmenter(train, args, device, show=True):
     """Ours: cross entropy on (real image, label map) training pairs, Adam 1e-3, batch 1, from
-    its own seeded stream (the GAN's RNG is untouched)."""
+    its own seeded stream (the GAN's RNG is untouched). show: print the progress line."""
     emap, n_eval = eval_classes(args)
     seg = Segmenter(n_eval).to(device)
     opt = torch.optim.Adam(seg.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(args.seed + 3)
-    prog = common.Progress("proxy segmenter", args.seg_steps, unit="step")
+    prog = common.Progress("proxy segmenter", args.seg_steps, unit="step") if show else None
     for _ in range(args.seg_steps):
         item = train[int(torch.randint(len(train), (1,), generator=gen))]
         logits = seg(item["image"][None].to(device))
@@ -754,7 +765,8 @@ def train_segmenter(train, args, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        prog.update(1, loss=loss.item())
+        if prog:
+            prog.update(1, loss=loss.item())
     return seg.eval()
 
 
@@ -797,11 +809,11 @@ def semantic_consistency(segmenter, G, E, val, args, device, real=False):
 
 
 @torch.no_grad()
-def encode_features(E, train, args, device):
+def encode_features(E, train, args, device, show=True):
     """Sec. 3.4 (official encode_features): E on every training pair, unflipped; per instance
     the feature at its median pixel and its class, kept if its area > H*W/64 (official)."""
     feats, classes = [], []
-    prog = common.Progress("encode features", len(train), unit="img")
+    prog = common.Progress("encode features", len(train), unit="img") if show else None
     for i in range(len(train)):
         b = val_batch(train, i, args, device)
         f = E(b["x"], b["seg"], b["n_seg"]).permute(0, 2, 3, 1).reshape(-1, args.feat_num)
@@ -809,7 +821,8 @@ def encode_features(E, train, args, device):
         keep = area / (args.size[0] * args.size[1] // 32) > 0.5   # official block_num 32
         feats.append(f[median[keep]].cpu())
         classes.append(cls[keep].cpu())
-        prog.update(1)
+        if prog:
+            prog.update(1)
     return torch.cat(feats), torch.cat(classes)
 
 
@@ -930,7 +943,9 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = common.get_device(args.device)
+    dist = common.Dist(args.device)                 # torchrun: one process per device
+    device = dist.device
+    dist.share(args.batch_size)                     # the global batch splits evenly
     if args.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
@@ -945,7 +960,7 @@ def main(argv=None):
     total = args.epochs * per_epoch                 # the loop counts G iterations (steps)
     run = common.Run(args, "pix2pixhd", total=total, mutable=(
         "epochs", "niter_decay", "seg_every", "seg_images", "seg_model", "seg_steps",
-        "sample_features"))
+        "sample_features"), dist=dist)
     local = args.stage == "local"
     G, D, E = (None if n is None else n.to(device) for n in build_nets(args))
     vgg = None
@@ -964,7 +979,7 @@ def main(argv=None):
         segmenter = Segmenter(eval_classes(args)[1]).to(device).eval()
         segmenter.load_state_dict(state["segmenter"])
     elif args.seg_every:
-        segmenter = train_segmenter(train, args, device)
+        segmenter = train_segmenter(train, args, device, show=dist.main)   # on every process
     if args.fid_every:
         ev_fid = build_fid(args, device)
     if state:
@@ -974,15 +989,16 @@ def main(argv=None):
         common.set_rng_state(state["rng"])
     elif args.load_global:
         load_global_run(G, D, E, args, device)
-    elif local:
+    elif local and dist.main:
         print("warning: local stage without --load-global: G1 starts from scratch (Sec. 3.2 "
               "trains G1 first; NVIDIA/pix2pixHD#294)", flush=True)
     if local:
         G.G1.requires_grad_(not g1_fixed)           # no weight gradients for a fixed G1
     if segmenter is not None:                       # Tab. 1's "oracle" row: real val images
         seg_real = semantic_consistency(segmenter, G, E, val, args, device, real=True)
-        print(f"segmenter on real val images: pixel acc {seg_real[0]:.4f}, mIoU "
-              f"{seg_real[1]:.4f}", flush=True)
+        if dist.main:
+            print(f"segmenter on real val images: pixel acc {seg_real[0]:.4f}, mIoU "
+                  f"{seg_real[1]:.4f}", flush=True)
 
     def snapshot():
         out = {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
@@ -994,9 +1010,11 @@ def main(argv=None):
         return out
 
     run.start(step, device, G=G, D=D, **({"E": E} if E is not None else {}))
-    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    if dist.main:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     batches = common.infinite_batches(train, args.batch_size, args.seed, start_step=step,
-                                      num_workers=args.num_workers)
+                                      num_workers=args.num_workers, rank=dist.rank,
+                                      world_size=dist.world_size)
     saved = step
     while step < total and not run.stopping:
         epoch = step // per_epoch + 1               # 1-based, as the official loop
@@ -1004,8 +1022,8 @@ def main(argv=None):
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:
                 group["lr"] = lr
-        b = prepare(flip_batch(next(batches)), args, device)
-        out = train_step(G, D, E, vgg, opt_G, opt_D, b, args, autocast)
+        b = prepare(flip_batch(next(batches), dist), args, device)
+        out = train_step(G, D, E, vgg, opt_G, opt_D, b, args, dist, autocast)
         step += 1
         if local:
             out["g1_fixed"] = int(g1_fixed)
@@ -1028,9 +1046,10 @@ def main(argv=None):
             g1_fixed = False
             G.G1.requires_grad_(True)
             opt_G = make_opt(g_params(G, E, False), args, lr, device)
-            print(f"epoch {epoch} done: G1 joins training, fresh Adam over all of G"
-                  + (" and E" if E is not None else ""), flush=True)
-        if args.sample_every and (step % args.sample_every == 0 or step == total):
+            if dist.main:
+                print(f"epoch {epoch} done: G1 joins training, fresh Adam over all of G"
+                      + (" and E" if E is not None else ""), flush=True)
+        if dist.main and args.sample_every and (step % args.sample_every == 0 or step == total):
             save_figure(G, E, val, args, device, os.path.join(
                 args.out_dir, "samples", f"{step:07d}.png"), f"pix2pixhd | step {step} | "
                 f"{args.dataset} val | label map, real, generated")
@@ -1041,16 +1060,17 @@ def main(argv=None):
         run.save(step, snapshot())
 
     if step == total and not run.stopping:
-        if args.sample_features:                    # Sec. 3.4, kept in the checkpoint
-            centres = kmeans(*encode_features(E, train, args, device), args)
+        if args.sample_features:                    # Sec. 3.4, in the checkpoint (every rank)
+            centres = kmeans(*encode_features(E, train, args, device, dist.main), args)
             run.save(step, {**snapshot(), "centres": centres[0], "n_centres": centres[1]})
+        if args.sample_features and dist.main:
             rows = save_figure(G, E, val, args, device, os.path.join(
                 args.out_dir, "multimodal.png"), f"pix2pixhd | {args.dataset} val | label map, "
                 f"real, {args.sample_features} draws of cluster features (K = {args.n_clusters})",
                 centres, args.sample_features)
             diff = float((rows[0][2] - rows[0][-1]).abs().mean())
             print(f"multimodal.png: mean |first - last draw| = {diff:.4f}", flush=True)
-        if args.export_samples:
+        if args.export_samples and dist.main:
             sample_fn, n = val_sampler(G, E, val, args, device), args.export_samples
             x = torch.cat([sample_fn(min(50, n - k)) for k in range(0, n, 50)])
             np.savez(os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"),

@@ -46,7 +46,9 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   10. DEVIATION  --amp bf16 (off by default) runs forward passes in bf16; the paper used fp32.
   11. DEVIATION  scope: unconditional only (no AC-GAN term), no CelebA-HQ builder (27.6 GB of
      deltas), no LSUN 100k subsetting, no Tab. 1 ablations (a)-(f), no App. E MNIST-1k test.
-Run (one GPU each; --kimg = thousands of real images shown; --help lists every resolved flag)
+  12. PAPER-VS-CODE  under torchrun the minibatch stddev sees each process's share of the
+     global minibatch (official TF multi-GPU); the paper's runs used one GPU.
+Run (one GPU, or torchrun; --kimg = thousands of real images shown; --help lists every flag)
   python progan.py                                  # CelebA-HQ 1024, Tab. 2 (data/celebahq/*.png)
   python progan.py --dataset celeba                 # CelebA 128, Tab. 1 (g) (data/celeba/...)
   python progan.py --dataset lsun-bedroom           # LSUN 256, Sec. 6.4 (data/lsun/bedroom_train)
@@ -54,6 +56,7 @@ Run (one GPU each; --kimg = thousands of real images shown; --help lists every r
   python progan.py --dataset folder:DIR --resolution 256       # any folder, any power of two
   python progan.py --dataset cifar10 --resume --kimg 25000     # continue, also mid-fade-in
   python progan.py --dataset cifar10 --resume --export-samples 50000   # then python fid.py
+  torchrun --nproc_per_node 8 progan.py --dataset lsun-bedroom  # --batch-size(s) stay global
   python progan.py --dataset shapes --device cpu --resolution 16 --fmap-base 32 --fmap-max 16 \
       --z-dim 16 --stabilize-kimg 0.2 --fade-kimg 0.2 --kimg 1 --num-workers 0   # smoke test
   G, level, alpha = progan.load_generator("runs/progan-cifar10-s0/ckpt.pt", "cuda")
@@ -325,12 +328,12 @@ def downscale2d(x, factor=2):
     return x if factor == 1 else F.avg_pool2d(x, factor)
 
 
-def process_reals(x, res, alpha, mirror):
-    """Card 2.4 / official process_reals: box-downsample to the current res, random horizontal
-    flips, then fade like G's output: alpha * x + (1 - alpha) * up2(pool2(x))."""
+def process_reals(x, res, alpha, flip=None):
+    """Card 2.4 / official process_reals: box-downsample to the current res, horizontal flips of
+    the rows where `flip` (B, 1, 1, 1) is true, then fade like G's output: alpha * x + (1 - alpha)
+    * up2(pool2(x))."""
     x = downscale2d(x, x.shape[-1] // res)   # DEVIATION: float box averages (tool: uint8 per level)
-    if mirror:
-        flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    if flip is not None:
         x = torch.where(flip, x.flip(3), x)
     if alpha < 1.0:
         x = alpha * x + (1 - alpha) * upscale2d(downscale2d(x))
@@ -382,7 +385,9 @@ class MinibatchStdDev(nn.Module):
     """Sec. 3: the std of every feature at every position over the minibatch (population variance,
     +1e-8 inside the sqrt), averaged to one number and appended as a constant feature map.
     group_size 0 = the whole minibatch (paper, Theano); else TF's strided groups (sample i is in
-    group i mod (N / group))."""
+    group i mod (N / group)). PAPER-VS-CODE: under torchrun the minibatch is the process's share,
+    as in official TF multi-GPU training (per-GPU minibatch_split, group min(4, share)); the
+    paper's runs took it over the whole minibatch of one GPU."""
 
     def __init__(self, group_size=0):
         super().__init__()
@@ -521,10 +526,13 @@ def wasserstein_loss_D(d_real, d_fake):
     return d_fake.mean() - d_real.mean()
 
 
-def gradient_penalty(D, x_real, x_fake, level, alpha, gamma):
+def gradient_penalty(D, x_real, x_fake, level, alpha, gamma, dist=None):
     """App. A.1, Sec. 6.5: lambda-free E[(||grad D(x_hat)||_2 - gamma)^2] / gamma^2, x_hat on
-    real-fake lines with one u ~ U[0, 1] per sample, D at the same level and alpha."""
-    u = torch.rand(x_real.shape[0], 1, 1, 1, device=x_real.device)
+    real-fake lines with one u ~ U[0, 1] per sample, D at the same level and alpha. Under
+    torchrun (dist) u is drawn for the global minibatch and this process keeps its rows."""
+    n = len(x_real) * (dist.world_size if dist else 1)
+    u = torch.rand(n, 1, 1, 1, device=x_real.device)
+    u = dist.shard(u) if dist else u
     x_hat = (x_real + u * (x_fake - x_real)).requires_grad_(True)   # official lerp(reals, fakes, u)
     grad, = torch.autograd.grad(D(x_hat, level, alpha).float().sum(), x_hat, create_graph=True)
     norm = grad.flatten(1).norm(2, dim=1)                           # over all non-batch dims
@@ -578,33 +586,40 @@ def ema_update(G_ema, G, beta):
     torch._foreach_add_(ema, params, alpha=1.0 - beta)
 
 
-def train_step(G, D, opt_G, opt_D, x_full, level, alpha, args, autocast=contextlib.nullcontext):
+def train_step(G, D, opt_G, opt_D, x_full, level, alpha, args, dist,
+               autocast=contextlib.nullcontext):
     """One iteration of App. A.1 with n_critic = 1: the reals at the current resolution, faded
     (card 2.4); a D step on L_D = E[D(G(z))] - E[D(x)] + lambda GP + eps_drift E[D(x)^2]; then a G
     step on L_G = -E[D(G(z))] with fresh z. UNSPECIFIED: D sees reals, fakes and x_hat in separate
     passes (official), so the minibatch stddev is taken within each set. DEVIATION for cifar10:
-    the Theano run behind IS 8.80 updated D and G from one forward pass (separate_funcs=False)."""
-    res = 4 * 2**level
-    x_real = process_reals(x_full, res, alpha, args.mirror)
-    z = torch.randn(x_real.shape[0], args.z_dim, device=x_real.device)
+    the Theano run behind IS 8.80 updated D and G from one forward pass (separate_funcs=False).
+    Under torchrun x_full is this process's share: flips, z and u are drawn for the global
+    minibatch on every process (dist.shard), and each backward's finished gradients (the GP's
+    double backward included) are averaged (dist.average_gradients)."""
+    res, n, dev = 4 * 2**level, len(x_full) * dist.world_size, x_full.device   # n: global
+    flip = dist.shard(torch.rand(n, 1, 1, 1, device=dev)) < 0.5 if args.mirror else None
+    x_real = process_reals(x_full, res, alpha, flip)
+    z = dist.shard(torch.randn(n, args.z_dim, device=dev))
     with torch.no_grad(), autocast():
         x_fake = G(z, level, alpha).float()
     with autocast():
         d_real = D(x_real, level, alpha).float()
         d_fake = D(x_fake, level, alpha).float()
-        gp, grad_norm = gradient_penalty(D, x_real, x_fake, level, alpha, args.gamma)
+        gp, grad_norm = gradient_penalty(D, x_real, x_fake, level, alpha, args.gamma, dist)
     drift = drift_penalty(d_real)
     loss_D = wasserstein_loss_D(d_real, d_fake) + args.lambda_gp * gp + args.eps_drift * drift
     opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
+    dist.average_gradients(D)
     opt_D.step()
 
     D.requires_grad_(False)                       # G step: gradients flow through D, not into it
-    z = torch.randn(x_real.shape[0], args.z_dim, device=x_real.device)
+    z = dist.shard(torch.randn(n, args.z_dim, device=dev))
     with autocast():
         loss_G = generator_loss(D(G(z, level, alpha), level, alpha).float())
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
+    dist.average_gradients(G)
     opt_G.step()
     D.requires_grad_(True)
     return {"loss_D": loss_D.detach(), "loss_G": loss_G.detach(), "gp": gp.detach(),
@@ -738,7 +753,7 @@ def paper_metrics(G_ema, dataset, level, alpha, args, device, chunk=64):
     idx = torch.randperm(len(dataset), generator=gen)[: args.swd_images].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=chunk,
                                          num_workers=args.num_workers)
-    reals = (process_reals(x.to(device), res, alpha, mirror=False) for x, _ in loader)
+    reals = (process_reals(x.to(device), res, alpha) for x, _ in loader)
     z_gen = torch.Generator(device=device).manual_seed(args.seed + 4)
     sample = lambda n: G_ema(torch.randn(n, args.z_dim, device=device, generator=z_gen),  # noqa
                              level, alpha).float()
@@ -823,13 +838,14 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = common.get_device(args.device)
+    dist = common.Dist(args.device)                 # torchrun: one process per device
+    device = dist.device
     if args.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
     run = common.Run(args, "progan", total=args.kimg, unit="kimg",
-                     mutable=("kimg", "metrics_every", "swd_images", "ms_ssim_pairs"))
+                     mutable=("kimg", "metrics_every", "swd_images", "ms_ssim_pairs"), dist=dist)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
                 else contextlib.nullcontext)   # DEVIATION: --amp bf16; the paper trains in fp32
 
@@ -853,6 +869,11 @@ def main(argv=None):
     fid_ev = build_fid(args, device) if args.fid_every else None
     fixed_z = torch.randn(64, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
     batch_at, total = _batch_dict(args.batch_at), args.kimg * 1000
+    for b in {batch_at.get(4 * 2**k, args.batch_size) for k in range(G.max_level + 1)}:
+        b = dist.share(b).stop - dist.share(b).start   # UserError unless it splits evenly
+        if args.mbstd_group_size and b % min(args.mbstd_group_size, b):
+            raise common.UserError(f"a minibatch share of {b} is not divisible by "
+                                   f"--mbstd-group-size {args.mbstd_group_size}")
     # nimg: real images shown; it: minibatch iterations; phase: [level, fading] of the last
     # iteration; last: its (level, alpha); streams: batches drawn per minibatch size
     nimg, it, phase, last, streams = 0, 0, None, [0, 1.0], {}
@@ -867,18 +888,21 @@ def main(argv=None):
 
     run.start(kimg_step(nimg), device, G=G, D=D)
     period = args.stabilize_kimg + args.fade_kimg
-    print("schedule: " + " | ".join(
-        f"{4 * 2**k}px from kimg {max(k * period - args.fade_kimg, 0):g} (batch "
-        f"{batch_at.get(4 * 2**k, args.batch_size)})" for k in range(G.max_level + 1))
-        + f" | end {args.kimg}", flush=True)
-    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if nimg == 0:
+    if dist.main:
+        print("schedule: " + " | ".join(
+            f"{4 * 2**k}px from kimg {max(k * period - args.fade_kimg, 0):g} (batch "
+            f"{batch_at.get(4 * 2**k, args.batch_size)})" for k in range(G.max_level + 1))
+            + f" | end {args.kimg}", flush=True)
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    if nimg == 0 and dist.main:
         reals = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))])
         _save_grid(downscale2d(reals, data_res // R), os.path.join(args.out_dir, "reals.png"),
                    [f"{args.dataset} | {R}x{R} reals (box-downsampled from {data_res})"],
                    [("real", common.REAL_RGB)])
 
     def end_phase(final=False):   # grid, speed and memory of the phase that just ended
+        if not dist.main:
+            return
         lv, a = last
         name = f"kimg{nimg / 1000:010.3f}-{'final' if final else 'phase'}.png"
         sample_grid(G_ema, fixed_z, lv, a, nimg, os.path.join(args.out_dir, "samples", name))
@@ -903,7 +927,8 @@ def main(argv=None):
         if batch != stream_batch:            # one exactly resumable stream per minibatch size
             batches = common.infinite_batches(dataset, batch, args.seed + 1_000_000 * batch,
                                               start_step=streams.get(str(batch), 0),
-                                              num_workers=args.num_workers)
+                                              num_workers=args.num_workers, device=device,
+                                              rank=dist.rank, world_size=dist.world_size)
             stream_batch = batch
         x_full = next(batches)[0].to(device, non_blocking=True)
         streams[str(batch)] = streams.get(str(batch), 0) + 1
@@ -911,7 +936,7 @@ def main(argv=None):
         for opt in (opt_G, opt_D):
             for group in opt.param_groups:
                 group["lr"] = lr
-        out = train_step(G, D, opt_G, opt_D, x_full, level, alpha, args, autocast)
+        out = train_step(G, D, opt_G, opt_D, x_full, level, alpha, args, dist, autocast)
         ema_update(G_ema, G, args.ema_beta)
         nimg, it, last = nimg + batch, it + 1, [level, alpha]  # UNSPECIFIED: schedule each batch
         step, done = kimg_step(nimg), nimg >= total             # (Theano; TF: every 4 batches)
@@ -920,13 +945,13 @@ def main(argv=None):
         fid_now = args.fid_every > 0 and (it % args.fid_every == 0 or done)
         if it % args.log_every == 0 or done or metrics_now or fid_now:
             values = {**out, "res": 4 * 2**level, "alpha": alpha, "lr": lr}
-            if metrics_now:
+            if metrics_now:         # every process scores the same seeded samples: one value
                 values.update(paper_metrics(G_ema, dataset, level, alpha, args, device))
             if fid_now:
                 values.update(fid_ev(_final_res_sampler(G_ema, level, alpha, args, device,
                                                         args.seed + 5)))
             run.log(step, values)
-        if args.sample_every and it % args.sample_every == 0:
+        if dist.main and args.sample_every and it % args.sample_every == 0:
             sample_grid(G_ema, fixed_z, level, alpha, nimg,
                         os.path.join(args.out_dir, "samples", f"kimg{step:010.3f}.png"))
         if done:
@@ -938,7 +963,7 @@ def main(argv=None):
                             "it": it, "phase": phase, "last": last, "streams": streams,
                             "G_kwargs": G_kwargs})
 
-    if args.export_samples > 0 and not run.stopping:
+    if args.export_samples > 0 and not run.stopping and dist.main:   # stopping: on every rank
         export_samples(G_ema, *last, args, device)
     return run.finish(kimg_step(nimg), device)
 

@@ -18,6 +18,8 @@ import common
 import pix2pixhd as P
 from tiny_args import TINY
 
+ONE = common.Dist("cpu")                            # one process: no torchrun
+
 # the tiny architecture shared by the global run and the local run built on it
 ARCH = ["--dataset", "shapes", "--device", "cpu", "--ndf", "4", "--n-downsample-global", "1",
         "--n-blocks-global", "1", "--n-blocks-local", "1", "--n-layers-D", "1", "--num-D", "2",
@@ -185,13 +187,29 @@ def test_one_flip_is_shared_by_label_instance_map_and_image():
     torch.manual_seed(0)
     label = torch.arange(8).repeat(4, 1, 1, 1).view(4, 1, 1, 8).expand(4, 1, 3, 8)
     batch = {"label": label, "inst": label * 10, "image": label.float().expand(4, 3, 3, 8)}
-    flipped = [P.flip_batch(batch) for _ in range(4)]
+    flipped = [P.flip_batch(batch, ONE) for _ in range(4)]
     seen = set()
     for f in flipped:
         assert torch.equal(f["inst"], f["label"] * 10)
         assert torch.equal(f["image"], f["label"].float().expand(4, 3, 3, 8))
         seen |= {bool(f["label"][i, 0, 0, 0] == 7) for i in range(4)}
     assert seen == {True, False}                       # some flipped, some not
+
+
+def test_under_torchrun_each_process_flips_its_rows_of_the_global_draw():
+    """Issue 19: every process draws the global batch's flips and keeps its share's rows."""
+    label = torch.arange(8).repeat(8, 1, 1, 1).view(8, 1, 1, 8) + 10 * torch.arange(8).view(
+        8, 1, 1, 1)
+    batch = {"label": label, "inst": label, "image": label.float().expand(8, 3, 1, 8)}
+    torch.manual_seed(0)
+    full = P.flip_batch(batch, ONE)
+    for rank in (0, 1):
+        dist = common.Dist.__new__(common.Dist)
+        dist.rank, dist.world_size = rank, 2
+        torch.manual_seed(0)
+        share = P.flip_batch({k: v[4 * rank:4 * rank + 4] for k, v in batch.items()}, dist)
+        assert all(torch.equal(share[k], full[k][4 * rank:4 * rank + 4]) for k in batch)
+    assert 0 < sum(bool(full["label"][i, 0, 0, 0] % 10 == 7) for i in range(8)) < 8
 
 
 # ---- architecture at full size (meta device: shapes and counts without memory) ----
@@ -412,7 +430,7 @@ def test_train_step_moves_G_E_D_never_VGG_and_does_not_accumulate_grads(vgg_file
     opt_G = torch.optim.Adam(P.g_params(G, E, False), lr=1e-3, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
     args.vgg = True
-    out = P.train_step(G, D, E, vgg, opt_G, opt_D, batch, args, contextlib.nullcontext)
+    out = P.train_step(G, D, E, vgg, opt_G, opt_D, batch, args, ONE, contextlib.nullcontext)
     assert out["loss_vgg"] > 0 and out["loss_fm"] > 0 and out["loss_G_GAN"] > 0
     assert out["loss_G"] == pytest.approx((out["loss_G_GAN"] + out["loss_fm"] + out["loss_vgg"])
                                           .item())
@@ -427,7 +445,7 @@ def test_train_step_moves_G_E_D_never_VGG_and_does_not_accumulate_grads(vgg_file
             gr["lr"] = 0.0
     grads = []
     for _ in range(2):
-        P.train_step(G, D, E, vgg, opt_G, opt_D, batch, args, contextlib.nullcontext)
+        P.train_step(G, D, E, vgg, opt_G, opt_D, batch, args, ONE, contextlib.nullcontext)
         grads.append([p.grad.clone() for p in list(D.parameters()) + list(G.parameters())])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
@@ -543,11 +561,35 @@ def test_fid_every_builds_the_evaluator_at_start_up(tmp_path, fid_recorder):
     assert all(-1 <= c["lo"] and c["hi"] <= 1 for c in fid_recorder.calls)
 
 
-def test_amp_bf16_cross_entropy_and_the_vgg_loss_run_through_main(tmp_path, vgg_file):
+def test_amp_bf16_cross_entropy_and_the_vgg_loss_run_through_main(tmp_path, vgg_file,
+                                                                  monkeypatch):
+    """Also issue 18: no host sync inside train_step, bf16 forwards, fp32 losses."""
+    real_step, seen, in_adam = P.train_step, [], []
+
+    def no_sync(original):                          # torch's CPU Adam reads its step counter
+        def call(self, *a, **k):
+            assert in_adam, f"host sync inside train_step: {original.__name__}"
+            return original(self, *a, **k)
+        return call
+
+    def step(G, D, E, vgg, opt_G, opt_D, *a):
+        if not seen:                                # hooks once: G's last conv, Adam's step
+            G.head[1].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+            for opt in (opt_G, opt_D):
+                opt.register_step_pre_hook(lambda *a: in_adam.append(1))
+                opt.register_step_post_hook(lambda *a: in_adam.pop())
+        with monkeypatch.context() as m:            # what would wait for the GPU
+            for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, no_sync(getattr(torch.Tensor, name)))
+            out = real_step(G, D, E, vgg, opt_G, opt_D, *a)
+        seen.extend(v.dtype for v in out.values())
+        return out
+    monkeypatch.setattr(P, "train_step", step)
     m = P.main(GLOBAL + ["--out-dir", str(tmp_path / "run"), "--amp", "bf16", "--vgg",
                          "--vgg-weights", str(vgg_file), "--epochs", "2", "--niter-decay", "1",
                          "--no-lsgan", "--vgg-imagenet-norm"])
     assert m["step"] == 2 and m["loss_vgg"] > 0 and np.isfinite(m["loss_G"])
+    assert seen[0] == torch.bfloat16 and set(seen[1:8]) == {torch.float32}   # step 1's 7 losses
     assert m["loss_G_GAN"] > 0
     preds = fake_preds(0.0)                     # logits 0: cross entropy log 2 per scale
     assert P.gan_loss(preds, True, lsgan=False) == pytest.approx(2 * np.log(2))
@@ -569,7 +611,7 @@ def test_2048x1024_local_enhancer_with_three_ds_fits_24_gb(vgg_file):
                   args, "cuda")
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
-        P.train_step(G, D, None, vgg, opt_G, opt_D, b, args, contextlib.nullcontext)
+        P.train_step(G, D, None, vgg, opt_G, opt_D, b, args, ONE, contextlib.nullcontext)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     print(f"peak {peak:.2f} GiB at 1024x2048, G1 + G2 + 3 Ds + VGG")
     assert peak < 24

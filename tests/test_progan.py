@@ -194,17 +194,17 @@ def test_discriminator_fade_endpoints():
 def test_reals_are_box_downsampled_then_faded():
     x = torch.randn(16, 3, 16, 16)
     x8 = x.reshape(16, 3, 8, 2, 8, 2).mean(dim=(3, 5))
-    assert torch.allclose(progan.process_reals(x, 8, 1.0, False), x8, atol=1e-6)
+    assert torch.allclose(progan.process_reals(x, 8, 1.0), x8, atol=1e-6)
     x4 = x8.reshape(16, 3, 4, 2, 4, 2).mean(dim=(3, 5))     # repeated 2x2 averaging
-    assert torch.allclose(progan.process_reals(x, 4, 1.0, False), x4, atol=1e-6)
-    assert torch.allclose(progan.process_reals(x, 8, 0.0, False), _nearest_up(x4), atol=1e-6)
-    assert torch.allclose(progan.process_reals(x, 8, 0.25, False),
+    assert torch.allclose(progan.process_reals(x, 4, 1.0), x4, atol=1e-6)
+    assert torch.allclose(progan.process_reals(x, 8, 0.0), _nearest_up(x4), atol=1e-6)
+    assert torch.allclose(progan.process_reals(x, 8, 0.25),
                           0.25 * x8 + 0.75 * _nearest_up(x4), atol=1e-6)
-    torch.manual_seed(1)
-    m = progan.process_reals(x, 8, 1.0, True)
+    flip = torch.rand(16, 1, 1, 1, generator=torch.Generator().manual_seed(1)) < 0.5
+    m = progan.process_reals(x, 8, 1.0, flip)
     flipped = [torch.allclose(m[i], x8[i].flip(2), atol=1e-6) for i in range(16)]
     assert all(f or torch.allclose(m[i], x8[i], atol=1e-6) for i, f in enumerate(flipped))
-    assert 0 < sum(flipped) < 16
+    assert flipped == flip.view(-1).tolist() and 0 < sum(flipped) < 16
 
 
 @pytest.mark.parametrize("mirror", [False, True])
@@ -220,9 +220,9 @@ def test_train_step_shows_d_the_faded_reals_and_one_level_alpha(mirror):
     D.register_forward_hook(lambda m, a, o: outs.append(o.detach()))
     x = torch.randn(16, 3, 16, 16)
     torch.manual_seed(0)
-    out = progan.train_step(G, D, opt_G, opt_D, x, 2, 0.4, args)
+    out = progan.train_step(G, D, opt_G, opt_D, x, 2, 0.4, args, common.Dist("cpu"))
     assert [(c[1], c[2]) for c in calls] == [(2, 0.4)] * 4     # reals, fakes, x_hat, G step
-    want = progan.process_reals(x, 16, 0.4, False)
+    want = progan.process_reals(x, 16, 0.4)
     seen = calls[0][0]
     same = [torch.allclose(seen[i], want[i], atol=1e-6) for i in range(16)]
     flip = [torch.allclose(seen[i], want[i].flip(2), atol=1e-6) for i in range(16)]
@@ -263,7 +263,8 @@ def test_gamma_reaches_the_penalty_in_train_step():
     torch.manual_seed(0)
     G, D = progan.Generator(8, 16, 8, 8, 3), progan.Discriminator(8, 16, 8, 3)
     opt_G, opt_D = (torch.optim.Adam(n.parameters(), lr=1e-3, betas=(0.0, 0.99)) for n in (G, D))
-    out = progan.train_step(G, D, opt_G, opt_D, torch.randn(16, 3, 8, 8), 1, 1.0, args)
+    out = progan.train_step(G, D, opt_G, opt_D, torch.randn(16, 3, 8, 8), 1, 1.0, args,
+                            common.Dist("cpu"))
     gp, norm = out["gp"].item(), out["grad_norm"].item()
     assert norm < 50 and abs(gp - (1 - norm / 750) ** 2) < 1e-4     # (||g|| - 750)^2 / 750^2
 
@@ -511,6 +512,57 @@ def test_resume_in_the_middle_of_a_fade_in_equals_an_uninterrupted_run(tmp_path)
     for k in ("G", "D", "G_ema"):
         assert all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
     assert torch.equal(a["fixed_z"], b["fixed_z"]) and a["streams"] == b["streams"]
+
+
+def test_a_small_dataset_cached_on_the_device_gives_the_same_run(monkeypatch, tmp_path):
+    """Issue 18: main hands its device to the stream, so a small set lives there as uint8 (on
+    CUDA; forced here on the CPU) and the run is bit for bit the DataLoader's."""
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (250, 8, 8, 3), dtype=np.uint8)
+    for i, a in enumerate(pixels):
+        Image.fromarray(a).save(tmp_path / "img" / f"{i:03d}.png")
+    flags = ["--dataset", f"folder:{tmp_path / 'img'}", "--mirror"]
+    progan.main(_argv(tmp_path / "loader", *flags))
+    stream, cache, cached = common.infinite_batches, common.device_cache, []
+    monkeypatch.setattr(common, "infinite_batches",
+                        lambda *a, **k: stream(*a, **{**k, "on_device": True}))
+    monkeypatch.setattr(common, "device_cache",
+                        lambda *a, **k: cached.append(cache(*a, **k)) or cached[-1])
+    progan.main(_argv(tmp_path / "cached", *flags))
+    assert len(cached) == 1 and cached[0] is not None and cached[0][0].dtype == torch.uint8
+    assert _untimed(_rows(tmp_path / "cached")) == _untimed(_rows(tmp_path / "loader"))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("loader", "cached"))
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("G", "D", "G_ema") for n in a[k])
+
+
+def test_train_step_has_no_host_sync_and_amp_keeps_losses_fp32(monkeypatch, tmp_path):
+    """Issue 18: nothing in train_step waits for the GPU; --amp bf16 runs G's convolutions in
+    bf16 and every loss and score in fp32."""
+    real_step, seen, in_adam = progan.train_step, [], []
+
+    def no_sync(original):                          # torch's CPU Adam reads its step counter
+        def call(self, *a, **k):
+            assert in_adam, f"host sync inside train_step: {original.__name__}"
+            return original(self, *a, **k)
+        return call
+
+    def step(G, D, opt_G, opt_D, *a):
+        if not seen:                                # hooks once: G's first toRGB, Adam's step
+            G.to_rgb[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+            for opt in (opt_G, opt_D):
+                opt.register_step_pre_hook(lambda *a: in_adam.append(1))
+                opt.register_step_post_hook(lambda *a: in_adam.pop())
+        with monkeypatch.context() as m:            # what would wait for the GPU
+            for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, no_sync(getattr(torch.Tensor, name)))
+            out = real_step(G, D, opt_G, opt_D, *a)
+        seen.append(set(v.dtype for v in out.values()))
+        return out
+    monkeypatch.setattr(progan, "train_step", step)
+    m = progan.main(_argv(tmp_path / "run", "--amp", "bf16", "--mirror", "--kimg", "1"))
+    assert math.isfinite(m["loss_D"]) and seen[0] == torch.bfloat16
+    assert seen[2] == {torch.float32} and seen.count({torch.float32}) == 4   # 4 iterations
 
 
 def test_export_samples_come_from_g_ema_and_load_generator_rebuilds_it(tiny_run):

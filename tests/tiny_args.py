@@ -110,4 +110,18 @@ DIST = {
     "sngan_bnfree.py": dict(argv=TINY["sngan.py"], length="--steps", steps=2, stop=1, exact=True),
     "projection_bnfree.py": dict(argv=TINY["projection.py"], length="--steps", steps=2, stop=1,
                                  exact=True),
+    # progan: no BN; a minibatch-stddev group of 1 makes every sample independent (the default,
+    # the whole minibatch, sees each rank's share); mirrored, so the flips' shards are compared
+    # too; logged once a kimg (4 iterations of 250), the step that the test counts
+    "progan.py": dict(argv=TINY["progan.py"] + ["--mbstd-group-size", "1", "--mirror",
+                                                "--log-every", "4"],
+                      length="--kimg", steps=2, stop=1, exact=True),
+    # pix2pixhd: instance norm and E's pooling are per image, so 2 x batch 1 is batch 2 in math;
+    # but the conv biases before instance norm have a zero gradient, and Adam turns the fp32
+    # rounding noise of their gradients into lr-sized steps (3e-4 after 2 steps by hand, above the
+    # test's 1e-5; every other parameter agreed to 1e-6): exact=False. Scored every step, so
+    # the stopped run's end (step == total) logs what the uninterrupted one logs there
+    "pix2pixhd.py": dict(argv=TINY["pix2pixhd.py"] + ["--max-dataset-size", "2",
+                                                      "--batch-size", "2", "--seg-every", "1"],
+                         length="--epochs", steps=2, stop=1, exact=False),
 }
