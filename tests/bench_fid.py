@@ -32,6 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--d", type=int, default=2048, help="feature dimension of the Frechet timings")
     p.add_argument("--n-features", type=int, default=10_000, help="samples per Gaussian set")
     p.add_argument("--no-pytorch-fid", action="store_true", help="time fid.py only")
+    p.add_argument("--folders", type=int, metavar="N", help="end to end instead: two folders of "
+                   "N random PNGs (--img-size), `fid.py A B` against pytorch-fid's "
+                   "calculate_fid_given_paths on them (same weights, batch, workers)")
+    p.add_argument("--num-workers", type=int, default=2, help="decoding workers, both tools")
     return p.parse_args(argv)
 
 
@@ -107,5 +111,43 @@ def bench(args):
     return res
 
 
+def end_to_end(args):
+    """Wall time of the whole FID between two PNG folders, reading included, and both values."""
+    from PIL import Image
+    from pytorch_fid import fid_score
+    tmp = Path(tempfile.mkdtemp())
+    if args.weights is None:
+        args.weights = random_weights(tmp / "random_inception.pth")
+    g = np.random.default_rng(0)
+    for d in ("a", "b"):
+        (tmp / d).mkdir()
+        for i in range(args.folders):
+            x = g.integers(0, 256 if d == "a" else 200, (args.img_size, args.img_size, 3))
+            Image.fromarray(x.astype(np.uint8)).save(tmp / d / f"{i:05d}.png")
+    dirs = [str(tmp / "a"), str(tmp / "b")]
+    res = {}
+    t = time.perf_counter()
+    res["fid_ours"] = fid.main([*dirs, "--weights", args.weights, "--device", args.device,
+                                "--batch-size", str(args.batch_size), "--num-workers",
+                                str(args.num_workers)])["fid"]
+    res["ours_s"] = time.perf_counter() - t
+    sd = torch.load(args.weights, weights_only=True)
+    loader, pf.load_state_dict_from_url = pf.load_state_dict_from_url, lambda *a, **k: sd
+    try:
+        t = time.perf_counter()
+        with fid.exact_fp32():
+            res["fid_pytorch_fid"] = fid_score.calculate_fid_given_paths(
+                dirs, args.batch_size, args.device, 2048, args.num_workers)
+        res["pytorch_fid_s"] = time.perf_counter() - t
+    finally:
+        pf.load_state_dict_from_url = loader
+    res["speedup"] = res["pytorch_fid_s"] / res["ours_s"]
+    print(f"end to end on {args.device} ({torch.get_num_threads()} threads), 2 x {args.folders} "
+          f"PNGs {args.img_size}px, batch {args.batch_size}, {args.num_workers} workers: "
+          + json.dumps(res, default=float), flush=True)
+    return res
+
+
 if __name__ == "__main__":
-    bench(parse_args())
+    a = parse_args()
+    end_to_end(a) if a.folders else bench(a)
