@@ -111,7 +111,7 @@ def dataset_info(name, label_nc=None):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=common.HelpFormatter)
-    g = p.add_argument_group("paper (derived defaults: see args.json)")
+    g = p.add_argument_group("paper", "derived defaults: rule in the help, value in args.json")
     g.add_argument("--stage", choices=["global", "local"], default="global",
                    help="G1 alone, or G2 around a (loaded) G1 [Sec. 3.2]")
     g.add_argument("--load-global", type=str, help="ckpt.pt of a finished global run: G1, D "

@@ -144,7 +144,7 @@ class _Help(common.HelpFormatter, argparse.RawDescriptionHelpFormatter):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=_epilog(),
                                 allow_abbrev=False, formatter_class=_Help)
-    g = p.add_argument_group("paper (None: resolved from --dataset, see the lines below)")
+    g = p.add_argument_group("paper", "None: resolved from --dataset, see the lines below")
     g.add_argument("--dataset", default="celebahq", help="celebahq (<data-root>/celebahq/*), "
                    "celeba, lsun-<category>, cifar10, folder:<dir>, shapes [Sec. 6, card 2.8]")
     g.add_argument("--resolution", type=common.positive_int,
@@ -184,7 +184,7 @@ def parse_args(argv=None):
                    help="decay of G_ema, per iteration [App. A.1]")
     g.add_argument("--mirror", action=argparse.BooleanOptionalAction, help="random horizontal "
                    "flips: on for celebahq, celeba, lsun 100k subsets [official configs]")
-    e = p.add_argument_group("eval (intervals in minibatch iterations)")
+    e = p.add_argument_group("eval", "intervals in minibatch iterations")
     e.add_argument("--sample-every", type=common.nonnegative_int, default=1000, help="8x8 fixed-z "
                    "G_ema grid every N its, 0 = off; also at every phase end [run]")
     e.add_argument("--metrics-every", type=common.nonnegative_int, default=0, help="SWD and "

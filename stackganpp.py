@@ -96,7 +96,7 @@ SHAPES_TEXT_SEED, SHAPES_TEXT_NOISE, SHAPES_CAPTIONS = 1710_10916, 0.2, 10   # o
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=common.HelpFormatter)
-    g = p.add_argument_group("paper (derived defaults: see args.json)")
+    g = p.add_argument_group("paper", "derived defaults: rule in the help, value in args.json")
     g.add_argument("--dataset", default="cub", help=f"{' | '.join(DATASETS)} [Sec. 5]")
     g.add_argument("--cond", choices=["text", "none"], help="text-to-image (default for cub, "
                    "oxford102, shapes) or unconditional (lsun, folder) [Sec. 4.2, 4.3]")
