@@ -6,7 +6,7 @@
 Each row runs the script's own main() on `shapes` at the paper's resolution (no download; FID off,
 sampling off), so models, optimizers, data pipeline and flags are built exactly as a run builds
 them. The script's train_step is wrapped: the first call that counts (ProGAN: the first at the
-final resolution) runs under torch.utils.flop_counter.FlopCounterMode (FLOPs of one generator
+final resolution) runs under FlopCounterMode's formulas (class Flops; FLOPs of one generator
 iteration with its D steps, double backward included; matmul/conv FLOPs, as the counter counts
 them), the next is a warm-up, then --steps calls are timed (CUDA synchronised around each) and the
 run is stopped. Setup, logging, sampling and checkpoints are outside the timed calls; fetching the
@@ -15,7 +15,7 @@ real batches is inside where the script's train_step pulls them from an iterator
   it/s       generator iterations (train_step calls) per second
   img/s      it/s x the global batch of generated images per iteration
   peak MiB   torch.cuda.max_memory_allocated over the timed calls (CPU: not measured, '-')
-  GFLOP/it   FlopCounterMode total of one iteration
+  GFLOP/it   torch.utils.flop_counter total of one iteration
   % peak     achieved FLOP/s over --peak-tflops (default by device name, see PEAK)
 
 fid.py rows: Inception extraction (random weights unless --fid-weights; said in the row) on
@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
@@ -111,6 +112,26 @@ class _Done(Exception):
     pass
 
 
+class Flops(TorchDispatchMode):
+    """FlopCounterMode's own per-op formulas (flop_registry), summed, without its module tracker:
+    the tracker's backward hooks break steps that call autograd.grad (wgan_gp's penalty:
+    "A leaf node was passed to _will_engine_execute_node"). Same totals where both run."""
+
+    def __enter__(self):
+        self.total = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.overloadpacket in flop_registry:
+            self.total += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+    def get_total_flops(self):
+        return self.total
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -124,7 +145,7 @@ def timed_calls(step, n, device, images_of, ready=lambda a: True):
         if not ready(a):
             return step(*a, **k)
         if rec["flops"] is None:
-            with FlopCounterMode(display=False) as fc:
+            with Flops() as fc:
                 out = step(*a, **k)
             rec["flops"], rec["images"] = fc.get_total_flops(), images_of(a)
             return out
@@ -231,7 +252,7 @@ def anchor_step(kind, root, args):
         loss.backward()
         opt_G.step()
     rec = {"times": [], "images": 128 if kind == "sngan" else 64}
-    with FlopCounterMode(display=False) as fc:
+    with Flops() as fc:
         step()
     rec["flops"] = fc.get_total_flops()
     step()
@@ -257,7 +278,7 @@ def fid_rows(args):
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(0))
     fid.activations(x[:bs], model, bs)
-    with FlopCounterMode(display=False) as fc:
+    with Flops() as fc:
         fid.activations(x[:bs], model, bs)
     rows = []
     t = time.perf_counter()

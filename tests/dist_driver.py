@@ -4,7 +4,9 @@ the same two processes (so `import torch` is paid once), all in OUT/<script>/:
 
   single/   rank 0 alone with WORLD_SIZE=1 (rank 1 waits): k steps, global batch
   full/     both ranks: k steps
-  part/     both ranks: `stop` steps, then --resume to k
+  part/     both ranks, k steps, but rank 1 alone gets a stop request at its first save at or
+            after step `stop` (what SIGTERM does under common.cli), so both save and stop; then
+            --resume to k
   rank1-full.pt, rank1-part.pt   rank 1's last state passed to common.Run.save (never a file
             rank 1 writes inside main: the driver writes them after main returned)
   report.json   per run: what rank 1 wrote under OUT while main ran (an audit hook sees every
@@ -17,6 +19,7 @@ import importlib
 import io
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -58,11 +61,13 @@ def main():
     rank = tdist.get_rank()
     AUDIT["root"] = out
     sys.addaudithook(_audit)
-    saved = {}
+    saved, arm = {}, {"at": None}
     real_save = common.Run.save
 
     def save(self, step, state):   # keeps this rank's last state (rank 1's is never written)
         saved["state"] = copy.deepcopy({"script": self.script, "step": step, **state})
+        if arm["at"] is not None and step >= arm["at"] and rank == 1 and not common._STOP:
+            common._STOP.append(signal.SIGTERM)    # cli()'s handler, without its message
         return real_save(self, step, state)
 
     common.Run.save = save
@@ -73,21 +78,22 @@ def main():
         argv = [*spec["argv"], "--seed", "0"]
         report = {}
 
-        def call(name, steps, resume=False, world=True):
+        def call(name, steps, resume=False, world=True, stop=None):
             tdist.barrier()                     # the previous run's files are complete
             env = {} if world else {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
             old = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             WRITES.clear()
             printed = io.StringIO()
-            AUDIT["on"] = rank == 1
+            AUDIT["on"], arm["at"] = rank == 1, stop
             try:
                 with contextlib.redirect_stdout(printed) if rank == 1 else \
                         contextlib.nullcontext():
                     mod.main([*argv, spec["length"], str(steps), "--out-dir",
                               os.path.join(d, name), *(["--resume"] if resume else [])])
             finally:
-                AUDIT["on"] = False
+                AUDIT["on"], arm["at"] = False, None
+                common._STOP.clear()
                 for k, v in old.items():
                     if v is None:
                         os.environ.pop(k)
@@ -104,7 +110,7 @@ def main():
         call("full", spec["steps"])
         if rank == 1:
             torch.save(saved["state"], os.path.join(d, "rank1-full.pt"))
-        call("part", spec["stop"])
+        call("part", spec["steps"], stop=spec["stop"])
         call("part", spec["steps"], resume=True)
         if rank == 1:
             torch.save(saved["state"], os.path.join(d, "rank1-part.pt"))

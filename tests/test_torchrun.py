@@ -6,7 +6,9 @@ of them (see the driver's docstring for the runs); these tests read what it left
       and optimizer state after k steps to float tolerance (exact entries: BN-free or
       per-sample-independent configurations); for entries with BatchNorm on the per-rank batch,
       both ranks hold the same parameters (the averaged gradients are one update)
-  (b) a 2-process run stopped at `stop` (saved) and resumed to k equals the uninterrupted one
+  (b) a 2-process run stopped at `stop` (a stop request on rank 1 only: both save and stop) and
+      resumed to k equals the uninterrupted one: checkpoint exactly, metrics rows but time_s (the
+      stopped run may log one more row, at its stop)
   (c) only rank 0 writes: rank 1 opens nothing for writing under the run folder and prints
       nothing; metrics.jsonl holds each logged step once
 
@@ -65,10 +67,10 @@ def compare(a, b, tol, skip=()):
             continue
         x, y = a[k], b[k]
         if torch.is_tensor(x):
-            if tol and x.is_floating_point():   # per tensor: float rounding of sums in
-                x, y = x.double(), y.double()     # another order, relative to its scale
-                ok = x.shape == y.shape and bool((x - y).abs().max() <= tol * y.abs().max()
-                                                 + 1e-3 * tol)
+            if tol and x.is_floating_point():   # per tensor: float rounding of sums in another
+                x, y = x.double(), y.double()     # order, relative to its scale; 1e-6 absolute for
+                ok = x.shape == y.shape and bool(  # cancelling gradients (a WGAN D's output bias)
+                    (x - y).abs().max() <= tol * y.abs().max() + 1e-6)
             else:
                 ok = torch.equal(x, y)
         else:
@@ -77,9 +79,9 @@ def compare(a, b, tol, skip=()):
     assert not bad, f"{len(bad)} entries differ, e.g. {bad[:5]}"
 
 
-def steps(path):
+def rows(path):
     with open(path) as f:
-        return [json.loads(line)["step"] for line in f]
+        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in f]
 
 
 @pytest.mark.parametrize("script", list(DIST))
@@ -98,9 +100,10 @@ def test_two_processes_equal_one_with_the_global_batch(runs, script):
 def test_two_processes_resume_exactly(runs, script):
     d = runs / script[:-3]
     compare(load(d / "part" / "ckpt.pt"), load(d / "full" / "ckpt.pt"), 0)
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in
-             open(d / r / "metrics.jsonl")] for r in ("part", "full")]
-    assert rows[0] == rows[1]
+    part, full = ({r["step"]: r for r in rows(d / run / "metrics.jsonl")}
+                  for run in ("part", "full"))
+    assert {s: part[s] for s in full} == full
+    assert len(set(part) - set(full)) <= 1
 
 
 @pytest.mark.parametrize("script", list(DIST))
@@ -110,8 +113,9 @@ def test_only_rank_0_writes_and_prints(runs, script):
     for run in ("full", "part"):
         assert report[run]["writes"] == [], f"rank 1 wrote {report[run]['writes'][:5]}"
         assert report[run]["printed"] == "", f"rank 1 printed {report[run]['printed'][:200]!r}"
-        # TINY logs every step: each once, also across the resume
-        assert steps(d / run / "metrics.jsonl") == list(range(1, spec["steps"] + 1))
+        # each logged step once, also across the resume (TINY logs every step)
+        steps = [r["step"] for r in rows(d / run / "metrics.jsonl")]
+        assert steps == sorted(set(steps)) and set(range(1, spec["steps"] + 1)) <= set(steps)
         assert not [f for f in os.listdir(d / run) if f.startswith(".tmp-")]
 
 
