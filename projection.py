@@ -42,8 +42,9 @@ Datasets (--dataset, labels required): cifar10 (default), cifar100, folder:<dir 
 Run
   python projection.py --dataset cifar10 --fid-every 5000     # CIFAR-10, official config, IS/FID
   python projection.py --dataset cifar100                     # CIFAR-100 32x32
-  torchrun --nproc_per_node 4 projection.py --dataset folder:/data/imagenet/train   # ImageNet
-                                 128x128, 450K it, 4 x 16 (main; official 4 GPUs, BN per GPU)
+  python projection.py --dataset folder:/data/imagenet/train  # ImageNet 128x128, 450K it (main)
+  torchrun --nproc_per_node 4 projection.py --dataset folder:/data/imagenet/train   # the paper's
+      4 GPUs x (16 real, 32 G) images, BN per GPU (DEVIATION 4; --sync-bn: BN over all 64)
   python projection.py --dataset folder:/data/imagenet/train --disc concat   # concat baseline
   python projection.py --dataset shapes --device cpu --steps 2 --g-ch 16 --d-ch 16 --batch-size 8
 Sample and score (--steps counts generator iterations; a finished run can be resumed to export)

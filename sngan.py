@@ -564,11 +564,11 @@ def report(run, step, out, G, D, ev, fixed_z, args, dist):
 # ==== Main ====
 def main(argv=None):
     args = parse_args(argv)
+    dist = common.Dist(args.device)                 # torchrun: one process per device
+    device = dist.device
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)                    # the same seed, so the same nets, everywhere
-    dist = common.Dist(args.device)                 # torchrun: one process per device
-    device = dist.device
     if args.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
