@@ -112,6 +112,7 @@ CONFIGS = {  # lr   betas       decay  steps    batch z_dim dim_g size  dequanti
     "lang":     (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 512, None, False),  # gan_language
 }
 LANG_MODES = {"wgan-gp": dict(n_critic=10)}   # CRITIC_ITERS 10 ("5 should work") [gan_language.py]
+# UNSPECIFIED (dev. 10): --arch lang --mode dcgan takes the same row (the paper tunes no text GAN)
 MODES = {"wgan-gp": dict(n_critic=5),                                  # Alg. 1
          "wgan": dict(n_critic=5, lr=5e-5),                            # RMSProp [Sec. 3; WGAN]
          "dcgan": dict(n_critic=1, lr=2e-4, betas=[0.5, 0.999])}       # see below
@@ -310,7 +311,7 @@ def read_lines(args):
     if args.dataset == "shapes-text":    # a caption depends on the item's RNG only, not its size
         ds = common.ShapesDataset(min(n, 50_000), img_size=4, seed=0)
         return [ds.caption(ds.sample(i)[1]) for i in range(len(ds))]
-    if args.dataset == "billion-word":
+    if args.dataset == "billion-word":    # DEVIATION (dev. 10): the shards present, in order
         roots = [os.path.join(args.data_root, BW_DIR), os.path.join(
             args.data_root, "1-billion-word-language-modeling-benchmark-r13output", BW_DIR)]
         paths = next((sorted(glob.glob(os.path.join(r, "news.en-*-of-00100"))) for r in roots
@@ -873,7 +874,7 @@ def js_divergence(p, q):
 def text_samples(G, args, device, vocab, n):
     """n strings: argmax of G's softmax per position, G run on batches of --batch-size, z from its
     own RNG (the same z at every call, never the training stream) [official generate_samples]."""
-    gen, out = torch.Generator().manual_seed(args.seed + 3), []
+    gen, out = torch.Generator().manual_seed(args.seed + 3), []   # DEVIATION (dev. 10): same z
     for i in range(0, n, args.batch_size):
         p = sample(G, args.batch_size, args, device, gen)[: n - i]
         out += [tuple(vocab[c] for c in row) for row in p.argmax(2).tolist()]

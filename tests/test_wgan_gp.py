@@ -652,8 +652,8 @@ def test_text_nets_shapes_parameters_init_and_softmax_rows():
     conv = 5 * 512 * 512 + 512
     assert sum(p.numel() for p in G.parameters()) == (128 + 1) * 32 * 512 + 10 * conv + 513 * V
     assert sum(p.numel() for p in D.parameters()) == (V + 1) * 512 + 10 * conv + 32 * 512 + 1
-    w = G.blocks[0].c1.weight                                       # tflib He: fan = c * k
-    assert w.abs().max() <= math.sqrt(3 * 4 / (2 * 512 * 5)) < 1.01 * w.abs().max()
+    for w in (G.blocks[0].c1.weight, G.blocks[4].c2.weight, D.blocks[2].c2.weight):
+        assert w.abs().max() <= math.sqrt(3 * 4 / (2 * 512 * 5)) < 1.01 * w.abs().max()  # He
     assert G.fc.weight.abs().max() <= math.sqrt(3 * 2 / (128 + 32 * 512))     # Glorot
     torch.manual_seed(0)
     p = G(torch.randn(3, 128))
