@@ -23,7 +23,8 @@ random uint8 32x32 batches resized to 299, and the Frechet routes (sqrtm, eig, e
 
 --anchors DIR: DIR/pytorch-gan-collections (a checkout of w86763777/pytorch-gan-collections, never
 committed here) gives its ResNet32 WGAN-GP and SN-GAN models, timed in a training step written
-after its wgangp.py / sngan.py loops (n_dis 5, batch 64, z 128, Adam 2e-4 (0, 0.9)); pytorch-fid
+after its wgangp.py / sngan.py loops (n_dis 5, batch 64, G batch 128, z 128, Adam 2e-4 (0, 0.9),
+GP 10 on real-fake interpolates; hinge for SN-GAN); pytorch-fid
 (pip package pytorch-fid) gives the extraction anchor. Rows print ours/anchor ratios.
 
 Not collected by pytest. On CPU: --steps 2 keeps each row short; --only for single scripts."""
@@ -230,14 +231,16 @@ def anchor_step(kind, root, args):
     G, D = models.ResGenerator32(128).to(dev), models.ResDiscriminator32().to(dev)
     opt_G = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.0, 0.9))
     opt_D = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.0, 0.9))
-    real = torch.rand(64, 3, 32, 32, device=dev) * 2 - 1
+    b = args.batch_size or 64               # their batch_size 64; the G step draws 2 x 64
+    bg = args.batch_size or 128
+    real = torch.rand(b, 3, 32, 32, device=dev) * 2 - 1
 
     def step():
         for _ in range(5):
             with torch.no_grad():
-                fake = G(torch.randn(64, 128, device=dev))
+                fake = G(torch.randn(b, 128, device=dev))
             if kind == "wgan":
-                a = torch.rand(64, 1, 1, 1, device=dev)
+                a = torch.rand(b, 1, 1, 1, device=dev)
                 x = (a * real + (1 - a) * fake).requires_grad_(True)
                 g, = torch.autograd.grad(D(x).sum(), x, create_graph=True)
                 gp = ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
@@ -247,11 +250,13 @@ def anchor_step(kind, root, args):
             opt_D.zero_grad()
             loss.backward()
             opt_D.step()
-        loss = -D(G(torch.randn(128 if kind == "sngan" else 64, 128, device=dev))).mean()
+        D.requires_grad_(False)
+        loss = -D(G(torch.randn(bg, 128, device=dev))).mean()
         opt_G.zero_grad()
         loss.backward()
         opt_G.step()
-    rec = {"times": [], "images": 128 if kind == "sngan" else 64}
+        D.requires_grad_(True)
+    rec = {"times": [], "images": bg}
     with Flops() as fc:
         step()
     rec["flops"] = fc.get_total_flops()
