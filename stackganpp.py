@@ -50,7 +50,8 @@ Run (--epochs: official MAX_EPOCH; one GPU; torchrun --nproc_per_node N for N, s
 Full-size parameters (card 2.3-2.4): G 21,239,696 (CA 524,800), D 5,723,906 / 18,834,178 /
 71,269,122; unconditional G 16,472,208, D 2,765,569 / 15,875,841 / 68,310,785.
 Paper reports (StackGAN-v2, 256x256): CUB IS 4.04 +- .05 (official README), Oxford-102 IS 3.26,
-FID 48.68; LSUN bedroom FID 35.61 [card 5: the CUB FID 15.30 and COCO cells are unverified].
+FID 48.68; LSUN bedroom FID 35.61 (PapersWithCode listing) [card 5: its table number, the CUB
+FID 15.30, the COCO cells and the +- values other than CUB's are unverified].
 Our numbers: README.
 """
 
