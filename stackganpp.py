@@ -1059,15 +1059,18 @@ def main(argv=None):
         fid_now = args.fid_every and (step % args.fid_every == 0 or step == total)
         if step % args.log_every == 0 or step == total or stop or fid_now:
             values = {**out, "epoch": step / per_epoch}
-            if fid_now:      # every process scores the same samples: identical values to average
+            if fid_now:      # every process scores rank 0's model (its BN statistics) on the
+                dist.broadcast_buffers(G, G_ema)  # same samples: identical values to average
                 values.update(evaluate(ev, G_ema, test, args, device))
             run.log(step, values)
         if dist.main and args.sample_every and (step % args.sample_every == 0 or step == total):
             sample_grids(G_ema, fixed, data, step, args, device)
         if step % args.ckpt_every == 0 or step == total or stop:
+            dist.broadcast_buffers(G, G_ema)   # every rank resumes as rank 0's checkpoint
             run.save(step, snapshot())
             saved = step
     if run.stopping and saved != step:                 # the signal came after this step's save
+        dist.broadcast_buffers(G, G_ema)
         run.save(step, snapshot())
     if dist.main and step > step0:
         dt = max(time.time() - t0, 1e-9)
