@@ -279,7 +279,8 @@ def fid_rows(args):
         weights, note = bench_fid.random_weights(Path(tempfile.mkdtemp()) / "r.pth"), \
             "random weights"
     model = fid.build_inception(weights).to(args.device)
-    n, bs = max(2, args.steps) * 50, 50
+    bs = args.batch_size or 50                          # pytorch-fid's default batch
+    n = max(1, args.steps) * bs
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(0))
     fid.activations(x[:bs], model, bs)
@@ -297,7 +298,7 @@ def fid_rows(args):
         for b in x.split(bs):
             theirs(b)
         anchor = (time.perf_counter() - t) / (n // bs)
-    r = row("fid.py extraction 32->299, batch 50", {"times": [dt], "images": bs,
+    r = row(f"fid.py extraction 32->299, batch {bs}", {"times": [dt], "images": bs,
                                                      "flops": fc.get_total_flops()}, args, note)
     r["anchor"] = 1 / anchor * bs if anchor else None
     r["anchor_name"] = "pytorch-fid"
