@@ -43,6 +43,9 @@ Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
      1 GPU): its BN sees 32 (critic step) and 64 (G step) samples; we use one batch.
  12. DEVIATION  --mode wgan: torch RMSprop with TF1's constants (decay 0.9, eps 1e-10, mean square
      started at 1), but eps outside the square root (TF: inside); moot above ~1e-10.
+ 13. DEVIATION  Under torchrun (--batch-size and --g-batch-size global, split over the processes)
+     BN in G (and in the baselines' critic) normalises each process's share, as the official
+     per-GPU split of dev. 11, unless --sync-bn (CUDA).
 Datasets: 8gaussians, 25gaussians, swissroll (made here), or a common.load_dataset name: cifar10
   (the paper's), folder:<dir> (e.g. LSUN bedrooms exported as images), lsun-<category>, shapes,
   cifar100, stl10, mnist, fashion-mnist, celeba; text (Sec. 5.5, --arch lang): billion-word
@@ -59,6 +62,7 @@ Run
   python wgan_gp.py --dataset swissroll --device cpu --fixed-generator --mode wgan  # Fig. 1a
   python wgan_gp.py --dataset cifar10 --fid-every 1000    # + IS and FID of 50K samples (official)
   python wgan_gp.py --dataset cifar10 --resume --export-samples 50000   # -> samples_50000.npz
+  torchrun --nproc_per_node 2 wgan_gp.py --dataset cifar10   # 2 GPUs, --batch-size = global batch
   python wgan_gp.py --dataset billion-word --data-root /data/1-billion-word-language-modeling-\
       benchmark-r13output                                 # Sec. 5.5, Tab. 4: js1..js4, samples/
   python wgan_gp.py --dataset billion-word --mode dcgan   # the standard GAN on the same nets
@@ -216,6 +220,9 @@ def parse_args(argv=None):
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels; CUDA: CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
     r.add_argument("--amp", default="off", choices=["off", "bf16"], help="autocast forwards [run]")
+    r.add_argument("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm "
+                   "in G (and the baselines' BN critic), BN over the global batch [run; "
+                   "DEVIATION: per-GPU BN, as the official 2-GPU split]")
     args = p.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = common.default_out_dir("wgan_gp", args, vars(p.parse_args([])))
@@ -295,11 +302,12 @@ def toy_batch(name, b, device, gen=None):
     return x.to(device)
 
 
-def dequantize(x):
+def dequantize(x, noise):
     """PAPER-VS-CODE (dev. 6): 2(pixel/256 - 1/2) + U(0, 1/128) from x = pixel/127.5 - 1, as the
-    official gan_cifar_resnet.py (not in the paper)."""
+    official gan_cifar_resnet.py (not in the paper). noise: U(0, 1) of x's shape (this process's
+    rows of the global batch's draw)."""
     pixel = torch.round((x + 1) * 127.5)
-    return 2 * (pixel / 256 - 0.5) + torch.rand_like(x) / 128
+    return 2 * (pixel / 256 - 0.5) + noise / 128
 
 
 def read_lines(args):
@@ -393,26 +401,30 @@ def load_data(args, device):
     return ds, ds[0][0].shape[0], n_classes
 
 
-def real_stream(args, data, start, device):
+def real_stream(args, data, start, dist):
     """Endless (x, y) real batches from batch `start` on. One batch per critic step (Alg. 1 l.3),
-    so a run resumed at G iteration s starts at batch s * n_critic."""
+    so a run resumed at G iteration s starts at batch s * n_critic. Under torchrun each process
+    gets its rows of the same global batch (toys: every process draws it and keeps its rows)."""
+    device, share = dist.device, dict(rank=dist.rank, world_size=dist.world_size)
     if args.arch == "lang":         # one-hot (B, seq_len, V) reals [official gan_language.py]
         codes = torch.utils.data.TensorDataset(data.codes, torch.zeros(len(data.codes)))
         for x, _ in common.infinite_batches(codes, args.batch_size, args.seed, start, 0,
-                                            on_device=False):
+                                            on_device=False, **share):
             x = x.to(device, non_blocking=True)[..., None]            # scatter: no host sync
             one_hot = torch.zeros(*x.shape[:2], len(data.vocab), device=device)
             yield one_hot.scatter_(2, x, 1.0), None
     if args.dataset in TOYS:                  # 8gaussians, swissroll: the checkpointed torch RNG
         k = start
         while True:
-            yield (data.batch(k, args.batch_size) if args.dataset == "25gaussians"
-                   else toy_batch(args.dataset, args.batch_size, device)), None
+            yield dist.shard(data.batch(k, args.batch_size) if args.dataset == "25gaussians"
+                             else toy_batch(args.dataset, args.batch_size, device)), None
             k += 1
     for x, y in common.infinite_batches(data, args.batch_size, args.seed, start, args.num_workers,
-                                        device=device):
+                                        device=device, **share):
         x = x.to(device, non_blocking=True)
-        yield (dequantize(x) if args.dequantize else x), y.to(device, non_blocking=True)
+        if args.dequantize:                   # the global batch's U(0, 1), this process's rows
+            x = dequantize(x, dist.shard(torch.rand(args.batch_size, *x.shape[1:], device=device)))
+        yield x, y.to(device, non_blocking=True)
 
 
 # ==== Models ====
@@ -701,10 +713,13 @@ def build_models(args, channels, n_classes):
 
 
 # ==== Losses ====
-def gradient_penalty(critic, x_real, x_fake, one_sided=False):
+def gradient_penalty(critic, x_real, x_fake, one_sided=False, dist=None):
     """lambda-free penalty of Eq. (3): E[(||grad_x_hat D(x_hat)||_2 - 1)^2], x_hat on the lines
-    between real and fake samples paired by index."""
-    eps = torch.rand(x_real.size(0), *[1] * (x_real.dim() - 1), device=x_real.device)  # per sample
+    between real and fake samples paired by index. dist (torchrun): eps is drawn for the global
+    batch and this process keeps its rows; the double backward stays local (common.Dist)."""
+    world = 1 if dist is None else dist.world_size                  # one eps per sample:
+    eps = torch.rand(x_real.size(0) * world, *[1] * (x_real.dim() - 1), device=x_real.device)
+    eps = eps if dist is None else dist.shard(eps)
     x_hat = (eps * x_real + (1 - eps) * x_fake).requires_grad_(True)                 # Alg. 1 l.6
     out = critic(x_hat)
     out = out[0] if isinstance(out, tuple) else out
@@ -746,30 +761,34 @@ def lr_at(step, args):
     return args.lr * (max(0.0, 1.0 - step / args.steps) if args.lr_decay else 1.0)
 
 
-def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp):
+def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp, dist):
     """One generator iteration of Alg. 1: n_critic critic updates, then one G update.
     DEVIATION (dev. 8): the official loop does the G step first (skipped at iteration 0), then the
-    critic steps; the same sequence shifted by half an iteration."""
+    critic steps; the same sequence shifted by half an iteration. Under torchrun every process
+    draws the global batch's noise and keeps its rows (dist.shard), and gradients are averaged
+    after each backward: the global batch's update (BN: dev. 13)."""
     dev = next(D.parameters()).device
     for _ in range(args.n_critic):                                      # Alg. 1 l.2
         x_real, y_real = next(real_batches)                             # a fresh real batch
         with torch.no_grad(), amp():                                    # G is a constant here
             if args.fixed_generator:                                    # Fig. 1a
-                x_fake = x_real + torch.randn_like(x_real)
+                noise = torch.randn(args.batch_size, *x_real.shape[1:], device=dev)
+                x_fake = x_real + dist.shard(noise)
             else:
-                z = torch.randn(x_real.size(0), args.z_dim, device=dev)  # fresh z ~ N(0, I)
+                z = dist.shard(torch.randn(args.batch_size, args.z_dim, device=dev))  # fresh z
                 x_fake = G(z, y_real)                                   # AC: the reals' labels
         with amp():
             d_real, logits = D(x_real)
             d_fake, _ = D(x_fake.float())
             w_loss = critic_loss(d_real, d_fake, args.mode)
-        gp = (gradient_penalty(D, x_real, x_fake.float(), args.one_sided) if args.mode == "wgan-gp"
-              else torch.zeros((), device=dev))
+        gp = (gradient_penalty(D, x_real, x_fake.float(), args.one_sided, dist)
+              if args.mode == "wgan-gp" else torch.zeros((), device=dev))
         loss_D = w_loss + args.lam * gp                                 # Eq. (3)
         if logits is not None:                                          # AC on real samples only
             loss_D = loss_D + args.ac_weight_d * F.cross_entropy(logits.float(), y_real)
         opt_D.zero_grad(set_to_none=True)
         loss_D.backward()
+        dist.average_gradients(D)                                       # no-op in one process
         opt_D.step()
         if args.mode == "wgan":                                         # weight clipping [Sec. 3]
             with torch.no_grad():
@@ -781,16 +800,18 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp):
     if args.fixed_generator:                                            # Fig. 1a: critic alone
         return out
     y = torch.randint(0, n_classes, (args.g_batch_size,), device=dev) if args.conditional else None
+    y = y if y is None else dist.shard(y)                               # this process's rows
     for p in D.parameters():                                            # no critic grads in G step
         p.requires_grad_(False)
     with amp():
         z = torch.randn(args.g_batch_size, args.z_dim, device=dev)
-        d_gen, logits = D(G(z, y))
+        d_gen, logits = D(G(dist.shard(z), y))
         loss_G = generator_loss(d_gen.float(), args.mode)
         if logits is not None:
             loss_G = loss_G + args.ac_weight_g * F.cross_entropy(logits.float(), y)
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
+    dist.average_gradients(G)
     opt_G.step()
     for p in D.parameters():
         p.requires_grad_(True)
@@ -973,21 +994,27 @@ def load_generator(ckpt_path, device="cpu"):
 # ==== Main ====
 def main(argv=None):
     args = parse_args(argv)
+    dist = common.Dist(args.device)                 # torchrun: one process per device
+    device = dist.device
     random.seed(args.seed)
     np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = common.get_device(args.device)
+    torch.manual_seed(args.seed)                    # the same seed, so the same nets, everywhere
     if args.deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
-    run = common.Run(args, "wgan_gp", total=args.steps, mutable=("steps", "lr"))
+    if args.sync_bn and dist.world_size > 1 and device.type != "cuda":
+        raise common.UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
+    dist.share(args.batch_size), dist.share(args.g_batch_size)   # global batches split evenly
+    run = common.Run(args, "wgan_gp", total=args.steps, mutable=("steps", "lr"), dist=dist)
     amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
            else contextlib.nullcontext)
 
     data, channels, n_classes = load_data(args, device)
     G, D = build_models(args, channels, n_classes)
     G, D = G.to(device), D.to(device)
+    if args.sync_bn and dist.world_size > 1:        # DEVIATION (dev. 13): else BN per process
+        G, D = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
     opt_G, opt_D = make_optimizers(G, D, args)
     fid_ev = build_fid(args, device)
     fixed_z = torch.randn(100, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
@@ -1002,38 +1029,43 @@ def main(argv=None):
         common.set_rng_state(state["rng"])
 
     run.start(step, device, G=G, D=D)
-    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if args.arch == "lang":
+    if dist.main:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    if dist.main and args.arch == "lang":           # under torchrun rank 0 alone prints, writes
         k, floor = data.floor()
         print(f"js floor ({k} held-out real lines vs the other {len(data.lines) - k}): " + " ".join(
             f"js{n + 1} {v:.4g}" for n, v in enumerate(floor)), flush=True)
         if step == 0:
             with open(os.path.join(args.out_dir, "reals.txt"), "w", encoding="latin-1") as f:
                 f.write("".join("".join(t) + "\n" for t in data.lines[:640]))
-    elif step == 0 and args.dataset not in TOYS:
+    elif dist.main and step == 0 and args.dataset not in TOYS:
         reals = torch.stack([data[i][0] for i in range(min(64, len(data)))])
         torchvision.utils.save_image(reals, os.path.join(args.out_dir, "reals.png"), nrow=8,
                                      normalize=True, value_range=(-1, 1))
-    real_batches = real_stream(args, data, step * args.n_critic, device)
+    real_batches = real_stream(args, data, step * args.n_critic, dist)
     while step < args.steps and not run.stopping:
         for group in opt_G.param_groups + opt_D.param_groups:
             group["lr"] = lr_at(step, args)          # G iterations done; a new --lr takes effect
-        out = train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp)
+        out = train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp, dist)
         step += 1
         fid_now = args.fid_every > 0 and (step % args.fid_every == 0 or step == args.steps)
+        if fid_now:
+            dist.broadcast_buffers(G)               # one G scored on every rank (sngan's rule)
         if step % args.log_every == 0 or step == args.steps or fid_now:
             evals = evaluate(G, args, device, n_classes, fid_ev, mode_gen, data) if (
                 fid_now or args.dataset in TOYS or args.arch == "lang") else {}
             run.log(step, {**out, "lr": lr_at(step, args), **evals})
-        if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+        if dist.main and args.sample_every and (step % args.sample_every == 0
+                                                or step == args.steps):
             save_samples(G, D, args, step, device, data, fixed_z, fixed_y)
         if step % args.ckpt_every == 0 or step == args.steps or run.stopping:
+            dist.broadcast_buffers(G)               # rank 0's buffers on every rank (none: dev. 7)
             run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
                             "opt_D": opt_D.state_dict(), "fixed_z": fixed_z,
                             "mode_gen": mode_gen.get_state(), "rng": common.rng_state(),
                             "channels": channels, "n_classes": n_classes,
                             **({"vocab": data.vocab} if args.arch == "lang" else {})})
-    if args.export_samples and not run.stopping:
+    if not run.stopping and dist.main and args.export_samples:   # stopping: on every rank
         path = os.path.join(args.out_dir, f"samples_{args.export_samples}.npz")
         export_samples(G, args, device, n_classes, path)
     return run.finish(step, device)

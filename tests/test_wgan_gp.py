@@ -22,6 +22,7 @@ TEXT = ["--dataset", "shapes-text", "--device", "cpu", "--dim-g", "8", "--batch-
         "--n-critic", "2", "--steps", "2", "--max-examples", "200", "--js-samples", "16",
         "--log-every", "1", "--sample-every", "1", "--ckpt-every", "1"]     # Sec. 5.5, tiny
 OFF = lambda: torch.autocast("cpu", enabled=False)   # noqa: E731  the amp context of a CPU run
+ONE = common.Dist("cpu")   # one process (no torchrun here): every Dist method a no-op
 
 
 def run(tmp_path, *extra, base=ARGV):
@@ -95,7 +96,7 @@ def test_critic_and_generator_losses_through_train_step_in_closed_form():
     D, G = LinearCritic(w, 0.3), Recorder((3, 2, 2))
     x = torch.randn(4, 3, 2, 2)
     opt_G, opt_D = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (G, D))
-    out = wgan_gp.train_step(G, D, opt_G, opt_D, iter([(x, None)]), args, 1, OFF)
+    out = wgan_gp.train_step(G, D, opt_G, opt_D, iter([(x, None)]), args, 1, OFF, ONE)
     c0 = (G.c.detach() - 0.1 * D.w.detach().view(3, 2, 2)).flatten()   # G before its SGD step
     fake = c0 @ w + 0.3
     w_loss = fake - (x.flatten(1) @ w + 0.3).mean()
@@ -112,7 +113,7 @@ def test_every_critic_step_draws_a_fresh_normal_z_and_a_fresh_real_batch():
     G, D = Recorder((2,)), LinearCritic(torch.randn(2), 0.0)
     batches = iter([(torch.randn(64, 2), None)] * 9)
     wgan_gp.train_step(G, D, torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters()),
-                       batches, args, 1, OFF)
+                       batches, args, 1, OFF, ONE)
     assert len(list(batches)) == 9 - 5                              # one real batch per step
     zs = G.z[:5]
     assert len(G.z) == 6 and all(not torch.equal(a, b) for a in zs for b in zs if a is not b)
@@ -131,7 +132,7 @@ def test_critic_steps_do_not_touch_G_and_the_G_step_does_not_touch_the_critic():
         p.register_hook(lambda g: d_hits.append(1))
     batches = iter([(torch.randn(5, 2), None)] * 10)
     wgan_gp.train_step(G, D, torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters()),
-                       batches, args, 1, OFF)
+                       batches, args, 1, OFF, ONE)
     assert len(g_hits) == len(list(G.parameters()))                 # G: once, its own step
     assert len(d_hits) == 5 * len(list(D.parameters()))             # D: each critic step only
 
@@ -345,7 +346,7 @@ def test_ac_terms_use_real_labels_in_the_critic_and_uniform_labels_in_G(monkeypa
              (torch.randn(4, 3, 32, 32), torch.tensor([5, 6, 7, 8]))]
     logits_real = D(reals[0][0])[1].detach()                        # the critic before its step
     out = wgan_gp.train_step(G, D, torch.optim.Adam(G.parameters()),
-                             torch.optim.Adam(D.parameters()), iter(reals), args, 10, OFF)
+                             torch.optim.Adam(D.parameters()), iter(reals), args, 10, OFF, ONE)
     assert [c[0].tolist() for c in calls[:2]] == [[1, 2, 3, 4], [5, 6, 7, 8]] and len(calls) == 3
     assert torch.allclose(calls[0][2].detach(), logits_real, atol=1e-6)   # real samples' logits
     y_g, n, _ = calls[2]                                            # the G step: 64 fresh labels
@@ -382,10 +383,10 @@ def test_toy_data_match_the_official_generators():
 def test_real_stream_serves_one_fresh_batch_per_critic_step_from_the_resume_point():
     args = args_for("--dataset", "25gaussians", "--batch-size", "256")
     data = wgan_gp.ToyGrid25(0, "cpu")
-    stream = wgan_gp.real_stream(args, data, 7, "cpu")
+    stream = wgan_gp.real_stream(args, data, 7, ONE)
     assert [torch.equal(next(stream)[0], data.batch(k, 256)) for k in (7, 8, 9)] == [True] * 3
     torch.manual_seed(0)
-    a = next(wgan_gp.real_stream(args_for("--dataset", "8gaussians"), None, 0, "cpu"))[0]
+    a = next(wgan_gp.real_stream(args_for("--dataset", "8gaussians"), None, 0, ONE))[0]
     torch.manual_seed(0)
     assert torch.equal(a, wgan_gp.toy_batch("8gaussians", 256, "cpu"))   # the training RNG
 
@@ -408,7 +409,7 @@ def test_fixed_generator_trains_only_the_critic_on_real_plus_unit_noise(tmp_path
     D.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
     x = torch.randn(256, 2)
     out = wgan_gp.train_step(G, D, torch.optim.Adam(G.parameters()),
-                             torch.optim.Adam(D.parameters()), iter([(x, None)]), args, 1, OFF)
+                             torch.optim.Adam(D.parameters()), iter([(x, None)]), args, 1, OFF, ONE)
     assert "loss_G" not in out and (seen[1] - x).std().item() == pytest.approx(1, abs=0.08)
     m = run(tmp_path, "--fixed-generator", "--dataset", "swissroll", "--mode", "wgan",
             "--sample-every", "3", base=TOY)
@@ -460,7 +461,7 @@ def test_schedule_decays_linearly_over_generator_iterations(tmp_path, monkeypatc
 def test_dequantisation_matches_the_official_resnet_data():
     torch.manual_seed(0)
     pixel = torch.arange(256.0).repeat(16).view(1, 4, 32, 32)
-    x = wgan_gp.dequantize(pixel / 127.5 - 1)
+    x = wgan_gp.dequantize(pixel / 127.5 - 1, torch.rand(pixel.shape))
     base = 2 * (pixel / 256 - 0.5)
     assert ((x - base) >= 0).all() and ((x - base) < 1 / 128).all()
     assert x.min() >= -1 and x.max() < 1
@@ -711,7 +712,7 @@ def test_tiny_text_run_logs_js_of_the_evaluation_samples_and_writes_samples(tmp_
 def test_text_critic_sees_one_hot_reals_of_the_shuffled_stream():
     args = args_for(*TEXT)
     data = wgan_gp.TextData(args)
-    x, y = next(wgan_gp.real_stream(args, data, 0, "cpu"))
+    x, y = next(wgan_gp.real_stream(args, data, 0, ONE))
     assert y is None and x.shape == (8, 32, len(data.vocab))
     assert set(x.unique().tolist()) == {0.0, 1.0} and (x.sum(2) == 1).all()
     perm = torch.randperm(200, generator=torch.Generator().manual_seed(0))[:8]
