@@ -821,6 +821,21 @@ MUTANTS = {
          "tests/test_wgan_gp.py::"
          "test_billion_word_loader_reads_the_released_layout",
          'text: shards in file order'),
+        # issue 19 (torchrun), killed by tests/test_torchrun.py (2 gloo processes; the toy entry
+        # is exact, the GP's double backward included)
+        ("wgan_gp.py", "        dist.average_gradients(D)  ", "        pass  ",
+         "tests/test_torchrun.py", "issue 19: critic gradients not averaged over the processes"),
+        ("wgan_gp.py", "    dist.average_gradients(G)\n", "",
+         "tests/test_torchrun.py", "issue 19: G gradients not averaged over the processes"),
+        ("wgan_gp.py",
+         "z = dist.shard(torch.randn(args.batch_size, args.z_dim, device=dev))  # fresh z",
+         "z = torch.randn(x_real.size(0), args.z_dim, device=dev)  # fresh z",
+         "tests/test_torchrun.py", "issue 19: the same critic-step z on every rank"),
+        ("wgan_gp.py", "eps = eps if dist is None else dist.shard(eps)",
+         "eps = eps[:x_real.size(0)]",
+         "tests/test_torchrun.py", "issue 19: the same GP interpolation eps on every rank"),
+        ("wgan_gp.py", "if dist.main and args.sample_every and", "if args.sample_every and",
+         "tests/test_torchrun.py", "issue 19: rank 1 writes sample figures"),
     ],
     # ---- gd_stable.py ----
     "gd_stable.py": [  # one or more per checklist item of the card (Sec. 7), then issues 11, 12

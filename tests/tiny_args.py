@@ -127,4 +127,12 @@ DIST = {
     "pix2pixhd.py": dict(argv=TINY["pix2pixhd.py"] + ["--max-dataset-size", "2",
                                                       "--batch-size", "2", "--seg-every", "1"],
                          length="--epochs", steps=2, stop=1, exact=False),
+    # wgan_gp: the toy MLPs have no BN and the GP is per sample: exact (GP double backward
+    # included); the ResNet (tests/wgan_gp_resnet.py: the script itself) has BN in G: exact=False
+    "wgan_gp.py": dict(argv=["--dataset", "8gaussians", "--device", "cpu", "--dim-g", "8",
+                             "--batch-size", "8", "--n-critic", "2", "--log-every", "1",
+                             "--sample-every", "2", "--ckpt-every", "1", "--deterministic"],
+                       length="--steps", steps=2, stop=1, exact=True),
+    "wgan_gp_resnet.py": dict(argv=TINY["wgan_gp.py"], length="--steps", steps=2, stop=1,
+                              exact=False),
 }
