@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import common
 import sngan
+from host_sync import trap_host_syncs
 from tiny_args import TINY
 
 
@@ -591,27 +592,15 @@ def test_fake_training_fid_has_the_signature_of_the_real_one():
 
 # ---- speed (issue 18): same math, no host sync in the step, bf16 forwards with fp32 losses ----
 def test_train_step_has_no_host_sync_and_amp_keeps_losses_fp32(tmp_path, monkeypatch):
-    real_step, seen, in_adam = sngan.train_step, [], []
+    seen = []
 
-    def no_sync(original):                          # torch's CPU Adam reads its step counter
-        def call(self, *a, **k):
-            assert in_adam, f"host sync inside train_step: {original.__name__}"
-            return original(self, *a, **k)
-        return call
-
-    def step(G, D, opt_G, opt_D, batches, args, dist, autocast):
+    def prepare(G, D, opt_G, opt_D, batches, args, *rest):
         G.c_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-        for opt in (opt_G, opt_D):                 # fused on CUDA: no sync of ours to find there
-            opt.register_step_pre_hook(lambda *a: in_adam.append(1))
-            opt.register_step_post_hook(lambda *a: in_adam.pop())
         reals = iter([next(batches) for _ in range(args.n_dis)])  # on CUDA: common's cache
-        with monkeypatch.context() as m:            # what would wait for the GPU
-            for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
-                m.setattr(torch.Tensor, name, no_sync(getattr(torch.Tensor, name)))
-            out = real_step(G, D, opt_G, opt_D, reals, args, dist, autocast)
-        seen.extend(v.dtype for v in out.values())
-        return out
-    monkeypatch.setattr(sngan, "train_step", step)
+        return (G, D, opt_G, opt_D, reals, args, *rest)
+    outs = trap_host_syncs(monkeypatch, sngan, prepare)
     m = run(tmp_path, "--steps", "1", "--amp", "bf16", "--n-dis", "2")
-    assert math.isfinite(m["loss_D"]) and seen[0] == torch.bfloat16   # G's convs in bf16
+    seen.extend(v.dtype for v in outs[-1].values())
+    assert len(outs) == 1 and math.isfinite(m["loss_D"])
+    assert seen[0] == torch.bfloat16                                 # G's convs in bf16
     assert seen[-4:] == [torch.float32] * 4                       # losses and D outputs fp32
