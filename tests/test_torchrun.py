@@ -28,15 +28,25 @@ ROOT = os.path.dirname(HERE)
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def selected_scripts(items):
+    """The DIST scripts that the selected tests (after -k, --lf, ...) read, in DIST's order."""
+    wanted = {item.callspec.params.get("script") for item in items
+              if "runs" in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")}
+    return [script for script in DIST if script in wanted]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, request):
+    """One torchrun launch for the DIST scripts that the selected tests need (all of them in a
+    full run)."""
     out = tmp_path_factory.mktemp("torchrun")
+    scripts = selected_scripts(request.session.items)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "dist_driver.py"), str(out)]
+           os.path.join(HERE, "dist_driver.py"), str(out), *scripts]
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=120 + 90 * len(DIST))
+                           timeout=120 + 90 * len(scripts))
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"torchrun did not finish in {e.timeout} s (a collective left waiting?)")
     assert p.returncode == 0, (p.stdout[-3000:] + p.stderr[-6000:])
