@@ -1,6 +1,7 @@
 """torchrun data parallelism (issue 19), gloo on 2 CPU processes, for every script in
-tiny_args.DIST. One `torchrun --standalone --nproc_per_node 2 tests/dist_driver.py` launch runs all
-of them (see the driver's docstring for the runs); these tests read what it left:
+tiny_args.DIST. One `torchrun --standalone --nproc_per_node 2 tests/dist_driver.py` launch runs the
+ones that the selected tests read, all of them in a full run (see the driver's docstring for
+the runs); these tests read what it left:
 
   (a) 2 processes with the global batch split in two = 1 process with the global batch, parameters
       and optimizer state after k steps to float tolerance (exact entries: BN-free or
