@@ -618,28 +618,32 @@ TOY_RGB = ((31, 119, 180), (214, 39, 40), (148, 103, 189), (23, 190, 207))  # x 
 def posterior_figure(encoder, path, lines, noise_dim, n=600, size=360, lim=3.5, seed=0):
     """z ~ q(z|x) for each toy input on [-lim, lim]^2, grey prior circles at radius 1, 2, 3 (the
     paper's toy latent-space figure), with a title strip and a colour key."""
-    from PIL import Image, ImageDraw
     dev, m = next(encoder.parameters()).device, 28                       # m: margin for the axes
     eps = torch.randn(n, noise_dim, generator=torch.Generator().manual_seed(seed)).to(dev)
     px = lambda v: m + (v + lim) / (2 * lim) * size                      # z1 -> column, -z2 -> row
-    img = Image.new("RGBA", (size + 2 * m, size + 2 * m), "white")
-    d = ImageDraw.Draw(img)
+    img = common.canvas(size + 2 * m, size + 2 * m)
+    turn = torch.linspace(0, 2 * math.pi, 720)
     for r in (1, 2, 3):                                                  # prior N(0, I) contours
-        d.ellipse([px(-r), px(-r), px(r), px(r)], outline=(190, 190, 190))
-    d.rectangle([m, m, m + size, m + size], outline=(120, 120, 120))
-    for v in (-3, 0, 3):                                                 # tick labels
-        d.text((px(v) - 4, m + size + 4), str(v), fill="black")
-        d.text((6, px(-v) - 6), str(v), fill="black")
-    for i, rgb in enumerate(TOY_RGB):
+        common.draw_polyline(img, list(zip(px(r * turn.cos()).tolist(),
+                                           px(r * turn.sin()).tolist())), (190, 190, 190), 1)
+    common.draw_polyline(img, [(m, m), (m + size, m), (m + size, m + size), (m, m + size),
+                               (m, m)], (120, 120, 120), 1)
+    ticks = [t for v in (-3, 0, 3) for t in ((px(v) - 4, m + size + 4, v), (6, px(-v) - 6, v))]
+    img = common.draw_text(img, [(round(x), round(y), v) for x, y, v in ticks])
+    for i, rgb in enumerate(TOY_RGB):          # each posterior a layer of 3x3 dots at alpha 150
         with torch.no_grad():
             z = encoder(F.one_hot(torch.full((n,), i, device=dev), 4).float(), eps)[0].cpu()
-        layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
-        dl = ImageDraw.Draw(layer)
-        for a, b in zip(px(z[:, 0]).tolist(), px(-z[:, 1]).tolist()):
-            dl.ellipse([a - 1.5, b - 1.5, a + 1.5, b + 1.5], fill=(*rgb, 150))
-        img = Image.alpha_composite(img, layer)
+        cover = torch.zeros(img.shape[1:], dtype=torch.bool)
+        cols, rows = px(z[:, 0]).round().long(), px(-z[:, 1]).round().long()
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                ok = ((cols + dx).clamp(0, img.shape[2] - 1) == cols + dx) & (
+                    (rows + dy).clamp(0, img.shape[1] - 1) == rows + dy)
+                cover[rows[ok] + dy, cols[ok] + dx] = True
+        blend = (img.float() * 105 + torch.tensor(rgb).view(3, 1, 1) * 150) / 255
+        img = torch.where(cover, blend.round().to(torch.uint8), img)
     key = [(f"q(z|x=e{i + 1})", rgb) for i, rgb in enumerate(TOY_RGB)]
-    common.title_strip(img.convert("RGB"), lines, key=key).save(path)
+    common.save_png(common.title_strip(img, lines, key=key), path)
 
 
 def save_samples(step, encoder, decoder, fixed_z, args):

@@ -869,51 +869,90 @@ class Dist:
 REAL_RGB, FAKE_RGB = (245, 140, 30), (40, 160, 60)  # one convention: real orange, generated green
 
 
+def canvas(height, width, rgb=(255, 255, 255)):
+    """A (3, height, width) uint8 image of one colour: what every figure is drawn on."""
+    return torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).repeat(1, height, width)
+
+
+def fill_rect(img, x0, y0, x1, y1, rgb):
+    """Paints the pixels x0..x1, y0..y1 (inclusive, clipped) of a (3, H, W) uint8 image in place."""
+    H, W = img.shape[1:]
+    x0, y0, x1, y1 = max(int(x0), 0), max(int(y0), 0), min(int(x1), W - 1), min(int(y1), H - 1)
+    if x0 <= x1 and y0 <= y1:
+        img[:, y0:y1 + 1, x0:x1 + 1] = torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1)
+    return img
+
+
+def draw_text(img, items, rgb=(0, 0, 0)):
+    """img with each (x, y, text) of `items` written with its top-left corner at (x, y), in
+    torchvision's default bitmap font: the label text of torchvision.utils.draw_bounding_boxes
+    around boxes of width 0 (which it places one pixel inside the box), the same pixels as PIL's
+    ImageDraw.text (checked in tests/test_common.py). Returns a new image."""
+    items = [(x, y, str(t)) for x, y, t in items if str(t)]
+    if not items:
+        return img
+    boxes = torch.tensor([[x - 1, y - 1, x - 1, y - 1] for x, y, _ in items], dtype=torch.float)
+    return torchvision.utils.draw_bounding_boxes(img, boxes, labels=[t for _, _, t in items],
+                                                 colors=[tuple(rgb)] * len(items), width=0)
+
+
+def draw_polyline(img, xy, rgb, width=2):
+    """Straight segments through the points xy [(x, y), ...], `width` pixels thick, in place."""
+    H, W = img.shape[1:]
+    color = torch.tensor(rgb, dtype=torch.uint8).view(3, 1)
+    for (xa, ya), (xb, yb) in zip(xy[:-1], xy[1:]):
+        t = torch.linspace(0, 1, int(max(abs(xb - xa), abs(yb - ya))) + 2)
+        xs, ys = (xa + t * (xb - xa)).round().long(), (ya + t * (yb - ya)).round().long()
+        for dy in range(width):
+            ok = (xs >= 0) & (xs < W) & (ys + dy >= 0) & (ys + dy < H)
+            img[:, ys[ok] + dy, xs[ok]] = color
+    return img
+
+
+def save_png(img, path):
+    """Writes a (3, H, W) uint8 image as PNG atomically (torchvision.utils.save_image of img / 255,
+    whose x 255 + 0.5 rounding gives back exactly these bytes)."""
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    torchvision.utils.save_image(img.float() / 255, tmp, format="png")
+    os.replace(tmp, path)
+
+
 def title_strip(img, lines, key=()):
-    """A PIL image with a white strip above `img`: the text `lines` (step, axis ranges, ...) and a
-    colour key [(label, rgb), ...], so a figure explains itself without the README."""
-    from PIL import Image, ImageDraw
+    """`img` ((3, H, W) uint8) under a white strip holding the text `lines` (step, axis ranges, ...)
+    and a colour key [(label, rgb), ...], so a figure explains itself without the README."""
     h = 14 * (len(lines) + (1 if key else 0)) + 8
-    out = Image.new("RGB", (max(img.width, 240), img.height + h), "white")
-    out.paste(img, (0, h))
-    d = ImageDraw.Draw(out)
-    for i, text in enumerate(lines):
-        d.text((4, 4 + 14 * i), text, fill="black")
+    out = canvas(img.shape[1] + h, max(img.shape[2], 240))
+    out[:, h:, :img.shape[2]] = img
+    items = [(4, 4 + 14 * i, text) for i, text in enumerate(lines)]
     x, y = 4, 4 + 14 * len(lines)
     for label, rgb in key:
-        d.rectangle([x, y + 2, x + 9, y + 11], fill=tuple(rgb))
-        d.text((x + 13, y), label, fill="black")
+        fill_rect(out, x, y + 2, x + 9, y + 11, rgb)
+        items.append((x + 13, y, label))
         x += 24 + 7 * len(label)
-    return out
+    return draw_text(out, items)
 
 
 def draw_curves(rows, path, title="", width=360, height=190):
     """curves.png: one panel per logged scalar (x = step), with its name and value/step ranges."""
-    from PIL import Image, ImageDraw
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items()
                               if k not in ("step", "time_s") and isinstance(v, (int, float))))
     cols = max(1, min(3, len(keys)))
-    img = Image.new("RGB", (cols * width, 20 + -(-len(keys) // cols) * height), "white")
-    d = ImageDraw.Draw(img)
-    d.text((6, 4), title, fill="black")
+    img = canvas(20 + -(-len(keys) // cols) * height, cols * width)
+    items, grey, blue = [(6, 4, title)], (160, 160, 160), (30, 90, 200)
     for i, k in enumerate(keys):
         pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
         ox, oy = i % cols * width, 20 + i // cols * height
         x0, y0, x1, y1 = ox + 70, oy + 18, ox + width - 12, oy + height - 26
-        d.rectangle([x0, y0, x1, y1], outline=(160, 160, 160))
-        d.text((x0, oy + 4), k, fill="black")
+        for edge in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
+            fill_rect(img, *edge, grey)
         (lo_x, lo_y), (hi_x, hi_y) = np.min(pts, 0), np.max(pts, 0)
         xy = [(x0 + (x1 - x0) * ((s - lo_x) / (hi_x - lo_x) if hi_x > lo_x else 0.5),
                y1 - (y1 - y0) * ((v - lo_y) / (hi_y - lo_y) if hi_y > lo_y else 0.5))
               for s, v in pts]
         if len(xy) > 1:
-            d.line(xy, fill=(30, 90, 200), width=2)
+            draw_polyline(img, xy, blue)
         else:
-            d.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(30, 90, 200))
-        d.text((ox + 4, y0), f"{hi_y:.4g}", fill="black")
-        d.text((ox + 4, y1 - 10), f"{lo_y:.4g}", fill="black")
-        d.text((x0, y1 + 4), f"{lo_x:g}", fill="black")
-        d.text((x1 - 6 * len(f"{hi_x:g}"), y1 + 4), f"{hi_x:g}", fill="black")
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+            fill_rect(img, xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2, blue)
+        items += [(x0, oy + 4, k), (ox + 4, y0, f"{hi_y:.4g}"), (ox + 4, y1 - 10, f"{lo_y:.4g}"),
+                  (x0, y1 + 4, f"{lo_x:g}"), (x1 - 6 * len(f"{hi_x:g}"), y1 + 4, f"{hi_x:g}")]
+    save_png(draw_text(img, items), path)

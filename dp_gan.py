@@ -842,33 +842,31 @@ def evaluate(G, args, cfg, real_tr, real_te, scores, snap_dir, post):
 def figure(x, y, path, title, info):
     """Images: an 8x8 grid, one class per row. Tables: row 0 (SBP for SPRINT) of each record
     against the visit month, one panel per class (<= 4), the class median thick. Title strip."""
-    from PIL import Image, ImageDraw
     rgb = common.FAKE_RGB                                     # generated only: never real records
     if not info["table"]:
         grid = torchvision.utils.make_grid(x.float().cpu(), nrow=8, normalize=True,
                                            value_range=(-1, 1))          # quantised as save_image
-        img = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(
-            torch.uint8).numpy())
-        s = math.ceil(256 / img.width)
-        img, axes = img.resize((img.width * s, img.height * s), Image.NEAREST), "pixels [-1, 1]"
+        img = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)          # (3, H, W)
+        s = math.ceil(256 / img.shape[2])                                    # nearest upscale
+        img, axes = img.repeat_interleave(s, 1).repeat_interleave(s, 2), "pixels [-1, 1]"
     else:
         v, y = x[:, 0, 0].float().cpu().nan_to_num(0.0).clamp(-1e6, 1e6), y.cpu()   # (B, W)
         lo, hi = math.floor(v.min()), math.ceil(v.max())
         t = MONTHS if v.shape[1] == len(MONTHS) else range(v.shape[1])   # x: month or column
         k, pw, ph = min(info["n_classes"], 4), 320, 240
-        img = Image.new("RGB", (k * pw, ph), "white")
-        d = ImageDraw.Draw(img)
+        img, labels = common.canvas(ph, k * pw), []
         for c in range(k):
             xy = lambda row: [(c * pw + 12 + (pw - 24) * t[j] / max(t[-1], 1), ph - 12 - (  # noqa
                 ph - 36) * (float(r) - lo) / max(hi - lo, 1e-9)) for j, r in enumerate(row)]
             for row in v[y == c]:
-                d.line(xy(row), fill=tuple((3 * 255 + u) // 4 for u in rgb), width=1)
+                common.draw_polyline(img, xy(row), tuple((3 * 255 + u) // 4 for u in rgb), 1)
             if (y == c).any():
-                d.line(xy(v[y == c].median(0).values), fill=rgb, width=3)
-            d.text((c * pw + 12, 4), f"class {c}: {int((y == c).sum())} records", fill="black")
+                common.draw_polyline(img, xy(v[y == c].median(0).values), rgb, 3)
+            labels.append((c * pw + 12, 4, f"class {c}: {int((y == c).sum())} records"))
+        img = common.draw_text(img, labels)
         axes = f"x: {'visit month' if t is MONTHS else 'column'} 0..{t[-1]} | y: row 0 (SBP) " \
             f"in [{lo}, {hi}] | thick: the class median"
-    common.title_strip(img, [title, axes], key=[("generated", rgb)]).save(path)
+    common.save_png(common.title_strip(img, [title, axes], key=[("generated", rgb)]), path)
 
 
 def export_samples(G, n, cfg, args, post):

@@ -47,7 +47,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 import common
 
@@ -472,12 +471,12 @@ def streamline_figure(path, eta=0.5, size=256, grid=9, n_steps=150, dt=0.03):
         _paint(img, torch.tensor([[0.0, 1.0]]), (220, 30, 30), lo, hi, dot=2)
         img[:, -3:] = 128                                          # a grey gap between panels
         name = loss.upper() + (f" + eta R, eta {e:g}" if e else ", eta 0")
-        panels.append(np.asarray(common.title_strip(Image.fromarray(img.numpy()), [name])))
+        panels.append(common.title_strip(img.permute(2, 0, 1), [name]))     # (3, H, W)
     lines = ["uniform/quadratic toy: x, z ~ U[-1, 1], D_w(x) = w x^2, G_a(z) = a z",
              f"w (D) in [{lo[0]:g}, {hi[0]:g}] across, a (G) in [{lo[1]:g}, {hi[1]:g}] up; "
              "lines grey -> black along the flow"]
-    common.title_strip(Image.fromarray(np.concatenate(panels, axis=1)), lines,
-                       key=[("equilibrium (w, a) = (0, 1)", (220, 30, 30))]).save(path)
+    common.save_png(common.title_strip(torch.cat(panels, dim=2), lines,
+                                       key=[("equilibrium (w, a) = (0, 1)", (220, 30, 30))]), path)
 
 
 @torch.no_grad()
@@ -615,7 +614,7 @@ def save_figure(args, step, reals, fake=None, lim=3.0, size=320):
         head = f"gd_stable mog8 | step {step}/{args.steps} | eta {args.eta:g} | {args.loss} | " \
                f"{args.update}"
     lines = [head, f"x in [-{lim:g}, {lim:g}] across, y in [-{lim:g}, {lim:g}] up"]
-    common.title_strip(Image.fromarray(img.numpy()), lines, key=key).save(path)
+    common.save_png(common.title_strip(img.permute(2, 0, 1), lines, key=key), path)
 
 
 def export_samples(G, args, device, chunk=1000):

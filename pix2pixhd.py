@@ -71,7 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset, default_collate
 
 import common
@@ -254,26 +254,38 @@ class PairDataset(Dataset):
     def __getitem__(self, i):
         if self.shapes is not None:
             img, info = self.shapes.sample(i)
-            label, inst, img, name = info["label_map"], info["instance_map"], Image.fromarray(
+            label, inst, img, name = info["label_map"], info["instance_map"], TF.to_pil_image(
                 img), f"shapes[{i}]"
         else:
             name, inst_f, img_f = self.files[i]
             try:
-                label = np.array(Image.open(name)).astype(np.int64)
-                inst = np.array(Image.open(inst_f)).astype(np.int64) if inst_f else label
-                img = Image.open(img_f).convert("RGB")
-            except Exception as err:  # PIL raises many types; name the file instead
+                label = read_map(name)
+                inst = read_map(inst_f) if inst_f else label
+                img = torchvision.datasets.folder.pil_loader(img_f)              # RGB
+            except common.UserError:
+                raise
+            except Exception as err:  # decoders raise many types; name the file instead
                 raise common.UserError(f"cannot read {name!r} / {img_f!r}: {err}") from None
         bad = label[(label < 0) | (label >= self.label_nc)]
         if bad.size:
             raise common.UserError(f"{name}: label value {int(bad[0])} outside [0, "
                                    f"{self.label_nc}); set --label-nc or fix the label map")
-        size = self.size[::-1]                      # PIL takes (W, H)
-        label, inst = (torch.from_numpy(np.array(Image.fromarray(a.astype(np.int32)).resize(
-            size, Image.NEAREST))).long()[None] for a in (label, inst))   # (1, H, W)
-        x = np.asarray(img.resize(size, Image.BICUBIC), dtype=np.float32)     # (H, W, 3)
-        return {"label": label, "inst": inst,
-                "image": torch.from_numpy(x).permute(2, 0, 1) / 127.5 - 1.0}   # [-1, 1]
+        # maps: nearest with pixel centres (nearest-exact: the pixels of PIL's NEAREST, which
+        # the official code uses); image: PIL's bicubic through torchvision (official Scale)
+        label, inst = (F.interpolate(torch.from_numpy(a)[None, None].double(), self.size,
+                                     mode="nearest-exact")[0].long() for a in (label, inst))
+        x = TF.pil_to_tensor(TF.resize(img, list(self.size), TF.InterpolationMode.BICUBIC))
+        return {"label": label, "inst": inst, "image": x.float() / 127.5 - 1.0}   # [-1, 1]
+
+
+def read_map(path):
+    """A label or instance map PNG (8- or 16-bit, one channel) as an (H, W) int64 array."""
+    m = torchvision.io.decode_image(torchvision.io.read_file(path),
+                                    torchvision.io.ImageReadMode.UNCHANGED)
+    if m.shape[0] != 1:
+        raise common.UserError(f"{path!r} has {m.shape[0]} channels: a label or instance map "
+                               "must be a one-channel PNG of ids (not a palette or RGB image)")
+    return m[0].to(torch.int64).numpy()
 
 
 def _sorted_files(d):
@@ -722,11 +734,11 @@ def save_figure(G, E, val, args, device, path, title, centres=None, draws=1):
                                                 for _ in range(draws)])
     grid = torchvision.utils.make_grid(torch.stack(sum(rows, [])), nrow=2 + draws,
                                        normalize=True, value_range=(-1, 1))
-    img = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy())
-    scale = math.ceil(512 / img.width)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    common.title_strip(img, [title], key=[("real", common.REAL_RGB),
-                                          ("generated", common.FAKE_RGB)]).save(path)
+    img = grid.mul(255).add(0.5).clamp(0, 255).byte()                     # (3, H, W)
+    scale = math.ceil(512 / img.shape[2])                                # nearest upscale
+    img = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    common.save_png(common.title_strip(img, [title], key=[("real", common.REAL_RGB),
+                                                          ("generated", common.FAKE_RGB)]), path)
     return rows
 
 

@@ -769,8 +769,7 @@ def _save_grid(x, path, lines, key):
     """An 8-wide grid, each image at least 32 px (nearest), under a title strip."""
     x = upscale2d(x.float().clamp(-1, 1), max(1, 32 // x.shape[-1]))
     grid = torchvision.utils.make_grid(x, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
-    img = torchvision.transforms.functional.to_pil_image(grid.cpu())
-    common.title_strip(img, lines, key=key).save(path)
+    common.save_png(common.title_strip(grid.cpu().mul(255).byte(), lines, key=key), path)
 
 
 @torch.no_grad()

@@ -68,7 +68,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms.functional as TF
 from torch.nn.utils.parametrizations import spectral_norm
 
 import common
@@ -459,7 +458,7 @@ def load_generator(ckpt_path, device="cpu"):
 def save_figure(x, path, lines, key, nrow=8):
     """A grid of x in [-1, 1] under a title strip (common.title_strip)."""
     grid = torchvision.utils.make_grid(x, nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
-    common.title_strip(TF.to_pil_image(grid.cpu()), lines, key=key).save(path)
+    common.save_png(common.title_strip(grid.cpu().mul(255).byte(), lines, key=key), path)
 
 
 def sample_grid(G, fixed_z, names, step, args):

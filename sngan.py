@@ -61,7 +61,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms.functional as TF
 
 import common
 
@@ -499,7 +498,7 @@ def load_generator(ckpt_path, device="cpu"):
 def save_figure(x, path, lines, key):
     """An 8-column grid of x in [-1, 1] under a title strip (common.title_strip)."""
     grid = torchvision.utils.make_grid(x, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
-    common.title_strip(TF.to_pil_image(grid.cpu()), lines, key=key).save(path)
+    common.save_png(common.title_strip(grid.cpu().mul(255).byte(), lines, key=key), path)
 
 
 def sample_grid(G, fixed_z, step, args):

@@ -69,8 +69,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 import common
@@ -282,7 +282,7 @@ class PickleTextSource:
 
     def image(self, i):
         try:
-            img = Image.open(self.path(i)).convert("RGB")
+            img = torchvision.datasets.folder.pil_loader(self.path(i))   # RGB
         except OSError as e:
             raise common.UserError(f"cannot read image {self.path(i)!r}: {e}") from None
         if self.bbox is None:
@@ -339,7 +339,7 @@ class ShapesTextSource:
         self.W = shapes_projection(text_dim)
 
     def image(self, i):
-        return Image.fromarray(self.render.sample(i)[0])
+        return TF.to_pil_image(self.render.sample(i)[0])
 
     def label(self, i):
         info = self.meta.sample(i)[1]
@@ -627,6 +627,9 @@ class JointHeads(nn.Module):
         c = c[:, :, None, None].expand(-1, -1, 4, 4)                     # (B, Nc, 4, 4)
         return self.cond_logits(self.joint_conv(torch.cat([c, code], 1))).view(-1), uncond
 
+    def forward(self, x, c=None):                     # self.encode: the subclass's image encoder
+        return self.heads(self.encode(x), c)
+
 
 class Discriminator64(JointHeads):
     """D_0 (official D_NET64): the encoder straight to 8 Nd x 4 x 4."""
@@ -634,9 +637,6 @@ class Discriminator64(JointHeads):
     def __init__(self, df_dim=64, cond_dim=128, base_size=64):
         super().__init__(df_dim, cond_dim)
         self.encode = encode_image(df_dim, base_size)
-
-    def forward(self, x, c=None):
-        return self.heads(self.encode(x), c)
 
 
 class Discriminator128(JointHeads):
@@ -647,9 +647,6 @@ class Discriminator128(JointHeads):
         self.encode = nn.Sequential(encode_image(df_dim, base_size),
                                     down_block(8 * df_dim, 16 * df_dim),
                                     block3x3_lrelu(16 * df_dim, 8 * df_dim))
-
-    def forward(self, x, c=None):
-        return self.heads(self.encode(x), c)
 
 
 class Discriminator256(JointHeads):
@@ -662,9 +659,6 @@ class Discriminator256(JointHeads):
                                     down_block(16 * df_dim, 32 * df_dim),
                                     block3x3_lrelu(32 * df_dim, 16 * df_dim),
                                     block3x3_lrelu(16 * df_dim, 8 * df_dim))
-
-    def forward(self, x, c=None):
-        return self.heads(self.encode(x), c)
 
 
 def init_weights(net):
@@ -825,11 +819,11 @@ def fixed_conditions(source, args, rows=8):
 
 
 def _tile(x, size):
-    """(N, 3, s, s) in [-1, 1] -> list of PIL images, nearest-upsampled to at least `size`."""
+    """(N, 3, s, s) in [-1, 1] -> (N, 3, S, S) uint8, nearest-upsampled to S >= `size`."""
     x = x.detach().float().clamp(-1, 1)
     if x.shape[-1] < size:
         x = F.interpolate(x, size=size, mode="nearest")
-    return [Image.fromarray(a) for a in common.quantize(x).numpy()]
+    return common.quantize(x).permute(0, 3, 1, 2)
 
 
 def caption_grid(rows, path, lines, captions=None, reals=None, are_real=False, text_w=240):
@@ -840,21 +834,21 @@ def caption_grid(rows, path, lines, captions=None, reals=None, are_real=False, t
     cols, text_w = rows[0].shape[0] + (reals is not None), text_w if captions else 0
     key = [("real", common.REAL_RGB)] * (are_real or reals is not None) + [
         ("generated", common.FAKE_RGB)] * (not are_real)
-    canvas = Image.new("RGB", (text_w + cols * (t + 6) + 4, len(rows) * (t + 6) + 4), "white")
-    d = ImageDraw.Draw(canvas)
+    canvas = common.canvas(len(rows) * (t + 6) + 4, text_w + cols * (t + 6) + 4)
+    text = []
     for r, x in enumerate(rows):
         y = 4 + r * (t + 6)
         for k, line in enumerate(textwrap.wrap(captions[r], text_w // 6 - 2)[: t // 11]
                                  if captions else []):
-            d.text((4, y + 11 * k), line, fill="black")
+            text.append((4, y + 11 * k, line))
         tiles = [(im, key[-1][1]) for im in _tile(x, t)]
         if reals is not None:
             tiles.insert(0, (_tile(reals[r][None], t)[0], common.REAL_RGB))
         for c, (im, rgb) in enumerate(tiles):
             x0 = text_w + 4 + c * (t + 6)
-            d.rectangle([x0 - 2, y - 2, x0 + t + 1, y + t + 1], outline=rgb, width=2)
-            canvas.paste(im, (x0, y))
-    common.title_strip(canvas, lines, key=key).save(path)
+            common.fill_rect(canvas, x0 - 2, y - 2, x0 + t + 1, y + t + 1, rgb)   # a 2-px frame
+            canvas[:, y:y + im.shape[1], x0:x0 + im.shape[2]] = im
+    common.save_png(common.title_strip(common.draw_text(canvas, text), lines, key=key), path)
 
 
 @torch.no_grad()

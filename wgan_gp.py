@@ -844,7 +844,6 @@ def mode_coverage(x_fake, dataset):
 def draw_toy(D, x_real, x_fake, path, title_lines, lim=3.0, res=384, levels=8):
     """Fig. 1: the critic's value over [-lim, lim]^2 in grey (light = high) with labelled
     contours, real points orange, generated green, under a title strip [official gan_toy.py]."""
-    from PIL import Image, ImageDraw
     t = torch.linspace(-lim, lim, res, device=next(D.parameters()).device)
     v = D(torch.stack(torch.meshgrid(t, -t, indexing="xy"), -1).view(-1, 2))[0]  # row 0: y = lim
     v = v.view(res, res).float().cpu()
@@ -855,21 +854,21 @@ def draw_toy(D, x_real, x_fake, path, title_lines, lim=3.0, res=384, levels=8):
     edge[1:] |= band[1:] != band[:-1]
     img = (70 + 150 * (v - lo) / (gap * levels)).to(torch.uint8)[..., None].repeat(1, 1, 3)
     img[edge] = torch.tensor([40, 70, 160], dtype=torch.uint8)          # contour lines
-    im = Image.fromarray(img.numpy())
-    d = ImageDraw.Draw(im)
+    img = img.permute(2, 0, 1).contiguous()                             # (3, H, W)
     for pts, rgb in ((x_fake, common.FAKE_RGB), (x_real, common.REAL_RGB)):  # reals on top
-        for px, py in ((pts.float().cpu() + lim) / (2 * lim) * (res - 1)).tolist():
-            d.rectangle([px - 1, res - 2 - py, px + 1, res - py], fill=rgb)
+        for px, py in ((pts.float().cpu() + lim) / (2 * lim) * (res - 1)).round().int().tolist():
+            common.fill_rect(img, px - 1, res - 2 - py, px + 1, res - py, rgb)
+    labels = []
     for k in range(1, levels):                        # each contour's value at its middle pixel
         rows, cols = torch.nonzero(edge & (band == k), as_tuple=True)
         if len(rows):
             i = len(rows) // 2
-            d.text((cols[i].item() + 2, rows[i].item() - 5), f"{lo + k * gap:.3g}",
-                   fill=(20, 40, 120))
+            labels.append((cols[i].item() + 2, rows[i].item() - 5, f"{lo + k * gap:.3g}"))
+    img = common.draw_text(img, labels, rgb=(20, 40, 120))
     lines = title_lines + [f"x, y in [-{lim:g}, {lim:g}] | grey: critic D(x), light = high",
              f"labelled contours of D every {gap:.3g}, from {lo:.3g} to {lo + levels * gap:.3g}"]
     key = [("real", common.REAL_RGB), ("generated", common.FAKE_RGB)]
-    common.title_strip(im, lines, key=key).save(path)
+    common.save_png(common.title_strip(img, lines, key=key), path)
 
 
 def ngram_counts(lines, n):

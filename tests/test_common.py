@@ -315,3 +315,21 @@ def test_each_rank_gets_its_share_of_the_global_batch():
     assert all(w == a + b + c for w, a, b, c in zip(whole, *shares))
     with pytest.raises(common.UserError, match="divisible"):
         common._EpochBatches(100, 10, 1, 0, 0, 3)
+
+
+def test_figure_kit_draws_text_as_pil_and_writes_exact_pngs(tmp_path):
+    from PIL import Image, ImageDraw   # the reference only: scripts and common.py never import PIL
+    img = common.canvas(30, 200)
+    ref = Image.new("RGB", (200, 30), "white")
+    ImageDraw.Draw(ref).text((4, 9), "step 5/10 | x in [-1, 1]", fill=(20, 40, 120))
+    out = common.draw_text(img, [(4, 9, "step 5/10 | x in [-1, 1]")], rgb=(20, 40, 120))
+    assert np.array_equal(out.permute(1, 2, 0).numpy(), np.asarray(ref))
+    assert (img == 255).all()                                      # a new image, input untouched
+    fig = common.title_strip(common.canvas(50, 300, (0, 0, 0)), ["a", "b"],
+                             key=[("real", common.REAL_RGB), ("generated", common.FAKE_RGB)])
+    assert fig.shape == (3, 50 + 14 * 3 + 8, 300) and (fig[:, -50:] == 0).all()
+    assert (fig[:, 34, 6] == torch.tensor(common.REAL_RGB, dtype=torch.uint8)).all()   # the key
+    common.save_png(fig, tmp_path / "f.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "f.png")), fig.permute(1, 2, 0).numpy())
+    line = common.draw_polyline(common.canvas(10, 10), [(0, 0), (9, 9)], (0, 0, 0), width=1)
+    assert all(line[:, i, i].tolist() == [0, 0, 0] for i in range(10))
