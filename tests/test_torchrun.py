@@ -30,9 +30,11 @@ BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def selected_scripts(items):
-    """The DIST scripts that the selected tests (after -k, --lf, ...) read, in DIST's order."""
+    """The DIST scripts that this file's selected tests (after -k, --lf, ...) read, in DIST's
+    order (other files may have a fixture of the same name)."""
     wanted = {item.callspec.params.get("script") for item in items
-              if "runs" in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")}
+              if getattr(getattr(item, "module", None), "__name__", None) == __name__
+              and "runs" in item.fixturenames and hasattr(item, "callspec")}
     return [script for script in DIST if script in wanted]
 
 
