@@ -805,6 +805,9 @@ class Dist:
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
             if not torch.distributed.is_initialized():
+                if not os.environ.get("MASTER_ADDR"):   # WORLD_SIZE set by hand, not by torchrun
+                    raise UserError(f"WORLD_SIZE={self.world_size} but no torchrun rendezvous "
+                                    "(MASTER_ADDR unset): start with torchrun --nproc_per_node N")
                 torch.distributed.init_process_group(
                     "nccl" if self.device.type == "cuda" else "gloo")
             self.flags = torch.distributed.new_group(backend="gloo")  # agree on a stop, no GPU sync

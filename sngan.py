@@ -29,6 +29,8 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   8. DEVIATION  scope: no Tab. 6 ImageNet nets, no concat SN-GAN (see projection.py), no WGAN-GP.
   9. DEVIATION  --amp bf16 (paper fp32). Under torchrun G's BN normalises each process's share (as
      the official ChainerMN runs did per GPU) unless --sync-bn; rank 0's BN statistics are saved.
+  10. DEVIATION  torch Adam adds eps to sqrt(v_hat), Chainer's (official) to sqrt(v): torch eps =
+     Chainer eps / sqrt(1 - beta2^t), at most 3.2x larger at t = 1, equal after ~50 updates.
 Datasets (--dataset, resized to --img-size, labels unused): cifar10, stl10 (the 100K unlabeled
   images, 48x48), cifar100, mnist, fashion-mnist, celeba, lsun-<cat>, folder:<path>, shapes.
 Run
@@ -139,9 +141,9 @@ def parse_args(argv=None):
     r.add_argument("--deterministic", action="store_true", help="deterministic kernels, no "
                    "cudnn.benchmark; on CUDA sets CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
     r.add_argument("--amp", choices=["off", "bf16"], default="off",
-                   help="bf16 autocast of the forwards; losses and sigma in fp32 [run; DEVIATION]")
+                   help="bf16 autocast of the forwards; losses, sigma in fp32 [run; DEVIATION 9]")
     r.add_argument("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm "
-                   "in G, BN over the global batch [run; DEVIATION: official per-GPU BN]")
+                   "in G, BN over the global batch [run; DEVIATION 9: official per-GPU BN]")
     args = p.parse_args(argv)
     if args.betas is not None and max(args.betas) >= 1:
         p.error(f"argument --betas: expected two numbers in [0, 1), got {args.betas}")
@@ -585,7 +587,7 @@ def main(argv=None):
     G, D = (net.to(device) for net in build_models(args))
     if args.sync_bn and dist.world_size > 1:        # DEVIATION 9: else BN per process
         G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
-    adam = dict(lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
+    adam = dict(lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")  # DEVIATION 10
     opt_G = torch.optim.Adam(G.parameters(), **adam)
     opt_D = torch.optim.Adam(D.parameters(), **adam)
     fixed_z = sample_z(64, args.z_dim, args.z_dist, "cpu", torch.Generator().manual_seed(args.seed)

@@ -149,7 +149,7 @@ def parse_args(argv=None):
     e.add_argument("--fid-weights", type=str, help="Inception weights for fid.py [run]")
     e.add_argument("--fid-ref", type=str, help="fid.py reference dataset; default: cub "
                    "folder:<root>/birds/CUB_200_2011/images, oxford102 folder:<root>/flowers/jpg, "
-                   "else --dataset [ours: DEVIATION]")
+                   "else --dataset [ours: DEVIATION 8]")
     e.add_argument("--fid-ref-split", default="train", help="reference split for fid.py [run]")
     e.add_argument("--fid-ref-size", type=common.positive_int,
                    help="reference images for fid.py, default all [run]")
@@ -170,7 +170,7 @@ def parse_args(argv=None):
     r.add_argument("--deterministic", action="store_true", help="deterministic kernels, no "
                    "cudnn.benchmark; CUDA: CUBLAS_WORKSPACE_CONFIG=:4096:8, some ops raise [run]")
     r.add_argument("--amp", choices=["off", "bf16"], default="off",
-                   help="bf16 autocast of the forwards [run; DEVIATION: paper fp32]")
+                   help="bf16 autocast of the forwards [run; DEVIATION 9: paper fp32]")
     args = p.parse_args(argv)
 
     if args.out_dir is None:
@@ -361,7 +361,8 @@ class ImageSource:
     def __init__(self, args):
         self.ds = common.load_dataset(args.dataset, args.data_root, None)
         self.ds.transform = _keep_pil
-        self.n = min(len(self.ds), args.max_dataset_size or len(self.ds))
+        n_max = args.max_dataset_size                    # None: all (0 is refused by the flag)
+        self.n = len(self.ds) if n_max is None else min(len(self.ds), n_max)
 
     def image(self, i):
         return self.ds[i][0].convert("RGB")

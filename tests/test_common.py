@@ -333,3 +333,10 @@ def test_figure_kit_draws_text_as_pil_and_writes_exact_pngs(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "f.png")), fig.permute(1, 2, 0).numpy())
     line = common.draw_polyline(common.canvas(10, 10), [(0, 0), (9, 9)], (0, 0, 0), width=1)
     assert all(line[:, i, i].tolist() == [0, 0, 0] for i in range(10))
+
+
+def test_world_size_without_torchrun_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(common.UserError, match="start with torchrun"):
+        common.Dist("cpu")
