@@ -3,6 +3,8 @@
     python tests/mutants.py                 # every mutant of every script
     python tests/mutants.py sngan.py -j 2   # one script's mutants, two at a time
     python tests/mutants.py --list          # what is here, per script
+    python tests/mutants.py --check         # every mutant's old text occurs once (no tests run)
+    python tests/mutants.py wgan_gp.py -k text   # only mutants whose text or purpose has "text"
 
 Each mutant is (file, old text, new text, test file, what it breaks): the old text must occur
 exactly once in the file. The runner copies the project into a scratch folder, applies the one
@@ -2598,16 +2600,30 @@ def main(argv=None):
     p.add_argument("-j", "--jobs", type=int, default=1, help="mutants run at the same time")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per mutant")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--check", action="store_true",
+                   help="check that every selected mutant applies (its old text occurs exactly "
+                        "once in its file) and exit; runs no tests")
+    p.add_argument("-k", dest="match", action="append", default=[],
+                   help="only mutants whose old text, new text or purpose contains this "
+                        "(repeatable: any of them)")
     args = p.parse_args(argv)
     names = args.scripts or list(MUTANTS)
     unknown = [n for n in names if n not in MUTANTS]
     if unknown:
         p.error(f"no mutants for {unknown}; known: {', '.join(MUTANTS)}")
-    todo = [(n, m) for n in names for m in MUTANTS[n]]
+    todo = [(n, m) for n in names for m in MUTANTS[n]
+            if not args.match or any(k in f for k in args.match for f in (m[1], m[2], m[4]))]
+    if args.check:
+        bad = [(n, m, c) for n, m in todo if (c := (ROOT / m[0]).read_text().count(m[1])) != 1]
+        for n, m, c in bad:
+            print(f"NOT APPLIED ({c} matches): {n}: {m[4]}")
+        print(f"{len(todo) - len(bad)} of {len(todo)} mutants apply")
+        return 1 if bad else 0
     if args.list:
         for n in names:
-            print(f"{n}: {len(MUTANTS[n])} mutants")
-            for m in MUTANTS[n]:
+            mine = [m for k, m in todo if k == n]
+            print(f"{n}: {len(mine)} mutants")
+            for m in mine:
                 print(f"  - {m[4]}  [{m[3]}]")
         return 0
     results = []

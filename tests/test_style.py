@@ -88,3 +88,13 @@ def test_main_goes_through_common_cli_and_parsers_take_no_abbreviations(name, mo
     with pytest.raises(SystemExit):
         importlib.import_module(name).parse_args([])
     assert parsers and not parsers[0].allow_abbrev, name
+
+
+def test_every_mutant_still_applies():
+    """tests/mutants.py breaks each paper fact by replacing an exact source text: a refactor that
+    changes that text must move the mutant with it, or the fact is no longer proven guarded."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import mutants
+    bad = [(m[0], m[4], n) for ms in mutants.MUTANTS.values() for m in ms
+           if (n := (ROOT / m[0]).read_text().count(m[1])) != 1]
+    assert not bad, bad
