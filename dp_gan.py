@@ -516,18 +516,17 @@ def rdp_to_epsilon(orders, rdp, delta, conversion="balle"):
     return float(eps[i]), float(a[i])
 
 
-def compute_epsilon(noise_multiplier, sample_rate, steps, delta, orders=None, conversion="balle"):
+def compute_epsilon(noise_multiplier, sample_rate, steps, delta, conversion="balle"):
     """(epsilon, best_order) after `steps` sampled-Gaussian steps (card 2.8); numpy/scipy only."""
-    orders = tuple(orders or DEFAULT_ORDERS)
-    rdp = steps * rdp_sgm(sample_rate, noise_multiplier, orders)
-    return rdp_to_epsilon(orders, rdp, delta, conversion)
+    rdp = steps * rdp_sgm(sample_rate, noise_multiplier)
+    return rdp_to_epsilon(DEFAULT_ORDERS, rdp, delta, conversion)
 
 
 class RDPAccountant:
     """Ledger of [sigma, q, steps] segments (Opacus' RDPAccountant.history); RDP adds per order."""
 
-    def __init__(self, history=()):
-        self.history = [list(h) for h in history]
+    def __init__(self):
+        self.history = []
 
     def step(self, noise_multiplier, sample_rate):
         if self.history and self.history[-1][:2] == [noise_multiplier, sample_rate]:
