@@ -751,8 +751,11 @@ def fit_classifier(kind, x, y, n_classes, steps, seed, image, what=None):
         opt.step()
         if progress:
             progress.update()
-    predict = torch.no_grad()(lambda x_new: torch.cat(
-        [model((x_new[i:i + 4096] - mu) / sd).argmax(1) for i in range(0, len(x_new), 4096)]))
+
+    @torch.no_grad()
+    def predict(x_new):                                            # labels, 4096 records a chunk
+        return torch.cat([model((x_new[i:i + 4096] - mu) / sd).argmax(1)
+                          for i in range(0, len(x_new), 4096)])
     return predict, model
 
 
@@ -805,10 +808,11 @@ def select_epochs(scores, n_records, args):
 def evaluate(G, args, cfg, real_tr, real_te, scores, snap_dir, post):
     """Card 2.9 steps 2-4: private epoch selection, TSTR next to the real benchmark, structure.
     -> (results, eps spent by the selection)."""
-    picks, eps_select = select_epochs(scores, len(real_tr[0]), args) if (
-        args.select_picks and scores["lr"]) else ([], 0.0)
+    picks, eps_select = [], 0.0
+    if args.select_picks and scores["lr"]:                          # no selection: the last G
+        picks, eps_select = select_epochs(scores, len(real_tr[0]), args)
     xs, ys = [], []
-    for i, p in enumerate(picks or [None]):                          # no selection: the last G
+    for i, p in enumerate(picks or [None]):
         G_p = G if p is None else load_generator(f"{snap_dir}/G_{p + 1:04d}.pt", cfg["device"])
         gen = torch.Generator().manual_seed(derive_seed(args.seed, "tstr", i))
         x, y = sample_synthetic(G_p, args.tstr_samples, cfg, gen, post)
@@ -855,8 +859,10 @@ def figure(x, y, path, title, info):
         k, pw, ph = min(info["n_classes"], 4), 320, 240
         img, labels = common.canvas(ph, k * pw), []
         for c in range(k):
-            xy = lambda row: [(c * pw + 12 + (pw - 24) * t[j] / max(t[-1], 1), ph - 12 - (  # noqa
-                ph - 36) * (float(r) - lo) / max(hi - lo, 1e-9)) for j, r in enumerate(row)]
+            def xy(row):                                           # panel c's pixel coordinates
+                return [(c * pw + 12 + (pw - 24) * t[j] / max(t[-1], 1),
+                         ph - 12 - (ph - 36) * (float(r) - lo) / max(hi - lo, 1e-9))
+                        for j, r in enumerate(row)]
             for row in v[y == c]:
                 common.draw_polyline(img, xy(row), tuple((3 * 255 + u) // 4 for u in rgb), 1)
             if (y == c).any():
