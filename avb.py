@@ -686,7 +686,11 @@ def evaluate(args, device):
             t = elbo_terms(encoder, decoder, T, x, a.ac)
         elbos.append(-(t["recon"] + t["kl"]).mean().item())
         prog.update(1)
-    ais, rates, log_joint = [], [], lambda z, x: log_prior(z) - reconstruction_error(decoder(z), x)
+
+    def log_joint(z, x):                                                 # log p(z) + log p(x|z)
+        return log_prior(z) - reconstruction_error(decoder(z), x)
+
+    ais, rates = [], []
     prog = common.Progress("AIS", args.ais_batches * args.ais_steps * (
         2 if args.ais_adapt == "pilot" else 1), unit="annealing step")
     for k, x in enumerate(batches(args.seed + 1, args.ais_batches)):
