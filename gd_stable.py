@@ -119,13 +119,14 @@ def parse_args(argv=None):
     if args.out_dir is None:
         args.out_dir = common.default_out_dir("gd_stable", args, vars(p.parse_args([])))
     toy, mnist_like = args.dataset == "mog8", args.dataset in ("stacked_mnist", "mnist")
-    size = 28 if mnist_like else 32 if args.dataset == "cifar10" else None
+    size = {"stacked_mnist": 28, "mnist": 28, "cifar10": 32}.get(args.dataset)  # the data's side
+    side = 28 if mnist_like or args.dataset == "shapes" else 32      # default --img-size, images
     # card Sec. 2.7: flag -> (mog8: official, images: ours / DCGAN)
     for k, (mog8, images) in dict(
             lr=(1e-4, 2e-4), batch_size=(512, 64), steps=(100_001, 50_000), z_dim=(256, 100),
             g_width=(128, 64), d_width=(128, 64), mode_samples=(2500, 26_000),
             eval_every=(1000, 5000 if mnist_like else 0),
-            img_size=(None, size or (28 if args.dataset == "shapes" else 32))).items():
+            img_size=(None, side)).items():
         if getattr(args, k) is None:
             setattr(args, k, mog8 if toy else images)
     for bad, message in (
