@@ -13,7 +13,7 @@ Paper -> code
   eps(delta): Balle et al. 2020 Thm. 21 / Mironov Prop. 3 . rdp_to_epsilon(), RDPAccountant
   official dp_gan.py SPRINT G and D (3x12 records) ........ TableGenerator, TableDiscriminator
   Keras mnist_acgan.py G and D (public stand-in) .......... ImageGenerator, ImageDiscriminator
-  PredictGroup.ipynb: per-epoch transfer scores ........... transfer_score()
+  PredictGroup.ipynb: per-epoch transfer scores ........... score_epoch()
   Analysis.ipynb: noisy epoch selection, TSTR, structure .. select_epochs(), evaluate()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. PAPER-VS-CODE  Poisson lots of expected size L = qN, not the official uniform draws with
@@ -763,21 +763,18 @@ def accuracy(predict, data):
     return (predict(data[0]) == data[1]).float().mean().item()
 
 
-def transfer_score(G, kind, real, cfg, seed, post):
-    """Card 2.9 step 1: train on N synthetic records, accuracy on the REAL training set (NOT
-    covered by (eps, delta): only the noisy selection may use it)."""
-    x, y = sample_synthetic(G, len(real[0]), cfg, torch.Generator().manual_seed(seed), post)
-    return accuracy(fit_classifier(kind, x, y, cfg["n_classes"], cfg["clf_steps"], seed,
-                                   cfg["image"])[0], real)
-
-
 def score_epoch(G, g_config, epoch, scores, real_tr, cfg, args, snap_dir, post):
-    """Card 2.9 step 1 after each epoch: snapshot G for the selection, score LR and NN transfer."""
+    """Card 2.9 step 1 after each epoch: snapshot G for the selection; LR and NN trained on N
+    synthetic records, their accuracy on the REAL training set (NOT covered by (eps, delta): only
+    the noisy selection may use it)."""
     common.save_checkpoint(f"{snap_dir}/G_{epoch:04d}.pt", {"G": G.state_dict(),
                                                            "G_config": g_config})
     for kind in ("lr", "nn"):
         seed = derive_seed(args.seed, "transfer", epoch)
-        scores[kind].append(transfer_score(G, kind, real_tr, cfg, seed, post))
+        x, y = sample_synthetic(G, len(real_tr[0]), cfg, torch.Generator().manual_seed(seed), post)
+        predict = fit_classifier(kind, x, y, cfg["n_classes"], cfg["clf_steps"], seed,
+                                 cfg["image"])[0]
+        scores[kind].append(accuracy(predict, real_tr))
     return {"transfer_lr": scores["lr"][-1], "transfer_nn": scores["nn"][-1]}
 
 
