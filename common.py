@@ -1,22 +1,20 @@
-"""Data loading and checkpointing shared by the paper scripts, and nothing else.
-
-Everything an auditor needs to check a paper lives in the paper's own script; this file holds only
-what several scripts need and no paper has an opinion on (STYLE.md 2.5).
+"""What several paper scripts need and no paper has an opinion on (STYLE.md 2.5). Everything an
+auditor needs to check a paper lives in the paper's own script.
 
 Data
   load_dataset(name, root, img_size, train=True, extras=())  -> Dataset of (x, y), x in [-1, 1], CHW
       cifar10 | cifar100 | stl10 | mnist | fashion-mnist | celeba | lsun-<category> | folder:<path>
       | shapes
   ShapesDataset     procedural, deterministic, learnable images: item i is a pure function of
-                    (seed, i).
-                    With extras it also gives a semantic label map, an instance map and a caption.
-                    Measured: about 5,500 items/s at 32x32 on one core of the 2-core CI machine
-                    (python -c "import common; common._bench_shapes()"; 2026-11-28).
+                    (seed, i); with extras also a label map, an instance map and a caption.
   infinite_batches  endless, per-epoch seeded shuffling that can start at any step (exact resume).
 Checkpoints
   save_checkpoint   atomic write: temp file, flush + fsync, os.replace
   load_checkpoint   torch.load(weights_only=True), one clear message for a bad file
   rng_state / set_rng_state   Python, numpy, torch CPU and CUDA generator states
+Run                 cli, argparse types, Run (args.json, metrics.jsonl, curves.png, ckpt.pt)
+Processes           Dist (torchrun data parallelism), single_process
+Figures             canvas, draw_text, title_strip, draw_curves: uint8 tensors, no PIL
 """
 
 import argparse
@@ -98,8 +96,7 @@ class ShapesDataset(Dataset):
         bg = rng.uniform(0, 90, size=(2, 3)).astype(np.float32)        # dark: shapes stay visible
         style = rng.integers(0, 3)                  # 0 plain, 1 vertical gradient, 2 horizontal
         if style == 0:
-            img = np.empty((s, s, 3), np.float32)
-            img[:] = bg[0]
+            img = np.full((s, s, 3), bg[0], np.float32)
         else:
             t = (self._yy if style == 1 else self._xx)[..., None]           # (H, W, 1) in (0, 1)
             img = bg[0] + (bg[1] - bg[0]) * t
@@ -335,16 +332,6 @@ def device_cache(dataset, device, num_workers=0, limit_bytes=4 << 30):
     return images, labels, to_float
 
 
-def _bench_shapes(n=4000, img_size=32):
-    ds = ShapesDataset(n, img_size)
-    t = time.perf_counter()
-    for i in range(n):
-        ds[i]
-    rate = n / (time.perf_counter() - t)
-    print(f"shapes {img_size}x{img_size}: {rate:.0f} items/s on one core")
-    return rate
-
-
 # ==== Checkpoints ====
 def save_checkpoint(path, state):
     """Writes `state` atomically: a kill mid-save leaves the previous file intact. A failed write
@@ -484,7 +471,6 @@ positive_int = _flag_type(int, lambda v: v > 0, "an integer > 0")
 nonnegative_int = _flag_type(int, lambda v: v >= 0, "an integer >= 0 (0 = off)")
 positive_float = _flag_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 nonnegative_float = _flag_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-finite_float = _flag_type(float, math.isfinite, "a finite number")
 probability = _flag_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 unit_float = _flag_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
@@ -732,11 +718,9 @@ class Run:
         line = f"done: {step - self.step0:g} {self.unit}s in {_hms(dt)}"
         if step > self.step0:
             line += f" ({(step - self.step0) / max(dt, 1e-9):.3g}/s incl. logging and sampling)"
+        cuda = device is not None and torch.device(device).type == "cuda"
         line += f" | peak memory {peak_memory_mib(device):,.0f} MiB"
-        if device is not None and torch.device(device).type == "cuda":
-            line += " (CUDA allocated)"
-        else:
-            line += " (process RSS)"
+        line += " (CUDA allocated)" if cuda else " (process RSS)"
         print(line, flush=True)
         if _STOP:
             print(f"stopped by {signal.Signals(_STOP[0]).name} at {self.unit} {step:g}: "

@@ -38,7 +38,6 @@ Run
   python fid.py --tool triangles data/triangles                # study tools: --tool NAME --help
   python fid.py --tool sample-hparams wgan_gp wide --n 100
   python fid.py --tool budget-curve runs.csv ; python fid.py --tool seed-report runs.csv
-  python tests/bench_fid.py --device cuda --weights W.pth    # img/s beside pytorch-fid (dev)
 Inputs: image folders (flat, sorted, pytorch-fid's extensions), statistics .npz (mu, sigma; ours
 add provenance, checked against the run), images .npz ('images' from --export-samples or 'arr_0'
 as OpenAI/ADM write; NHWC, NCHW or (N, H, W); uint8, or floats with --float-range), dataset:<name>.
@@ -52,6 +51,7 @@ torch hub cache or a download. Scores with other weights are not comparable.
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -474,11 +474,10 @@ def extract(batches, model, total, progress=None, allow_tf32=False):
         return preprocess(x.contiguous(), model.mode, model.resize, p.dtype)
     with exact_fp32(allow_tf32), torch.no_grad():
         for x in batches:
-            if isinstance(x, list):                # mixed sizes: each image resized on its own
-                if not model.resize:
-                    sizes = sorted({"x".join(map(str, im.shape[-2:])) for im in x})
-                    raise UserError(f"images of different sizes ({', '.join(sizes)}) need "
-                                    "resizing: drop --no-resize to resize each to 299x299")
+            if isinstance(x, list) and not model.resize:   # mixed sizes: each image resized alone
+                sizes = sorted({"x".join(map(str, im.shape[-2:])) for im in x})
+                raise UserError(f"images of different sizes ({', '.join(sizes)}) need resizing: "
+                                "drop --no-resize to resize each to 299x299")
             x = torch.cat([prepare(im[None]) for im in x]) if isinstance(x, list) else prepare(x)
             if done + len(x) > total:
                 raise ValueError(f"more than the announced {total} images")
@@ -953,13 +952,11 @@ def main(argv=None):
         args.batch_size = 250 if device.type == "cuda" else 50
     if not (len(args.path) == 2 or (len(args.path) == 1 and args.isc and not args.save_stats)):
         raise UserError(f"give two sources (one with --isc only), got {len(args.path)}")
-    model = []
 
+    @functools.cache
     def get_model():         # built on first use: two .npz statistics need no weights
-        if not model:
-            m = build_inception(args.weights, args.dims, args.mode, resize=not args.no_resize)
-            model.append(m.to(device, torch.float64 if args.fp64_features else torch.float32))
-        return model[0]
+        m = build_inception(args.weights, args.dims, args.mode, resize=not args.no_resize)
+        return m.to(device, torch.float64 if args.fp64_features else torch.float32)
 
     if args.save_stats:
         out = args.path[1] if args.path[1].endswith(".npz") else args.path[1] + ".npz"
