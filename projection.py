@@ -308,11 +308,6 @@ class OptimizedBlock(nn.Module):
         return h + self.c_sc(F.avg_pool2d(x, 2))           # pool before the 1x1 shortcut
 
 
-def sum_pool(h):
-    """phi(x) = sum over H, W of ReLU(last block) [official snresnet_32.py; a sum, not a mean]."""
-    return F.relu(h).sum(dim=(2, 3))                       # (N, C, H, W) -> (N, C)
-
-
 class ProjectionDiscriminator(nn.Module):
     """f(x, y) = psi(phi(x)) + <V[y], phi(x)>, one logit per sample (N, 1) [Eq. 3]. With
     disc="concat": an SN label embedding tiled and concatenated after block 3, no projection."""
@@ -346,7 +341,8 @@ class ProjectionDiscriminator(nn.Module):
                 e = self.embed(y)[:, :, None, None].expand(-1, -1, h.size(2), h.size(3))
                 h = torch.cat([h, e], dim=1)               # (N, C + E, H, W)
             h = block(h)
-        return sum_pool(h)                                 # (N, C)
+        # phi(x) = sum over H, W of ReLU(last block) [official snresnet_32.py; a sum, not a mean]
+        return F.relu(h).sum(dim=(2, 3))                   # (N, C, H, W) -> (N, C)
 
     def forward(self, x, y):
         phi = self.phi(x, y)
@@ -358,10 +354,9 @@ class ProjectionDiscriminator(nn.Module):
 
 def build_models(args):
     """G and D from values that args.json and the checkpoint hold (load_generator rebuilds G)."""
-    G = Generator(args.num_classes, args.z_dim, args.g_ch, args.img_size, args.img_channels)
-    D = ProjectionDiscriminator(args.num_classes, args.d_ch, args.img_size, args.img_channels,
-                                args.disc, args.concat_dim)
-    return G, D
+    return (Generator(args.num_classes, args.z_dim, args.g_ch, args.img_size, args.img_channels),
+            ProjectionDiscriminator(args.num_classes, args.d_ch, args.img_size, args.img_channels,
+                                    args.disc, args.concat_dim))
 
 
 # ==== Losses ====
@@ -461,6 +456,12 @@ def save_figure(x, path, lines, key, nrow=8):
     common.save_png(common.title_strip(grid.cpu().mul(255).byte(), lines, key=key), path)
 
 
+def save_reals(ds, args):
+    x = torch.stack([ds[i][0] for i in range(min(64, len(ds)))])
+    save_figure(x, os.path.join(args.out_dir, "reals.png"),
+                [f"{args.dataset}: training images", "x in [-1, 1]"], [("real", common.REAL_RGB)])
+
+
 def sample_grid(G, fixed_z, names, step, args):
     """One class per row (10 spread over K, official sample_generate_conditional), fixed z."""
     K, rows = args.num_classes, min(args.num_classes, 10)
@@ -509,11 +510,10 @@ def build_evaluator(args, device, main=True):
         raise common.UserError(msg) if e.name == "fid" else e
     per_class = tuple(range(args.num_classes)) if args.intra_fid_samples else ()
     ref = f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images"
-    msg = (f"eval: IS and FID of {args.fid_samples} generated (uniform y) vs {ref}; intra-FID: mean"
-          f" of {len(per_class)} classes, {args.intra_fid_samples} each vs {ref} of the class "
-          "(official calc_intra_FID.py: 5K vs all)")
     if main:                                    # under torchrun: rank 0
-        print(msg, flush=True)
+        print(f"eval: IS and FID of {args.fid_samples} generated (uniform y) vs {ref}; intra-FID: "
+              f"mean of {len(per_class)} classes, {args.intra_fid_samples} each vs {ref} of the "
+              "class (official calc_intra_FID.py: 5K vs all)", flush=True)
     # DEVIATION: fid.py's Inception and reference statistics, not the paper's TF Inception (#34)
     return fid.TrainingFID(args.dataset, args.data_root, args.img_size, device, args.fid_samples,
                            weights=args.fid_weights, ref_split=args.fid_ref_split,
@@ -555,20 +555,27 @@ def report(run, step, lr, out, G, ev, fixed_z, names, args, dist):
 
 
 # ==== Main ====
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args):
+    """This process's device, seeds and kernel choices; returns common.Dist."""
     dist = common.Dist(args.device)                        # torchrun: one process per device
-    device = dist.device
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)                           # the same nets in every process
-    if args.deterministic and device.type == "cuda":
+    if args.deterministic and dist.device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
-    if args.sync_bn and dist.world_size > 1 and device.type != "cuda":
+    if args.sync_bn and dist.world_size > 1 and dist.device.type != "cuda":
         raise common.UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
-    dist.share(args.batch_size), dist.share(args.g_batch_size)   # global batches split evenly
+    dist.share(args.batch_size)                            # global batches split evenly
+    dist.share(args.g_batch_size)
+    return dist
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist = setup(args)
+    device = dist.device
     run = common.Run(args, "projection", args.steps, mutable=("steps", "lr", "intra_fid_samples"),
                      dist=dist)
 
@@ -594,16 +601,13 @@ def main(argv=None):
     if dist.main:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if dist.main and step == 0:
-        save_figure(torch.stack([ds[i][0] for i in range(min(64, len(ds)))]),
-                    os.path.join(args.out_dir, "reals.png"), [f"{args.dataset}: training images",
-                    "x in [-1, 1]"], [("real", common.REAL_RGB)])
+        save_reals(ds, args)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     # n_dis real batches per iteration: resuming at `step` skips step * n_dis batches exactly.
     # DEVIATION: each epoch's last partial batch is dropped (official: filled from the next epoch)
-    real_batches = common.infinite_batches(ds, args.batch_size, args.seed, device=device,
-                                           start_step=step * args.n_dis,
-                                           num_workers=args.num_workers, rank=dist.rank,
-                                           world_size=dist.world_size)
+    real_batches = common.infinite_batches(
+        ds, args.batch_size, args.seed, device=device, start_step=step * args.n_dis,
+        num_workers=args.num_workers, rank=dist.rank, world_size=dist.world_size)
     while step < args.steps and not run.stopping:
         lr = linear_decay_lr(step, args.lr, args.decay_start, args.steps)
         for opt in (opt_G, opt_D):

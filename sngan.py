@@ -503,6 +503,12 @@ def save_figure(x, path, lines, key):
     common.save_png(common.title_strip(grid.cpu().mul(255).byte(), lines, key=key), path)
 
 
+def save_reals(dataset, args):
+    x = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))])
+    save_figure(x, os.path.join(args.out_dir, "reals.png"),
+                [f"{args.dataset}: training images", "x in [-1, 1]"], [("real", common.REAL_RGB)])
+
+
 def sample_grid(G, fixed_z, step, args):
     z_text = "N(0, I)" if args.z_dist == "normal" else "U[-1, 1]"
     save_figure(generate(G, fixed_z), os.path.join(args.out_dir, "samples", f"{step:07d}.png"),
@@ -527,11 +533,10 @@ def build_evaluator(args, device, main=True):
     except ModuleNotFoundError as e:
         msg = "--fid-every needs fid.py (the project's metric file) next to sngan.py"
         raise common.UserError(msg) if e.name == "fid" else e
-    msg = (f"eval: IS and FID of {args.fid_samples} generated images, one Inception pass, vs "
-          f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images of {args.dataset} (App. B.1: "
-          "FID 5K vs 10K real, IS 10 x 5K; Mimicry: 50K vs 50K)")
     if main:                                    # under torchrun: rank 0
-        print(msg, flush=True)
+        print(f"eval: IS and FID of {args.fid_samples} generated images, one Inception pass, vs "
+              f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images of {args.dataset} (App. "
+              "B.1: FID 5K vs 10K real, IS 10 x 5K; Mimicry: 50K vs 50K)", flush=True)
     return fid.TrainingFID(args.dataset, args.data_root, args.img_size, device, args.fid_samples,
                            weights=args.fid_weights, ref_split=args.fid_ref_split,
                            ref_size=args.fid_ref_size or None)
@@ -563,20 +568,27 @@ def report(run, step, out, G, D, ev, fixed_z, args, dist):
 
 
 # ==== Main ====
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args):
+    """This process's device, seeds and kernel choices; returns common.Dist."""
     dist = common.Dist(args.device)                 # torchrun: one process per device
-    device = dist.device
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)                    # the same seed, so the same nets, everywhere
-    if args.deterministic and device.type == "cuda":
+    if args.deterministic and dist.device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
-    if args.sync_bn and dist.world_size > 1 and device.type != "cuda":
+    if args.sync_bn and dist.world_size > 1 and dist.device.type != "cuda":
         raise common.UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
-    dist.share(args.batch_size), dist.share(args.g_batch_size)   # global batches split evenly
+    dist.share(args.batch_size)                     # global batches split evenly
+    dist.share(args.g_batch_size)
+    return dist
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist = setup(args)
+    device = dist.device
     run = common.Run(args, "sngan", total=args.steps, mutable=("steps", "lr", "sigma_every"),
                      dist=dist)
     # DEVIATION 9: bf16 forwards; losses, D outputs and sigma(W) stay fp32
@@ -604,9 +616,7 @@ def main(argv=None):
     if dist.main:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if dist.main and step == 0:
-        save_figure(torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))]),
-                    os.path.join(args.out_dir, "reals.png"), [f"{args.dataset}: training images",
-                    "x in [-1, 1]"], [("real", common.REAL_RGB)])
+        save_reals(dataset, args)
     # every D step draws one batch, so a resumed stream starts at batch step * n_dis
     batches = common.infinite_batches(dataset, args.batch_size, args.seed, device=device,
                                       start_step=step * args.n_dis, num_workers=args.num_workers,

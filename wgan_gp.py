@@ -103,8 +103,8 @@ def is_text(name):
     return name in ("billion-word", "shapes-text") or name.startswith("text:")
 
 # ==== Args ====
-# Per-configuration defaults: a flag left unset takes its --arch row, then its --mode row (both
-# printed at start-up and saved in args.json; --help shows each rule).
+# Per-configuration defaults: a flag left unset takes its --arch row, then its --mode row, then
+# (--arch lang) its LANG_MODES row; printed at start-up, saved in args.json, each rule in --help.
 KEYS = ("lr", "betas", "lr_decay", "steps", "batch_size", "z_dim", "dim_g", "img_size",
         "dequantize")
 CONFIGS = {  # lr   betas       decay  steps    batch z_dim dim_g size  dequantize
@@ -255,11 +255,9 @@ def parse_args(argv=None):
         raise common.UserError("--fixed-generator is the toy experiment of Fig. 1a")
     if args.conditional and (args.arch != "resnet" or args.mode != "wgan-gp"):
         raise common.UserError("--conditional is the AC-WGAN-GP ResNet (Tab. 3): --arch resnet")
-    if toy and (args.fid_every or args.export_samples):
-        raise common.UserError("--fid-every / --export-samples are for images; toys log modes, hq")
-    if args.arch == "lang" and (args.fid_every or args.export_samples or args.conditional):
-        raise common.UserError("--fid-every / --export-samples / --conditional are for images; "
-                               "text logs js1..js4 and writes samples/<step>.txt")
+    if args.arch in ("mlp", "lang") and (args.fid_every or args.export_samples):
+        raise common.UserError("--fid-every / --export-samples are for images; toys log modes, hq;"
+                               " text logs js1..js4 and writes samples/<step>.txt")
     return args
 
 
@@ -801,8 +799,7 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp, dist):
         return out
     y = torch.randint(0, n_classes, (args.g_batch_size,), device=dev) if args.conditional else None
     y = y if y is None else dist.shard(y)                               # this process's rows
-    for p in D.parameters():                                            # no critic grads in G step
-        p.requires_grad_(False)
+    D.requires_grad_(False)                                             # no critic grads in G step
     with amp():
         z = torch.randn(args.g_batch_size, args.z_dim, device=dev)
         d_gen, logits = D(G(dist.shard(z), y))
@@ -813,8 +810,7 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp, dist):
     loss_G.backward()
     dist.average_gradients(G)
     opt_G.step()
-    for p in D.parameters():
-        p.requires_grad_(True)
+    D.requires_grad_(True)
     out["loss_G"] = loss_G.detach()
     return out
 
@@ -980,6 +976,21 @@ def evaluate(G, args, device, n_classes, fid_ev, mode_gen, data=None):
     return fid_ev(sample_fn)
 
 
+def save_reals(args, data, step):
+    """Text: print the js floor (every start), write reals.txt; images: reals.png (fresh runs)."""
+    if args.arch == "lang":
+        k, floor = data.floor()
+        print(f"js floor ({k} held-out real lines vs the other {len(data.lines) - k}): " + " ".join(
+            f"js{n + 1} {v:.4g}" for n, v in enumerate(floor)), flush=True)
+        if step == 0:
+            with open(os.path.join(args.out_dir, "reals.txt"), "w", encoding="latin-1") as f:
+                f.write("".join("".join(t) + "\n" for t in data.lines[:640]))
+    elif step == 0 and args.dataset not in TOYS:
+        reals = torch.stack([data[i][0] for i in range(min(64, len(data)))])
+        torchvision.utils.save_image(reals, os.path.join(args.out_dir, "reals.png"), nrow=8,
+                                     normalize=True, value_range=(-1, 1))
+
+
 def load_generator(ckpt_path, device="cpu"):
     """G rebuilt from a checkpoint alone (flags, channels, classes are stored in it), in eval
     mode; its BN uses batch statistics in any mode (dev. 7): sample in batches of 100."""
@@ -991,27 +1002,33 @@ def load_generator(ckpt_path, device="cpu"):
 
 
 # ==== Main ====
-def main(argv=None):
-    args = parse_args(argv)
+def setup(args):
+    """This process's device, seeds and kernel choices; returns common.Dist."""
     dist = common.Dist(args.device)                 # torchrun: one process per device
-    device = dist.device
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)                    # the same seed, so the same nets, everywhere
-    if args.deterministic and device.type == "cuda":
+    if args.deterministic and dist.device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = not args.deterministic
     torch.use_deterministic_algorithms(args.deterministic)
-    if args.sync_bn and dist.world_size > 1 and device.type != "cuda":
+    if args.sync_bn and dist.world_size > 1 and dist.device.type != "cuda":
         raise common.UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
-    dist.share(args.batch_size), dist.share(args.g_batch_size)   # global batches split evenly
+    dist.share(args.batch_size)                     # global batches split evenly
+    dist.share(args.g_batch_size)
+    return dist
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist = setup(args)
+    device = dist.device
     run = common.Run(args, "wgan_gp", total=args.steps, mutable=("steps", "lr"), dist=dist)
     amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
            else contextlib.nullcontext)
 
     data, channels, n_classes = load_data(args, device)
-    G, D = build_models(args, channels, n_classes)
-    G, D = G.to(device), D.to(device)
+    G, D = (m.to(device) for m in build_models(args, channels, n_classes))
     if args.sync_bn and dist.world_size > 1:        # DEVIATION (dev. 13): else BN per process
         G, D = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
     opt_G, opt_D = make_optimizers(G, D, args)
@@ -1028,19 +1045,9 @@ def main(argv=None):
         common.set_rng_state(state["rng"])
 
     run.start(step, device, G=G, D=D)
-    if dist.main:
+    if dist.main:                                   # under torchrun rank 0 alone prints, writes
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if dist.main and args.arch == "lang":           # under torchrun rank 0 alone prints, writes
-        k, floor = data.floor()
-        print(f"js floor ({k} held-out real lines vs the other {len(data.lines) - k}): " + " ".join(
-            f"js{n + 1} {v:.4g}" for n, v in enumerate(floor)), flush=True)
-        if step == 0:
-            with open(os.path.join(args.out_dir, "reals.txt"), "w", encoding="latin-1") as f:
-                f.write("".join("".join(t) + "\n" for t in data.lines[:640]))
-    elif dist.main and step == 0 and args.dataset not in TOYS:
-        reals = torch.stack([data[i][0] for i in range(min(64, len(data)))])
-        torchvision.utils.save_image(reals, os.path.join(args.out_dir, "reals.png"), nrow=8,
-                                     normalize=True, value_range=(-1, 1))
+        save_reals(args, data, step)
     real_batches = real_stream(args, data, step * args.n_critic, dist)
     while step < args.steps and not run.stopping:
         for group in opt_G.param_groups + opt_D.param_groups:

@@ -209,7 +209,8 @@ MUTANTS = {
     # ---- projection.py ----
     "projection.py": [
         # issue 12: survivors of the first review
-        ("projection.py", "        return sum_pool(h)                                 # (N, C)",
+        ("projection.py",
+         "        return F.relu(h).sum(dim=(2, 3))                   # (N, C, H, W) -> (N, C)",
          "        return F.relu(h).mean(dim=(2, 3))", "tests/test_projection.py",
          "checklist 1 / pitfall 9: phi mean-pooled inside D"),
         ("projection.py", '                group["lr"] = lr\n', "                pass\n",
