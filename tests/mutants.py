@@ -1835,7 +1835,7 @@ MUTANTS = {
         ("progan.py", "rank=dist.rank, world_size=dist.world_size)",
          "rank=0, world_size=dist.world_size)", "tests/test_torchrun.py",
          "issue 19: every process reads the same share of the real batch"),
-        ("progan.py", "        if not dist.main:\n            return\n", "",
+        ("progan.py", "    if not dist.main:\n        return\n", "",
          "tests/test_torchrun.py",
          "issue 19: rank 1 writes phase grids and prints phase lines"),
         ("progan.py", "if dist.main and args.sample_every", "if args.sample_every",
