@@ -233,26 +233,14 @@ def parse_args(argv=None):
         if c.resolution is None:
             p.error("--dataset folder:<dir> needs --resolution (a power of two >= 4)")
         args.resolution = c.resolution
-    if args.fmap_base is None:
-        args.fmap_base = c.fmap_base
-    if args.fmap_max is None:
-        args.fmap_max = c.fmap_max
-    if args.z_dim is None:
-        args.z_dim = c.z_dim
-    if args.stabilize_kimg is None:
-        args.stabilize_kimg = float(c.phase_kimg)
-    if args.fade_kimg is None:
-        args.fade_kimg = float(c.phase_kimg)
-    if args.kimg is None:
-        args.kimg = c.kimg
-    if args.gamma is None:
-        args.gamma = c.gamma
-    if args.mirror is None:
-        args.mirror = c.mirror and args.dataset not in LSUN_FULL_SETS
-    if args.lr_rampup_kimg is None:
-        args.lr_rampup_kimg = float(c.rampup_kimg)
-    if args.batch_at is None:
-        args.batch_at = [f"{r}:{b}" for r, b in c.batch_at.items()]
+    for flag, value in (("fmap_base", c.fmap_base), ("fmap_max", c.fmap_max), ("z_dim", c.z_dim),
+                        ("stabilize_kimg", float(c.phase_kimg)),
+                        ("fade_kimg", float(c.phase_kimg)), ("kimg", c.kimg), ("gamma", c.gamma),
+                        ("mirror", c.mirror and args.dataset not in LSUN_FULL_SETS),
+                        ("lr_rampup_kimg", float(c.rampup_kimg)),
+                        ("batch_at", [f"{r}:{b}" for r, b in c.batch_at.items()])):
+        if getattr(args, flag) is None:             # a flag left unset takes the config's value
+            setattr(args, flag, value)
 
     R = args.resolution
     if R < 4 or R & (R - 1):
@@ -628,8 +616,7 @@ def train_step(G, D, opt_G, opt_D, x_full, level, alpha, args, dist,
 
 
 def setup(args):
-    """Seeds, torchrun (one process per device), deterministic kernels and the bf16 autocast
-    context: (dist, autocast)."""
+    """Seeds, torchrun, deterministic kernels, the bf16 autocast context: (dist, autocast)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -644,8 +631,7 @@ def setup(args):
 
 
 def check_reals(dataset, args):
-    """Reads one image now (a broken dataset fails at start-up) and checks that it is a square
-    power-of-two multiple of --resolution: (data_res, channels)."""
+    """(data_res, channels) of one image, read now: a broken dataset fails at start-up."""
     x0 = dataset[0][0]
     data_res, R = x0.shape[-1], args.resolution
     if x0.shape[-2] != data_res or data_res % R or (data_res // R) & (data_res // R - 1):
@@ -657,8 +643,7 @@ def check_reals(dataset, args):
 
 
 def build_training(args, channels, device):
-    """G, D, G_ema (a copy of G from step 0, the whole network), their Adams, and G's
-    constructor kwargs (saved in the checkpoint)."""
+    """G, D, G_ema (a copy of all of G from step 0), the Adams, G's kwargs (for the ckpt)."""
     G_kwargs = dict(resolution=args.resolution, fmap_base=args.fmap_base,
                     fmap_max=args.fmap_max, z_dim=args.z_dim, channels=channels)
     G = Generator(**G_kwargs).to(device)
@@ -672,8 +657,7 @@ def build_training(args, channels, device):
 
 
 def check_batch_shares(batch_at, max_level, args, dist):
-    """Every resolution's minibatch splits evenly over the processes, and each share into
-    minibatch-stddev groups."""
+    """Each minibatch splits evenly over the processes, each share into mbstd groups."""
     for b in {batch_at.get(4 * 2**k, args.batch_size) for k in range(max_level + 1)}:
         b = dist.share(b).stop - dist.share(b).start   # UserError unless it splits evenly
         if args.mbstd_group_size and b % min(args.mbstd_group_size, b):
@@ -682,8 +666,7 @@ def check_batch_shares(batch_at, max_level, args, dist):
 
 
 def restore(state, G, D, G_ema, opt_G, opt_D, fixed_z):
-    """--resume: nets, optimizers, RNG and the loop's counters from the checkpoint -> (fixed_z,
-    nimg, it, phase, last, streams); a fresh run starts them at 0."""
+    """--resume: nets, optimizers, RNG; (fixed_z, nimg, it, phase, last, streams)."""
     nimg, it, phase, last, streams = 0, 0, None, [0, 1.0], {}
     if state:
         for name, obj in (("G", G), ("D", D), ("G_ema", G_ema), ("opt_G", opt_G), ("opt_D", opt_D)):
@@ -695,8 +678,7 @@ def restore(state, G, D, G_ema, opt_G, opt_D, fixed_z):
 
 
 def real_stream(dataset, batch, streams, args, device, dist):
-    """Minibatches of size `batch`, one exactly resumable stream per size (seeded by it), from
-    the streams[str(batch)]-th batch on."""
+    """One exactly resumable stream of reals per minibatch size, seeded by the size."""
     return common.infinite_batches(dataset, batch, args.seed + 1_000_000 * batch,
                                    start_step=streams.get(str(batch), 0),
                                    num_workers=args.num_workers, device=device,
@@ -888,8 +870,7 @@ def save_reals(dataset, data_res, args):
 
 def end_phase(G_ema, fixed_z, last, phase, nimg, t_phase, n_phase, args, device, dist,
               final=False):
-    """Grid, speed and memory of the phase that just ended (t_phase, n_phase: the time and nimg
-    at its start or at the resume)."""
+    """Grid, speed and memory of the phase that just ended (since t_phase, n_phase)."""
     if not dist.main:
         return
     lv, a = last
