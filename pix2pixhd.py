@@ -773,8 +773,7 @@ def load_global_run(G, D, E, args, device):
 
 
 def setup(args):
-    """Seeds, torchrun (one process per device, the global batch split evenly), deterministic
-    kernels and the bf16 autocast context: (dist, autocast)."""
+    """Seeds, torchrun, deterministic kernels, the bf16 autocast context: (dist, autocast)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -790,8 +789,7 @@ def setup(args):
 
 
 def restore(state, G, D, E, opt_G, opt_D, args, device, dist):
-    """--resume: nets, optimizers and RNG from the run's checkpoint; else the local stage starts
-    from --load-global (Sec. 3.2), or from scratch with a warning."""
+    """--resume: nets, optimizers, RNG; else the local stage from --load-global (Sec. 3.2)."""
     if state:
         for k, net in (("G", G), ("D", D), ("E", E), ("opt_G", opt_G), ("opt_D", opt_D)):
             if net is not None:
@@ -805,7 +803,7 @@ def restore(state, G, D, E, opt_G, opt_D, args, device, dist):
 
 
 def snapshot(G, D, E, opt_G, opt_D, segmenter, args):
-    """The checkpoint's state: nets, optimizers, RNG, and the proxy segmenter it trained."""
+    """The checkpoint: nets, optimizers, RNG, and the proxy segmenter the run trained."""
     out = {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
            "opt_D": opt_D.state_dict(), "rng": common.rng_state()}
     if E is not None:
@@ -891,8 +889,7 @@ def train_segmenter(train, args, device, show=True):
 
 
 def build_segmenter(train, state, args, device, dist):
-    """Sec. 4.1's segmenter (None without --seg-every): --seg-model (a torch.export program),
-    else the proxy, from the checkpoint or trained now (on every process)."""
+    """Sec. 4.1: --seg-model (torch.export), else the proxy from the ckpt or trained now."""
     if not args.seg_every:
         return None
     if args.seg_model:
@@ -947,8 +944,7 @@ def real_scores(segmenter, val, args, device, dist):
 
 
 def scores(G, E, val, args, device, segmenter, seg_real, ev_fid):
-    """The eval metrics of a log step: the semantic-consistency score next to the real images'
-    (with a segmenter), FID (with ev_fid)."""
+    """A log step's eval: the Sec. 4.1 score beside the real images' (segmenter), FID."""
     values = {}
     if segmenter is not None:
         acc, miou = semantic_consistency(segmenter, G, E, val, args, device)

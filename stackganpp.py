@@ -812,8 +812,7 @@ def build_nets(G_kwargs, args):
 
 
 def setup(args):
-    """Seeds, torchrun, deterministic kernels, the bf16 autocast context and the batch checks
-    BatchNorm needs: (dist, autocast)."""
+    """Seeds, torchrun, deterministic kernels, bf16, BatchNorm's batch checks: (dist, autocast)."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -833,8 +832,7 @@ def setup(args):
 
 
 def build_training(train, args, device, dist):
-    """G (with CA), its EMA copy G_ema, D_0..D_2 on the device (SyncBatchNorm with --sync-bn
-    under torchrun), their Adams, and G's constructor kwargs (saved in the checkpoint)."""
+    """G (with CA), G_ema, D_0..D_2 (--sync-bn: SyncBatchNorm), the Adams, G's kwargs."""
     text = args.cond == "text"
     G_kwargs = dict(z_dim=args.z_dim, gf_dim=args.gf_dim, base_size=args.base_size,
                     cond_dim=args.cond_dim, r_num=args.r_num, text=text,
@@ -852,8 +850,7 @@ def build_training(train, args, device, dist):
 
 
 def restore(state, G, G_ema, Ds, opt_G, opt_Ds, fixed):
-    """--resume: nets, optimizers, fixed sample inputs and RNG from the checkpoint -> (step,
-    fixed); a fresh run: (0, fixed)."""
+    """--resume: nets, optimizers, RNG; (step, fixed sample inputs), a fresh run (0, fixed)."""
     if not state:
         return 0, fixed
     G.load_state_dict(state["G"])
