@@ -433,21 +433,10 @@ class MultiScaleData(Dataset):
         return (*real, *wrong, torch.from_numpy(np.ascontiguousarray(emb[k])), k, i)
 
 
-class _Items(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
-
-
 def keyed_batches(data, args, start_step, dist):
     """Batches forever from start_step: common.infinite_batches decides which items form batch k
     (per-epoch shuffling, this process's share); MultiScaleData draws the rest from the key."""
-    order = common.infinite_batches(_Items(len(data)), args.batch_size, args.seed, start_step,
+    order = common.infinite_batches(range(len(data)), args.batch_size, args.seed, start_step,
                                     num_workers=0, rank=dist.rank, world_size=dist.world_size)
     first = dist.share(args.batch_size).start
     keys = ([(i, step, first + k) for k, i in enumerate(idx.tolist())]
