@@ -81,6 +81,8 @@ DATASETS = ("cityscapes", "ade20k", "pix2pixhd:<path>", "shapes")
 CITYSCAPES_TRAIN_ID = [255] * 7 + [0, 1, 255, 255, 2, 3, 4, 255, 255, 255, 5, 255, 6, 7, 8, 9, 10,
                                    11, 12, 13, 14, 15, 255, 255, 16, 17, 18, 255]
 VGG_URL = torchvision.models.VGG19_Weights.IMAGENET1K_V1.url
+MUTABLE = ("epochs", "niter_decay", "seg_every", "seg_images", "seg_model", "seg_steps",
+           "sample_features")                      # flags a --resume may change
 
 
 # ==== Args ====
@@ -166,7 +168,7 @@ def parse_args(argv=None):
                    "consistency score every K steps and at the end, 0 = off [Sec. 4.1, Tab. 1]")
     e.add_argument("--seg-images", type=common.positive_int, default=500,
                    help="validation label maps scored [Sec. 4.1: Cityscapes val]")
-    e.add_argument("--seg-model", type=str, help="torch.export .pt2 (or TorchScript) segmenter: "
+    e.add_argument("--seg-model", type=str, help="torch.export .pt2 segmenter: "
                    "(1, 3, H, W) in [-1, 1] -> logits of the eval classes [Sec. 4.1]")
     e.add_argument("--seg-steps", type=common.positive_int, default=2000,
                    help="proxy segmenter training steps without --seg-model [ours: DEVIATION]")
@@ -707,6 +709,110 @@ def g_params(G, E, g1_fixed):
     return params + (list(E.parameters()) if E is not None else [])
 
 
+def release_g1(G, E, args, lr, device, dist, epoch):
+    """Sec. 3.2's last phase, all of G trained jointly: G1 trains again and the returned optimizer
+    replaces G2's. PAPER-VS-CODE (card item 8): at the end of epoch niter_fix_global a fresh
+    Adam over G1 + G2 (+ E) is the one stepped and decayed from here on (the 2017 code). The
+    current official train.py keeps stepping the G2-only one."""
+    G.G1.requires_grad_(True)
+    if dist.main:
+        print(f"epoch {epoch} done: G1 joins training, fresh Adam over all of G"
+              + (" and E" if E is not None else ""), flush=True)
+    return make_opt(g_params(G, E, False), args, lr, device)
+
+
+def build_vgg(args, device):
+    """Sec. 4's frozen VGG19 (None with --no-vgg), from --vgg-weights or torch.hub's cache."""
+    if not args.vgg:
+        return None
+    return VGG19Features(args.vgg_weights or os.path.join(
+        torch.hub.get_dir(), "checkpoints", os.path.basename(VGG_URL)), device)
+
+
+def build_nets(args):
+    """G, D, E (or None) from the flags; channel counts follow Sec. 3.1 / 3.3."""
+    s_ch = args.label_nc + args.instance            # one-hot (+ boundary map)
+    g_ch = s_ch + args.feat_num * args.instance_feat
+    if args.stage == "global":
+        G = GlobalGenerator(g_ch, 3, args.ngf, args.n_downsample_global, args.n_blocks_global)
+    else:
+        G = LocalEnhancer(g_ch, 3, args.ngf, args.n_downsample_global, args.n_blocks_global,
+                          args.n_blocks_local)
+    D = MultiscaleDiscriminator(s_ch + 3, args.ndf, args.n_layers_D, args.num_D)
+    E = Encoder(3, args.feat_num, args.nef, args.n_downsample_E) if args.instance_feat else None
+    return G, D, E
+
+
+def load_global_run(G, D, E, args, device):
+    """Sec. 3.2: the local stage starts from a trained G1. G1 <- the global G (without its
+    c7s1-3 head); DEVIATION: D's scale k -> scale k + 1 (same resolution); E <- E."""
+    path = args.load_global
+    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    state = common.load_checkpoint(path, device)
+    old = state.get("args", {})
+    if state.get("script") != "pix2pixhd" or old.get("stage") != "global":
+        raise common.UserError(f"--load-global {path!r} is not a pix2pixhd global-stage run")
+    want = {"ngf": 2 * args.ngf, **{k: getattr(args, k) for k in (
+        "label_nc", "instance", "instance_feat", "feat_num", "nef", "n_downsample_E",
+        "n_downsample_global", "n_blocks_global", "ndf", "n_layers_D")}}
+    bad = [f"--{k.replace('_', '-')} {old.get(k)!r} there (needs {v!r})"
+           for k, v in want.items() if old.get(k) != v]
+    if bad:
+        raise common.UserError(f"--load-global {path!r} does not fit: " + ", ".join(bad) +
+                               " (the local stage's --ngf is half the global one)")
+    G.G1.load_state_dict({k: v for k, v in state["G"].items() if not k.startswith("head.")})
+    for k in range(min(old["num_D"], args.num_D - 1)):
+        D.scales[k + 1].load_state_dict({n[len(f"scales.{k}."):]: v for n, v in
+                                         state["D"].items() if n.startswith(f"scales.{k}.")})
+    if E is not None:
+        E.load_state_dict(state["E"])
+    if [2 * v for v in old["size"]] != args.size:
+        print(f"note: G1 was trained at {old['size']}, it now sees {[v // 2 for v in args.size]}")
+    print(f"loaded G1, D scales 2..{min(old['num_D'] + 1, args.num_D)}" +
+          (", E" if E is not None else "") + f" from {path} (step {state['step']})", flush=True)
+
+
+def setup(args):
+    """Seeds, torchrun, deterministic kernels, the bf16 autocast context: (dist, autocast)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    dist = common.Dist(args.device)
+    dist.share(args.batch_size)
+    if args.deterministic and dist.device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.use_deterministic_algorithms(args.deterministic)
+    autocast = ((lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16))
+                if args.amp == "bf16" else contextlib.nullcontext)
+    return dist, autocast
+
+
+def restore(state, G, D, E, opt_G, opt_D, args, device, dist):
+    """--resume: nets, optimizers, RNG; else the local stage from --load-global (Sec. 3.2)."""
+    if state:
+        for k, net in (("G", G), ("D", D), ("E", E), ("opt_G", opt_G), ("opt_D", opt_D)):
+            if net is not None:
+                net.load_state_dict(state[k])
+        common.set_rng_state(state["rng"])
+    elif args.load_global:
+        load_global_run(G, D, E, args, device)
+    elif args.stage == "local" and dist.main:
+        print("warning: local stage without --load-global: G1 starts from scratch (Sec. 3.2 "
+              "trains G1 first; NVIDIA/pix2pixHD#294)", flush=True)
+
+
+def snapshot(G, D, E, opt_G, opt_D, segmenter, args):
+    """The checkpoint: nets, optimizers, RNG, and the proxy segmenter the run trained."""
+    out = {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
+           "opt_D": opt_D.state_dict(), "rng": common.rng_state()}
+    if E is not None:
+        out["E"] = E.state_dict()
+    if segmenter is not None and not args.seg_model:
+        out["segmenter"] = segmenter.state_dict()
+    return out
+
+
 # ==== Eval ====
 @torch.no_grad()
 def generate(G, E, b, centres=None, gen=None):
@@ -782,15 +888,21 @@ def train_segmenter(train, args, device, show=True):
     return seg.eval()
 
 
-def load_segmenter(path, device):
-    """--seg-model: a torch.export program (.pt2) or a TorchScript file."""
-    try:
-        if path.endswith(".pt2"):
-            return torch.export.load(path).module().to(device)
-        return torch.jit.load(path, map_location=device)
-    except Exception as err:  # missing file, foreign format: one line naming the file
-        raise common.UserError(f"cannot load --seg-model {path!r}: {common._first_line(err)}"
-                               ) from None
+def build_segmenter(train, state, args, device, dist):
+    """Sec. 4.1: --seg-model (torch.export), else the proxy from the ckpt or trained now."""
+    if not args.seg_every:
+        return None
+    if args.seg_model:
+        try:
+            return torch.export.load(args.seg_model).module().to(device)
+        except Exception as err:  # missing file, foreign format: one line naming the file
+            raise common.UserError(f"cannot load --seg-model {args.seg_model!r}: "
+                                   f"{common._first_line(err)}") from None
+    if state and "segmenter" in state:
+        segmenter = Segmenter(eval_classes(args)[1]).to(device).eval()
+        segmenter.load_state_dict(state["segmenter"])
+        return segmenter
+    return train_segmenter(train, args, device, show=dist.main)
 
 
 @torch.no_grad()
@@ -818,6 +930,29 @@ def semantic_consistency(segmenter, G, E, val, args, device, real=False):
             b = val_batch(val, i, args, device)
             yield (b["x"] if real else generate(G, E, b)), b["label"]
     return segmentation_scores(segmenter, pairs(), *eval_classes(args))
+
+
+def real_scores(segmenter, val, args, device, dist):
+    """Tab. 1's "oracle" row: the segmenter on the real val images (None without one)."""
+    if segmenter is None:
+        return None
+    seg_real = semantic_consistency(segmenter, None, None, val, args, device, real=True)
+    if dist.main:
+        print(f"segmenter on real val images: pixel acc {seg_real[0]:.4f}, mIoU "
+              f"{seg_real[1]:.4f}", flush=True)
+    return seg_real
+
+
+def scores(G, E, val, args, device, segmenter, seg_real, ev_fid):
+    """A log step's eval: the Sec. 4.1 score beside the real images' (segmenter), FID."""
+    values = {}
+    if segmenter is not None:
+        acc, miou = semantic_consistency(segmenter, G, E, val, args, device)
+        values.update(seg_acc=acc, seg_miou=miou, seg_acc_real=seg_real[0],
+                      seg_miou_real=seg_real[1])
+    if ev_fid is not None:
+        values.update(ev_fid(val_sampler(G, E, val, args, device, crop=True)))
+    return values
 
 
 @torch.no_grad()
@@ -877,6 +1012,23 @@ def val_sampler(G, E, val, args, device, crop=False):
     return sample_fn
 
 
+def save_multimodal(G, E, val, centres, args, device):
+    """Sec. 3.4's figure: --sample-features draws of cluster features per val label map."""
+    rows = save_figure(G, E, val, args, device, os.path.join(args.out_dir, "multimodal.png"),
+                       f"pix2pixhd | {args.dataset} val | label map, real, "
+                       f"{args.sample_features} draws of cluster features (K = {args.n_clusters})",
+                       centres, args.sample_features)
+    diff = float((rows[0][2] - rows[0][-1]).abs().mean())
+    print(f"multimodal.png: mean |first - last draw| = {diff:.4f}", flush=True)
+
+
+def export_samples(G, E, val, args, device):
+    """samples_N.npz (uint8 NHWC) for fid.py: G on the first N val label maps, 50 at a time."""
+    sample_fn, n = val_sampler(G, E, val, args, device), args.export_samples
+    x = torch.cat([sample_fn(min(50, n - k)) for k in range(0, n, 50)])
+    np.savez(os.path.join(args.out_dir, f"samples_{n}.npz"), images=common.quantize(x).numpy())
+
+
 def build_fid(args, device):
     """fid.TrainingFID against the real val images (ours: SPADE compares with the val set)."""
     try:
@@ -907,119 +1059,30 @@ def load_generator(ckpt_path, device):
 
 
 # ==== Main ====
-def build_nets(args):
-    """G, D, E (or None) from the flags; channel counts follow Sec. 3.1 / 3.3."""
-    s_ch = args.label_nc + args.instance            # one-hot (+ boundary map)
-    g_ch = s_ch + args.feat_num * args.instance_feat
-    if args.stage == "global":
-        G = GlobalGenerator(g_ch, 3, args.ngf, args.n_downsample_global, args.n_blocks_global)
-    else:
-        G = LocalEnhancer(g_ch, 3, args.ngf, args.n_downsample_global, args.n_blocks_global,
-                          args.n_blocks_local)
-    D = MultiscaleDiscriminator(s_ch + 3, args.ndf, args.n_layers_D, args.num_D)
-    E = Encoder(3, args.feat_num, args.nef, args.n_downsample_E) if args.instance_feat else None
-    return G, D, E
-
-
-def load_global_run(G, D, E, args, device):
-    """Sec. 3.2: the local stage starts from a trained G1. G1 <- the global G (without its
-    c7s1-3 head); DEVIATION: D's scale k -> scale k + 1 (same resolution); E <- E."""
-    path = args.load_global
-    path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-    state = common.load_checkpoint(path, device)
-    old = state.get("args", {})
-    if state.get("script") != "pix2pixhd" or old.get("stage") != "global":
-        raise common.UserError(f"--load-global {path!r} is not a pix2pixhd global-stage run")
-    want = {"ngf": 2 * args.ngf, **{k: getattr(args, k) for k in (
-        "label_nc", "instance", "instance_feat", "feat_num", "nef", "n_downsample_E",
-        "n_downsample_global", "n_blocks_global", "ndf", "n_layers_D")}}
-    bad = [f"--{k.replace('_', '-')} {old.get(k)!r} there (needs {v!r})"
-           for k, v in want.items() if old.get(k) != v]
-    if bad:
-        raise common.UserError(f"--load-global {path!r} does not fit: " + ", ".join(bad) +
-                               " (the local stage's --ngf is half the global one)")
-    G.G1.load_state_dict({k: v for k, v in state["G"].items() if not k.startswith("head.")})
-    for k in range(min(old["num_D"], args.num_D - 1)):
-        D.scales[k + 1].load_state_dict({n[len(f"scales.{k}."):]: v for n, v in
-                                         state["D"].items() if n.startswith(f"scales.{k}.")})
-    if E is not None:
-        E.load_state_dict(state["E"])
-    if [2 * v for v in old["size"]] != args.size:
-        print(f"note: G1 was trained at {old['size']}, it now sees {[v // 2 for v in args.size]}")
-    print(f"loaded G1, D scales 2..{min(old['num_D'] + 1, args.num_D)}" +
-          (", E" if E is not None else "") + f" from {path} (step {state['step']})", flush=True)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    dist = common.Dist(args.device)                 # torchrun: one process per device
+    dist, autocast = setup(args)
     device = dist.device
-    dist.share(args.batch_size)                     # the global batch splits evenly
-    if args.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = not args.deterministic
-    torch.use_deterministic_algorithms(args.deterministic)
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
-                else contextlib.nullcontext)
-
     train, val = load_pairs(args, train=True), load_pairs(args, train=False)
     per_epoch = len(train) // args.batch_size       # official: full batches only
     if per_epoch == 0:
         raise common.UserError(f"{len(train)} training pairs, fewer than --batch-size")
     total = args.epochs * per_epoch                 # the loop counts G iterations (steps)
-    run = common.Run(args, "pix2pixhd", total=total, mutable=(
-        "epochs", "niter_decay", "seg_every", "seg_images", "seg_model", "seg_steps",
-        "sample_features"), dist=dist)
+    run = common.Run(args, "pix2pixhd", total=total, mutable=MUTABLE, dist=dist)
     local = args.stage == "local"
     G, D, E = (None if n is None else n.to(device) for n in build_nets(args))
-    vgg = None
-    if args.vgg:
-        vgg = VGG19Features(args.vgg_weights or os.path.join(
-            torch.hub.get_dir(), "checkpoints", os.path.basename(VGG_URL)), device)
+    vgg = build_vgg(args, device)
     state = run.load(device)
     step = state["step"] if state else 0
     g1_fixed = local and step // per_epoch < args.niter_fix_global
     opt_G = make_opt(g_params(G, E, g1_fixed), args, args.lr, device)
     opt_D = make_opt(D.parameters(), args, args.lr, device)
-    segmenter = ev_fid = None
-    if args.seg_every and args.seg_model:
-        segmenter = load_segmenter(args.seg_model, device)
-    elif args.seg_every and state and "segmenter" in state:
-        segmenter = Segmenter(eval_classes(args)[1]).to(device).eval()
-        segmenter.load_state_dict(state["segmenter"])
-    elif args.seg_every:
-        segmenter = train_segmenter(train, args, device, show=dist.main)   # on every process
-    if args.fid_every:
-        ev_fid = build_fid(args, device)
-    if state:
-        for k, net in (("G", G), ("D", D), ("E", E), ("opt_G", opt_G), ("opt_D", opt_D)):
-            if net is not None:
-                net.load_state_dict(state[k])
-        common.set_rng_state(state["rng"])
-    elif args.load_global:
-        load_global_run(G, D, E, args, device)
-    elif local and dist.main:
-        print("warning: local stage without --load-global: G1 starts from scratch (Sec. 3.2 "
-              "trains G1 first; NVIDIA/pix2pixHD#294)", flush=True)
+    segmenter = build_segmenter(train, state, args, device, dist)
+    ev_fid = build_fid(args, device) if args.fid_every else None
+    restore(state, G, D, E, opt_G, opt_D, args, device, dist)
     if local:
         G.G1.requires_grad_(not g1_fixed)           # no weight gradients for a fixed G1
-    if segmenter is not None:                       # Tab. 1's "oracle" row: real val images
-        seg_real = semantic_consistency(segmenter, G, E, val, args, device, real=True)
-        if dist.main:
-            print(f"segmenter on real val images: pixel acc {seg_real[0]:.4f}, mIoU "
-                  f"{seg_real[1]:.4f}", flush=True)
-
-    def snapshot():
-        out = {"G": G.state_dict(), "D": D.state_dict(), "opt_G": opt_G.state_dict(),
-               "opt_D": opt_D.state_dict(), "rng": common.rng_state()}
-        if E is not None:
-            out["E"] = E.state_dict()
-        if segmenter is not None and not args.seg_model:
-            out["segmenter"] = segmenter.state_dict()
-        return out
+    seg_real = real_scores(segmenter, val, args, device, dist)
 
     run.start(step, device, G=G, D=D, **({"E": E} if E is not None else {}))
     if dist.main:
@@ -1043,50 +1106,29 @@ def main(argv=None):
         seg_now = args.seg_every and (step % args.seg_every == 0 or step == total)
         fid_now = args.fid_every and (step % args.fid_every == 0 or step == total)
         if step % args.log_every == 0 or step == total or stop or seg_now or fid_now:
-            values = {**out, "lr": lr, "epoch": epoch}
-            if seg_now:
-                acc, miou = semantic_consistency(segmenter, G, E, val, args, device)
-                values.update(seg_acc=acc, seg_miou=miou, seg_acc_real=seg_real[0],
-                              seg_miou_real=seg_real[1])
-            if fid_now:
-                values.update(ev_fid(val_sampler(G, E, val, args, device, crop=True)))
-            run.log(step, values)
-        if g1_fixed and step == args.niter_fix_global * per_epoch:
-            # PAPER-VS-CODE (card item 8): at the end of epoch niter_fix_global a fresh Adam over
-            # G1 + G2 (+ E) replaces G2's; it is the one stepped and decayed from here on (the
-            # 2017 code). The current official train.py keeps stepping the G2-only one.
+            run.log(step, {**out, "lr": lr, "epoch": epoch, **scores(
+                G, E, val, args, device, segmenter if seg_now else None, seg_real,
+                ev_fid if fid_now else None)})
+        if g1_fixed and step == args.niter_fix_global * per_epoch:   # Sec. 3.2: G1 joins
             g1_fixed = False
-            G.G1.requires_grad_(True)
-            opt_G = make_opt(g_params(G, E, False), args, lr, device)
-            if dist.main:
-                print(f"epoch {epoch} done: G1 joins training, fresh Adam over all of G"
-                      + (" and E" if E is not None else ""), flush=True)
+            opt_G = release_g1(G, E, args, lr, device, dist, epoch)
         if dist.main and args.sample_every and (step % args.sample_every == 0 or step == total):
             save_figure(G, E, val, args, device, os.path.join(
                 args.out_dir, "samples", f"{step:07d}.png"), f"pix2pixhd | step {step} | "
                 f"{args.dataset} val | label map, real, generated")
         if step % args.ckpt_every == 0 or step == total or stop:
-            run.save(step, snapshot())
+            run.save(step, snapshot(G, D, E, opt_G, opt_D, segmenter, args))
             saved = step
     if run.stopping and saved != step:              # the signal came after this step's save
-        run.save(step, snapshot())
-
-    if step == total and not run.stopping:
-        if args.sample_features:                    # Sec. 3.4, in the checkpoint (every rank)
-            centres = kmeans(*encode_features(E, train, args, device, dist.main), args)
-            run.save(step, {**snapshot(), "centres": centres[0], "n_centres": centres[1]})
-        if args.sample_features and dist.main:
-            rows = save_figure(G, E, val, args, device, os.path.join(
-                args.out_dir, "multimodal.png"), f"pix2pixhd | {args.dataset} val | label map, "
-                f"real, {args.sample_features} draws of cluster features (K = {args.n_clusters})",
-                centres, args.sample_features)
-            diff = float((rows[0][2] - rows[0][-1]).abs().mean())
-            print(f"multimodal.png: mean |first - last draw| = {diff:.4f}", flush=True)
-        if args.export_samples and dist.main:
-            sample_fn, n = val_sampler(G, E, val, args, device), args.export_samples
-            x = torch.cat([sample_fn(min(50, n - k)) for k in range(0, n, 50)])
-            np.savez(os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"),
-                     images=common.quantize(x).numpy())
+        run.save(step, snapshot(G, D, E, opt_G, opt_D, segmenter, args))
+    if step == total and not run.stopping and args.sample_features:   # Sec. 3.4, every rank
+        centres = kmeans(*encode_features(E, train, args, device, dist.main), args)
+        run.save(step, {**snapshot(G, D, E, opt_G, opt_D, segmenter, args),
+                        "centres": centres[0], "n_centres": centres[1]})
+        if dist.main:
+            save_multimodal(G, E, val, centres, args, device)
+    if step == total and not run.stopping and args.export_samples and dist.main:
+        export_samples(G, E, val, args, device)
     return run.finish(step, device)
 
 

@@ -233,26 +233,14 @@ def parse_args(argv=None):
         if c.resolution is None:
             p.error("--dataset folder:<dir> needs --resolution (a power of two >= 4)")
         args.resolution = c.resolution
-    if args.fmap_base is None:
-        args.fmap_base = c.fmap_base
-    if args.fmap_max is None:
-        args.fmap_max = c.fmap_max
-    if args.z_dim is None:
-        args.z_dim = c.z_dim
-    if args.stabilize_kimg is None:
-        args.stabilize_kimg = float(c.phase_kimg)
-    if args.fade_kimg is None:
-        args.fade_kimg = float(c.phase_kimg)
-    if args.kimg is None:
-        args.kimg = c.kimg
-    if args.gamma is None:
-        args.gamma = c.gamma
-    if args.mirror is None:
-        args.mirror = c.mirror and args.dataset not in LSUN_FULL_SETS
-    if args.lr_rampup_kimg is None:
-        args.lr_rampup_kimg = float(c.rampup_kimg)
-    if args.batch_at is None:
-        args.batch_at = [f"{r}:{b}" for r, b in c.batch_at.items()]
+    for flag, value in (("fmap_base", c.fmap_base), ("fmap_max", c.fmap_max), ("z_dim", c.z_dim),
+                        ("stabilize_kimg", float(c.phase_kimg)),
+                        ("fade_kimg", float(c.phase_kimg)), ("kimg", c.kimg), ("gamma", c.gamma),
+                        ("mirror", c.mirror and args.dataset not in LSUN_FULL_SETS),
+                        ("lr_rampup_kimg", float(c.rampup_kimg)),
+                        ("batch_at", [f"{r}:{b}" for r, b in c.batch_at.items()])):
+        if getattr(args, flag) is None:             # a flag left unset takes the config's value
+            setattr(args, flag, value)
 
     R = args.resolution
     if R < 4 or R & (R - 1):
@@ -627,6 +615,88 @@ def train_step(G, D, opt_G, opt_D, x_full, level, alpha, args, dist,
             "d_fake": d_fake.detach().mean()}
 
 
+def setup(args):
+    """Seeds, torchrun, deterministic kernels, the bf16 autocast context: (dist, autocast)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    dist = common.Dist(args.device)
+    if args.deterministic and dist.device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.use_deterministic_algorithms(args.deterministic)
+    autocast = ((lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16))
+                if args.amp == "bf16" else contextlib.nullcontext)
+    return dist, autocast   # DEVIATION: --amp bf16; the paper trains in fp32
+
+
+def check_reals(dataset, args):
+    """(data_res, channels) of one image, read now: a broken dataset fails at start-up."""
+    x0 = dataset[0][0]
+    data_res, R = x0.shape[-1], args.resolution
+    if x0.shape[-2] != data_res or data_res % R or (data_res // R) & (data_res // R - 1):
+        raise common.UserError(f"images of {args.dataset} are {tuple(x0.shape[1:])}, not a "
+                               f"power-of-two multiple of --resolution {R}")
+    if args.metrics_every and len(dataset) < args.swd_images:
+        raise common.UserError(f"--swd-images {args.swd_images} > {len(dataset)} images")
+    return data_res, x0.shape[0]
+
+
+def build_training(args, channels, device):
+    """G, D, G_ema (a copy of all of G from step 0), the Adams, G's kwargs (for the ckpt)."""
+    G_kwargs = dict(resolution=args.resolution, fmap_base=args.fmap_base,
+                    fmap_max=args.fmap_max, z_dim=args.z_dim, channels=channels)
+    G = Generator(**G_kwargs).to(device)
+    D = Discriminator(args.resolution, args.fmap_base, args.fmap_max, channels=channels,
+                      mbstd_group_size=args.mbstd_group_size).to(device)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    adam = dict(lr=args.lr, betas=tuple(args.betas), eps=args.adam_eps, fused=device.type == "cuda")
+    opt_G = torch.optim.Adam(G.parameters(), **adam)
+    opt_D = torch.optim.Adam(D.parameters(), **adam)
+    return G, D, G_ema, opt_G, opt_D, G_kwargs
+
+
+def check_batch_shares(batch_at, max_level, args, dist):
+    """Each minibatch splits evenly over the processes, each share into mbstd groups."""
+    for b in {batch_at.get(4 * 2**k, args.batch_size) for k in range(max_level + 1)}:
+        b = dist.share(b).stop - dist.share(b).start   # UserError unless it splits evenly
+        if args.mbstd_group_size and b % min(args.mbstd_group_size, b):
+            raise common.UserError(f"a minibatch share of {b} is not divisible by "
+                                   f"--mbstd-group-size {args.mbstd_group_size}")
+
+
+def restore(state, G, D, G_ema, opt_G, opt_D, fixed_z):
+    """--resume: nets, optimizers, RNG; (fixed_z, nimg, it, phase, last, streams)."""
+    nimg, it, phase, last, streams = 0, 0, None, [0, 1.0], {}
+    if state:
+        for name, obj in (("G", G), ("D", D), ("G_ema", G_ema), ("opt_G", opt_G), ("opt_D", opt_D)):
+            obj.load_state_dict(state[name])
+        fixed_z, nimg, it = state["fixed_z"], state["nimg"], state["it"]
+        phase, last, streams = state["phase"], state["last"], state["streams"]
+        common.set_rng_state(state["rng"])
+    return fixed_z, nimg, it, phase, last, streams
+
+
+def real_stream(dataset, batch, streams, args, device, dist):
+    """One exactly resumable stream of reals per minibatch size, seeded by the size."""
+    return common.infinite_batches(dataset, batch, args.seed + 1_000_000 * batch,
+                                   start_step=streams.get(str(batch), 0),
+                                   num_workers=args.num_workers, device=device,
+                                   rank=dist.rank, world_size=dist.world_size)
+
+
+def kimg_step(nimg):
+    """The `step` of metrics.jsonl and ckpt.pt: kimg shown, an int when whole (1, not 1.0)."""
+    return nimg // 1000 if nimg % 1000 == 0 else nimg / 1000
+
+
+def snapshot(G, D, G_ema, opt_G, opt_D, fixed_z, nimg, it, phase, last, streams, G_kwargs):
+    return {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
+            "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
+            "fixed_z": fixed_z.cpu(), "rng": common.rng_state(), "nimg": nimg,
+            "it": it, "phase": phase, "last": last, "streams": streams, "G_kwargs": G_kwargs}
+
+
 # ==== Eval ====
 def _to_255(x):
     """[-1, 1] -> [0, 255] floats rounded as save_image / common.quantize (the uint8 the official
@@ -781,6 +851,49 @@ def sample_grid(G_ema, fixed_z, level, alpha, nimg, path):
                [("generated", common.FAKE_RGB)])
 
 
+def print_schedule(batch_at, max_level, args):
+    period = args.stabilize_kimg + args.fade_kimg
+    print("schedule: " + " | ".join(
+        f"{4 * 2**k}px from kimg {max(k * period - args.fade_kimg, 0):g} (batch "
+        f"{batch_at.get(4 * 2**k, args.batch_size)})" for k in range(max_level + 1))
+        + f" | end {args.kimg}", flush=True)
+
+
+def save_reals(dataset, data_res, args):
+    """reals.png: the first 64 training images at the final resolution."""
+    reals = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))])
+    R = args.resolution
+    _save_grid(downscale2d(reals, data_res // R), os.path.join(args.out_dir, "reals.png"),
+               [f"{args.dataset} | {R}x{R} reals (box-downsampled from {data_res})"],
+               [("real", common.REAL_RGB)])
+
+
+def end_phase(G_ema, fixed_z, last, phase, nimg, t_phase, n_phase, args, device, dist,
+              final=False):
+    """Grid, speed and memory of the phase that just ended (since t_phase, n_phase)."""
+    if not dist.main:
+        return
+    lv, a = last
+    name = f"kimg{nimg / 1000:010.3f}-{'final' if final else 'phase'}.png"
+    sample_grid(G_ema, fixed_z, lv, a, nimg, os.path.join(args.out_dir, "samples", name))
+    dt, n = max(time.time() - t_phase, 1e-9), nimg - n_phase
+    print(f"phase {4 * 2**lv}x{4 * 2**lv} {'fade-in' if phase[1] else 'stabilize'} ended at "
+          f"kimg {nimg / 1000:g}: {n} images in {dt:.1f} s ({n / dt:.1f} img/s) | peak "
+          f"memory {common.peak_memory_mib(device):,.0f} MiB ("
+          f"{'CUDA, this phase' if device.type == 'cuda' else 'process RSS'})", flush=True)
+
+
+def scores(G_ema, dataset, level, alpha, args, device, metrics, fid_ev):
+    """The eval metrics of a log step: Sec. 5's SWD and MS-SSIM (metrics), FID (with fid_ev)."""
+    values = {}
+    if metrics:             # every process scores the same seeded samples: one value
+        values.update(paper_metrics(G_ema, dataset, level, alpha, args, device))
+    if fid_ev is not None:
+        values.update(fid_ev(_final_res_sampler(G_ema, level, alpha, args, device,
+                                                args.seed + 5)))
+    return values
+
+
 def build_fid(args, device):
     """fid.TrainingFID built at start-up: weights and reference statistics resolved now."""
     try:
@@ -827,108 +940,45 @@ def load_generator(ckpt_path, device="cpu"):
 
 
 # ==== Main ====
-def kimg_step(nimg):
-    """The `step` of metrics.jsonl and ckpt.pt: kimg shown, an int when whole (1, not 1.0)."""
-    return nimg // 1000 if nimg % 1000 == 0 else nimg / 1000
-
-
 def main(argv=None):
     args = parse_args(argv)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    dist = common.Dist(args.device)                 # torchrun: one process per device
+    dist, autocast = setup(args)
     device = dist.device
-    if args.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = not args.deterministic
-    torch.use_deterministic_algorithms(args.deterministic)
     run = common.Run(args, "progan", total=args.kimg, unit="kimg",
                      mutable=("kimg", "metrics_every", "swd_images", "ms_ssim_pairs"), dist=dist)
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
-                else contextlib.nullcontext)   # DEVIATION: --amp bf16; the paper trains in fp32
-
     dataset = load_reals(args)
-    x0 = dataset[0][0]                   # reads one image now: a broken dataset fails at start-up
-    data_res, R = x0.shape[-1], args.resolution
-    if x0.shape[-2] != data_res or data_res % R or (data_res // R) & (data_res // R - 1):
-        raise common.UserError(f"images of {args.dataset} are {tuple(x0.shape[1:])}, not a "
-                               f"power-of-two multiple of --resolution {R}")
-    if args.metrics_every and len(dataset) < args.swd_images:
-        raise common.UserError(f"--swd-images {args.swd_images} > {len(dataset)} images")
-    G_kwargs = dict(resolution=R, fmap_base=args.fmap_base, fmap_max=args.fmap_max,
-                    z_dim=args.z_dim, channels=x0.shape[0])
-    G = Generator(**G_kwargs).to(device)
-    D = Discriminator(R, args.fmap_base, args.fmap_max, channels=x0.shape[0],
-                      mbstd_group_size=args.mbstd_group_size).to(device)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)         # from step 0, the whole network
-    adam = dict(lr=args.lr, betas=tuple(args.betas), eps=args.adam_eps, fused=device.type == "cuda")
-    opt_G = torch.optim.Adam(G.parameters(), **adam)
-    opt_D = torch.optim.Adam(D.parameters(), **adam)
+    data_res, channels = check_reals(dataset, args)
+    G, D, G_ema, opt_G, opt_D, G_kwargs = build_training(args, channels, device)
     fid_ev = build_fid(args, device) if args.fid_every else None
     fixed_z = torch.randn(64, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
     batch_at, total = _batch_dict(args.batch_at), args.kimg * 1000
-    for b in {batch_at.get(4 * 2**k, args.batch_size) for k in range(G.max_level + 1)}:
-        b = dist.share(b).stop - dist.share(b).start   # UserError unless it splits evenly
-        if args.mbstd_group_size and b % min(args.mbstd_group_size, b):
-            raise common.UserError(f"a minibatch share of {b} is not divisible by "
-                                   f"--mbstd-group-size {args.mbstd_group_size}")
+    check_batch_shares(batch_at, G.max_level, args, dist)
     # nimg: real images shown; it: minibatch iterations; phase: [level, fading] of the last
     # iteration; last: its (level, alpha); streams: batches drawn per minibatch size
-    nimg, it, phase, last, streams = 0, 0, None, [0, 1.0], {}
-    state = run.load(device)
-    if state:
-        for name, obj in (("G", G), ("D", D), ("G_ema", G_ema), ("opt_G", opt_G), ("opt_D", opt_D)):
-            obj.load_state_dict(state[name])
-        fixed_z, nimg, it = state["fixed_z"], state["nimg"], state["it"]
-        phase, last, streams = state["phase"], state["last"], state["streams"]
-        common.set_rng_state(state["rng"])
+    fixed_z, nimg, it, phase, last, streams = restore(run.load(device), G, D, G_ema, opt_G,
+                                                      opt_D, fixed_z)
     fixed_z = fixed_z.to(device)
 
     run.start(kimg_step(nimg), device, G=G, D=D)
-    period = args.stabilize_kimg + args.fade_kimg
     if dist.main:
-        print("schedule: " + " | ".join(
-            f"{4 * 2**k}px from kimg {max(k * period - args.fade_kimg, 0):g} (batch "
-            f"{batch_at.get(4 * 2**k, args.batch_size)})" for k in range(G.max_level + 1))
-            + f" | end {args.kimg}", flush=True)
+        print_schedule(batch_at, G.max_level, args)
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if nimg == 0 and dist.main:
-        reals = torch.stack([dataset[i][0] for i in range(min(64, len(dataset)))])
-        _save_grid(downscale2d(reals, data_res // R), os.path.join(args.out_dir, "reals.png"),
-                   [f"{args.dataset} | {R}x{R} reals (box-downsampled from {data_res})"],
-                   [("real", common.REAL_RGB)])
-
-    def end_phase(final=False):   # grid, speed and memory of the phase that just ended
-        if not dist.main:
-            return
-        lv, a = last
-        name = f"kimg{nimg / 1000:010.3f}-{'final' if final else 'phase'}.png"
-        sample_grid(G_ema, fixed_z, lv, a, nimg, os.path.join(args.out_dir, "samples", name))
-        dt, n = max(time.time() - t_phase, 1e-9), nimg - n_phase    # since phase start or resume
-        print(f"phase {4 * 2**lv}x{4 * 2**lv} {'fade-in' if phase[1] else 'stabilize'} ended at "
-              f"kimg {nimg / 1000:g}: {n} images in {dt:.1f} s ({n / dt:.1f} img/s) | peak "
-              f"memory {common.peak_memory_mib(device):,.0f} MiB ("
-              f"{'CUDA, this phase' if device.type == 'cuda' else 'process RSS'})", flush=True)
-
+        save_reals(dataset, data_res, args)
     stream_batch, t_phase, n_phase = None, time.time(), nimg
     while nimg < total and not run.stopping:
-        level, alpha, batch = schedule(nimg / 1000, args.stabilize_kimg, args.fade_kimg, R,
-                                       args.batch_size, batch_at)
+        level, alpha, batch = schedule(nimg / 1000, args.stabilize_kimg, args.fade_kimg,
+                                       args.resolution, args.batch_size, batch_at)
         if [level, alpha < 1.0] != phase:
             if phase is not None:
-                end_phase()
+                end_phase(G_ema, fixed_z, last, phase, nimg, t_phase, n_phase, args, device, dist)
                 for opt in (opt_G, opt_D):   # official reset_opt_for_new_lod: fresh Adam moments
                     opt.state.clear()
             phase, t_phase, n_phase = [level, alpha < 1.0], time.time(), nimg
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-        if batch != stream_batch:            # one exactly resumable stream per minibatch size
-            batches = common.infinite_batches(dataset, batch, args.seed + 1_000_000 * batch,
-                                              start_step=streams.get(str(batch), 0),
-                                              num_workers=args.num_workers, device=device,
-                                              rank=dist.rank, world_size=dist.world_size)
-            stream_batch = batch
+        if batch != stream_batch:
+            batches, stream_batch = real_stream(dataset, batch, streams, args, device, dist), batch
         x_full = next(batches)[0].to(device, non_blocking=True)
         streams[str(batch)] = streams.get(str(batch), 0) + 1
         lr = args.lr * lr_rampup(nimg / 1000, args.lr_rampup_kimg)
@@ -943,24 +993,18 @@ def main(argv=None):
         metrics_now = args.metrics_every > 0 and (it % args.metrics_every == 0 or done)
         fid_now = args.fid_every > 0 and (it % args.fid_every == 0 or done)
         if it % args.log_every == 0 or done or metrics_now or fid_now:
-            values = {**out, "res": 4 * 2**level, "alpha": alpha, "lr": lr}
-            if metrics_now:         # every process scores the same seeded samples: one value
-                values.update(paper_metrics(G_ema, dataset, level, alpha, args, device))
-            if fid_now:
-                values.update(fid_ev(_final_res_sampler(G_ema, level, alpha, args, device,
-                                                        args.seed + 5)))
-            run.log(step, values)
+            run.log(step, {**out, "res": 4 * 2**level, "alpha": alpha, "lr": lr, **scores(
+                G_ema, dataset, level, alpha, args, device, metrics_now,
+                fid_ev if fid_now else None)})
         if dist.main and args.sample_every and it % args.sample_every == 0:
             sample_grid(G_ema, fixed_z, level, alpha, nimg,
                         os.path.join(args.out_dir, "samples", f"kimg{step:010.3f}.png"))
         if done:
-            end_phase(final=True)
+            end_phase(G_ema, fixed_z, last, phase, nimg, t_phase, n_phase, args, device, dist,
+                      final=True)
         if it % args.ckpt_every == 0 or done or run.stopping:
-            run.save(step, {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
-                            "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                            "fixed_z": fixed_z.cpu(), "rng": common.rng_state(), "nimg": nimg,
-                            "it": it, "phase": phase, "last": last, "streams": streams,
-                            "G_kwargs": G_kwargs})
+            run.save(step, snapshot(G, D, G_ema, opt_G, opt_D, fixed_z, nimg, it, phase, last,
+                                    streams, G_kwargs))
 
     if args.export_samples > 0 and not run.stopping and dist.main:   # stopping: on every rank
         export_samples(G_ema, *last, args, device)

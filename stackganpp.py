@@ -433,21 +433,10 @@ class MultiScaleData(Dataset):
         return (*real, *wrong, torch.from_numpy(np.ascontiguousarray(emb[k])), k, i)
 
 
-class _Items(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
-
-
 def keyed_batches(data, args, start_step, dist):
     """Batches forever from start_step: common.infinite_batches decides which items form batch k
     (per-epoch shuffling, this process's share); MultiScaleData draws the rest from the key."""
-    order = common.infinite_batches(_Items(len(data)), args.batch_size, args.seed, start_step,
+    order = common.infinite_batches(range(len(data)), args.batch_size, args.seed, start_step,
                                     num_workers=0, rank=dist.rank, world_size=dist.world_size)
     first = dist.share(args.batch_size).start
     keys = ([(i, step, first + k) for k, i in enumerate(idx.tolist())]
@@ -802,6 +791,75 @@ def train_step(G, Ds, opt_G, opt_Ds, batch, args, dist, autocast=contextlib.null
     return out
 
 
+def build_nets(G_kwargs, args):
+    """G and D_0, D_1, D_2, initialised as the official weights_init."""
+    G = init_weights(Generator(**G_kwargs))
+    c = args.cond_dim if args.cond == "text" else 0
+    Ds = [init_weights(cls(args.df_dim, c, args.base_size))
+          for cls in (Discriminator64, Discriminator128, Discriminator256)]
+    return G, Ds
+
+
+def setup(args):
+    """Seeds, torchrun, deterministic kernels, bf16, BatchNorm's batch checks: (dist, autocast)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    dist = common.Dist(args.device)
+    if args.deterministic and dist.device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not args.deterministic
+    torch.use_deterministic_algorithms(args.deterministic)
+    autocast = ((lambda: torch.autocast(dist.device.type, dtype=torch.bfloat16))
+                if args.amp == "bf16" else contextlib.nullcontext)  # DEVIATION 9: paper fp32
+    if args.batch_size // dist.world_size < 2:
+        raise common.UserError(f"--batch-size {args.batch_size} over {dist.world_size} "
+                               "process(es): BatchNorm needs at least 2 images per process")
+    if args.sync_bn and dist.world_size > 1 and dist.device.type != "cuda":
+        raise common.UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
+    return dist, autocast
+
+
+def build_training(train, args, device, dist):
+    """G (with CA), G_ema, D_0..D_2 (--sync-bn: SyncBatchNorm), the Adams, G's kwargs."""
+    text = args.cond == "text"
+    G_kwargs = dict(z_dim=args.z_dim, gf_dim=args.gf_dim, base_size=args.base_size,
+                    cond_dim=args.cond_dim, r_num=args.r_num, text=text,
+                    text_dim=int(train.embeddings(0).shape[-1]) if text else 1024)
+    G, Ds = build_nets(G_kwargs, args)
+    G, Ds = G.to(device), [D.to(device) for D in Ds]
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    if args.sync_bn and dist.world_size > 1:
+        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
+        Ds = [nn.SyncBatchNorm.convert_sync_batchnorm(D) for D in Ds]
+    adam = dict(lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
+    opt_G = torch.optim.Adam(G.parameters(), **adam)               # G includes CA
+    opt_Ds = [torch.optim.Adam(D.parameters(), **adam) for D in Ds]
+    return G, G_ema, Ds, opt_G, opt_Ds, G_kwargs
+
+
+def restore(state, G, G_ema, Ds, opt_G, opt_Ds, fixed):
+    """--resume: nets, optimizers, RNG; (step, fixed sample inputs), a fresh run (0, fixed)."""
+    if not state:
+        return 0, fixed
+    G.load_state_dict(state["G"])
+    G_ema.load_state_dict(state["G_ema"])
+    for D, opt, sd, so in zip(Ds, opt_Ds, state["D"], state["opt_D"]):
+        D.load_state_dict(sd)
+        opt.load_state_dict(so)
+    opt_G.load_state_dict(state["opt_G"])
+    fixed = {k: state["fixed"][k] for k in fixed}
+    common.set_rng_state(state["rng"])
+    return state["step"], fixed
+
+
+def snapshot(G, G_ema, Ds, opt_G, opt_Ds, fixed, G_kwargs):
+    return {"G": G.state_dict(), "G_ema": G_ema.state_dict(),
+            "D": [D.state_dict() for D in Ds], "opt_G": opt_G.state_dict(),
+            "opt_D": [o.state_dict() for o in opt_Ds], "fixed": fixed,
+            "rng": common.rng_state(), "G_kwargs": G_kwargs}
+
+
 # ==== Eval ====
 def fixed_conditions(source, args, rows=8):
     """Fixed z (one per column, shared by the rows) and, in text mode, one fixed caption per row
@@ -963,35 +1021,11 @@ def load_generator(ckpt_path, device="cpu"):
 
 
 # ==== Main ====
-def build_nets(G_kwargs, args):
-    """G and D_0, D_1, D_2, initialised as the official weights_init."""
-    G = init_weights(Generator(**G_kwargs))
-    c = args.cond_dim if args.cond == "text" else 0
-    Ds = [init_weights(cls(args.df_dim, c, args.base_size))
-          for cls in (Discriminator64, Discriminator128, Discriminator256)]
-    return G, Ds
-
-
 def main(argv=None):
     args = parse_args(argv)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    dist = common.Dist(args.device)
+    dist, autocast = setup(args)
     device = dist.device
-    if args.deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = not args.deterministic
-    torch.use_deterministic_algorithms(args.deterministic)
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
-                else contextlib.nullcontext)          # DEVIATION 9: the paper trains in fp32
-    if args.batch_size // dist.world_size < 2:
-        raise common.UserError(f"--batch-size {args.batch_size} over {dist.world_size} "
-                               "process(es): BatchNorm needs at least 2 images per process")
-    if args.sync_bn and dist.world_size > 1 and device.type != "cuda":
-        raise common.UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
     text, sizes = args.cond == "text", [args.base_size * 2**i for i in range(3)]
-
     train = load_source(args, "train")
     data = MultiScaleData(train, sizes, args.seed, text)
     _ = data[(0, 0, 0)]                   # reads one item now: a broken dataset fails at start-up
@@ -1002,38 +1036,10 @@ def main(argv=None):
     total = args.epochs * per_epoch
     run = common.Run(args, "stackganpp", total=total, mutable=("epochs", "fid_ref"), dist=dist)
     test = load_source(args, "test") if text and (args.fid_every or args.export_samples) else None
-    G_kwargs = dict(z_dim=args.z_dim, gf_dim=args.gf_dim, base_size=args.base_size,
-                    cond_dim=args.cond_dim, r_num=args.r_num, text=text,
-                    text_dim=int(train.embeddings(0).shape[-1]) if text else 1024)
-    G, Ds = build_nets(G_kwargs, args)
-    G, Ds = G.to(device), [D.to(device) for D in Ds]
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    if args.sync_bn and dist.world_size > 1:
-        G = nn.SyncBatchNorm.convert_sync_batchnorm(G)
-        Ds = [nn.SyncBatchNorm.convert_sync_batchnorm(D) for D in Ds]
-    adam = dict(lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
-    opt_G = torch.optim.Adam(G.parameters(), **adam)               # G includes CA
-    opt_Ds = [torch.optim.Adam(D.parameters(), **adam) for D in Ds]
+    G, G_ema, Ds, opt_G, opt_Ds, G_kwargs = build_training(train, args, device, dist)
     ev = build_fid(args, device) if args.fid_every else None
-    fixed = fixed_conditions(train, args)
     state = run.load(device)
-    step = 0
-    if state:
-        G.load_state_dict(state["G"])
-        G_ema.load_state_dict(state["G_ema"])
-        for D, opt, sd, so in zip(Ds, opt_Ds, state["D"], state["opt_D"]):
-            D.load_state_dict(sd)
-            opt.load_state_dict(so)
-        opt_G.load_state_dict(state["opt_G"])
-        fixed = {k: state["fixed"][k] for k in fixed}
-        common.set_rng_state(state["rng"])
-        step = state["step"]
-
-    def snapshot():
-        return {"G": G.state_dict(), "G_ema": G_ema.state_dict(),
-                "D": [D.state_dict() for D in Ds], "opt_G": opt_G.state_dict(),
-                "opt_D": [o.state_dict() for o in opt_Ds], "fixed": fixed,
-                "rng": common.rng_state(), "G_kwargs": G_kwargs}
+    step, fixed = restore(state, G, G_ema, Ds, opt_G, opt_Ds, fixed_conditions(train, args))
 
     run.start(step, device, G=G, **{f"D_{s}": D for s, D in zip(sizes, Ds)})
     if dist.main:
@@ -1062,11 +1068,11 @@ def main(argv=None):
             sample_grids(G_ema, fixed, data, step, args, device)
         if step % args.ckpt_every == 0 or step == total or stop:
             dist.broadcast_buffers(G, G_ema)   # every rank resumes as rank 0's checkpoint
-            run.save(step, snapshot())
+            run.save(step, snapshot(G, G_ema, Ds, opt_G, opt_Ds, fixed, G_kwargs))
             saved = step
     if run.stopping and saved != step:                 # the signal came after this step's save
         dist.broadcast_buffers(G, G_ema)
-        run.save(step, snapshot())
+        run.save(step, snapshot(G, G_ema, Ds, opt_G, opt_Ds, fixed, G_kwargs))
     if dist.main and step > step0:
         dt = max(time.time() - t0, 1e-9)
         print(f"throughput: {(step - step0) * args.batch_size / dt:.1f} images/s (global batch "
