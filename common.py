@@ -429,13 +429,15 @@ def _flag(key):
 
 
 _STOP = []  # signals received by cli()'s handler; Run.stopping tells the loop to save and stop
+_TRAINING = []  # a Run exists: a signal means "save after this step"; before one, nothing to save
 
 
 def request_stop(signum):
-    """What SIGTERM/SIGINT do under cli(): the loop saves a checkpoint after this step and stops."""
-    if _STOP:  # a second signal: stop now
-        raise KeyboardInterrupt
+    """What SIGTERM/SIGINT do under cli(): in training the loop saves a checkpoint after this step
+    and stops; before a Run exists (--evaluate, loading) or on a second signal, stop at once."""
     _STOP.append(signum)
+    if len(_STOP) > 1 or not _TRAINING:
+        raise KeyboardInterrupt
     print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
           "(send it again to stop at once)", flush=True)
 
@@ -449,6 +451,11 @@ def cli(main):
     except UserError as e:  # bugs keep their traceback; mistakes a user can fix get one line
         print(f"error: {_first_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # request_stop: stop at once (checkpoints are written atomically)
+        name = signal.Signals(_STOP[0]).name if _STOP else "SIGINT"
+        print(f"stopped by {name}" + (": the last saved checkpoint is kept" if _TRAINING else ""),
+              file=sys.stderr, flush=True)
+        sys.exit(128 + (_STOP[0] if _STOP else signal.SIGINT))
     if _STOP:
         sys.exit(128 + _STOP[0])  # the shell's code for death by that signal; the run was saved
 
@@ -584,6 +591,7 @@ class Run:
 
     def __init__(self, args, script, total, unit="step", mutable=(), nonfinite_ok=(), dist=None):
         self.args, self.script, self.total, self.unit = args, script, total, unit
+        _TRAINING.append(script)
         self.dist = dist if dist is not None else Dist.__new__(Dist)
         if dist is None:
             self.dist.rank, self.dist.world_size = 0, 1

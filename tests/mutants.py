@@ -38,6 +38,9 @@ MUTANTS = {
         ("common.py", 'positive_int = _flag_type(int, lambda v: v > 0,',
          'positive_int = _flag_type(int, lambda v: v >= 0,', "tests/test_common.py",
          "an explicit 0 accepted as a count"),
+        ("common.py", "    if len(_STOP) > 1 or not _TRAINING:\n", "    if len(_STOP) > 1:\n",
+         "tests/test_common.py", "SIGTERM outside training (--evaluate) waits for a save that "
+         "never comes"),
     ],
     # ---- sngan.py ----
     "sngan.py": [

@@ -340,3 +340,36 @@ def test_world_size_without_torchrun_is_a_one_line_error(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(common.UserError, match="start with torchrun"):
         common.Dist("cpu")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_signal_before_training_stops_at_once_with_one_line(training, capsys):
+    """SIGTERM during work that no Run saves (avb --evaluate, data loading) stops at once, with one
+    line and the shell's 128 + signal code (it used to print "saving a checkpoint after this step"
+    and run on, and a second signal gave a traceback); in training the first one only asks the
+    loop to save and stop, and a second one stops at once the same way."""
+    import signal
+    import time
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    saved = list(common._TRAINING)
+    common._TRAINING[:] = ["wgan_gp"] if training else []
+
+    def main():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(200):                 # the loop a Run would end; without one, never reached
+            time.sleep(0.01)
+            if common._STOP and training:
+                os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal did not stop main")
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.cli(main)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        common._STOP.clear()
+        common._TRAINING[:] = saved
+    assert e.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["stopped by SIGTERM" + (": the last saved checkpoint is kept" if training
+                                           else "")], err
