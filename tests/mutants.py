@@ -2575,6 +2575,12 @@ def _copy_project(dst):
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
+def not_applying(todo):
+    """(script, mutant, matches) for each mutant of todo [(script, mutant)] whose old text does
+    not occur exactly once in its file: it would break nothing (tests/test_style.py checks all)."""
+    return [(n, m, c) for n, m in todo if (c := (ROOT / m[0]).read_text().count(m[1])) != 1]
+
+
 def run_one(mutant, timeout):
     """Applies one mutant in a scratch copy and runs its test file: 'killed' or 'SURVIVED'."""
     file, old, new, test, what = mutant
@@ -2618,7 +2624,7 @@ def main(argv=None):
     todo = [(n, m) for n in names for m in MUTANTS[n]
             if not args.match or any(k in f for k in args.match for f in (m[1], m[2], m[4]))]
     if args.check:
-        bad = [(n, m, c) for n, m in todo if (c := (ROOT / m[0]).read_text().count(m[1])) != 1]
+        bad = not_applying(todo)
         for n, m, c in bad:
             print(f"NOT APPLIED ({c} matches): {n}: {m[4]}")
         print(f"{len(todo) - len(bad)} of {len(todo)} mutants apply")

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny_args import TINY  # noqa: E402
 
-TIMING = ("time", "elapsed", "rate", "per_s", "/s", "mem", "rss", "sec", "_s")
+TIMING = ("time_s",)   # the only wall-clock value in metrics.jsonl (common.Run.log)
 
 
 def diff(a, b, where=""):
@@ -61,7 +61,7 @@ def compare(before, after):
         a, b = before / rel, after / rel
         if rel.name == "metrics.jsonl":
             rows = [[{k: v for k, v in json.loads(line).items()
-                      if not any(t in k for t in TIMING)} for line in p.read_text().splitlines()]
+                      if k not in TIMING} for line in p.read_text().splitlines()]
                     for p in (a, b)]
             problems += diff(rows[0], rows[1], str(rel))
         elif rel.suffix == ".pt":
@@ -77,13 +77,15 @@ def compare(before, after):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="flags after -- are added after the TINY ones")
     p.add_argument("script")
     p.add_argument("--ref", default="HEAD", help="git revision to compare against")
     p.add_argument("--no-tiny", action="store_true", help="only the flags after --")
-    p.add_argument("extra", nargs="*", help="flags added after the TINY ones (after --)")
-    args = p.parse_args(argv)
-    flags = ([] if args.no_tiny else TINY[args.script]) + args.extra
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)     # flags after --: the script's own
+    args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
+    flags = ([] if args.no_tiny else TINY[args.script]) + extra
     with tempfile.TemporaryDirectory(prefix="same-run-") as d:
         d = Path(d)
         ref = d / "ref"
