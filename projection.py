@@ -17,34 +17,28 @@ Paper -> code
 Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   1. PAPER-VS-CODE  --disc concat joins the label after D block 3 (official snresnet.py, SN-GAN
      Tab. 6c); the text says "fourth ResBlock". We follow the code.
-  2. PAPER-VS-CODE  CIFAR: 50K iterations, lr linearly to 0 from iteration 0 (official config
-     only; the ICLR text gives the ImageNet schedule only).
+  2. PAPER-VS-CODE  CIFAR: 50K iterations, lr linearly to 0 from 0 (official config; text: none).
   3. PAPER-VS-CODE  psi: no bias in the official 32x32 D, a bias in the 128x128 D; we follow each.
-  4. DEVIATION  one process: G's BN statistics span the whole batch. The ImageNet run used 4 GPUs
-     x (16 real, 32 G), each normalising its own quarter: torchrun --nproc_per_node 4 does that
-     (--sync-bn: over the global batch instead); rank 0's BN statistics are saved (as official).
+  4. DEVIATION  one process: G's BN spans the whole batch; the ImageNet run's 4 GPUs x (16 real,
+     32 G) each normalised a quarter, as torchrun --nproc_per_node 4 does (--sync-bn: global BN);
+     rank 0's BN statistics are saved (as official).
   5. DEVIATION  ImageNet through common.load_dataset (antialiased resize to 128, centre crop), not
      official preprocess.sh (centre crop, bilinear resize, images under 256 px dropped).
   6. DEVIATION  torch's spectral_norm starts u with 15 power iterations (official: a random u).
   7. DEVIATION  IS, FID and intra-FID from fid.py (its Inception port), not the TF Inception (#34).
-  8. DEVIATION  torch Adam adds eps to sqrt(v_hat), Chainer's (official) to sqrt(v): torch eps =
-     Chainer eps / sqrt(1 - beta2^t), at most 3.2x larger at t = 1, equal after ~50 updates.
-  9. DEVIATION  each epoch's last partial batch is dropped (16 of 50K CIFAR images); the official
-     Chainer iterator fills it from the next epoch.
-  10. DEVIATION  BN running variances start at 1 (torch), the official CBN's at 0: only eval-mode
-     samples of the first ~50 iterations differ (decay 0.9).
+  8. DEVIATION  torch Adam adds eps to sqrt(v_hat), Chainer's to sqrt(v): 3.2x at t = 1, ~1 by 50.
+  9. DEVIATION  each epoch's last partial batch is dropped; official Chainer fills it from the next.
+  10. DEVIATION  BN running_var starts at 1 (torch), 0 (official CBN): ~50 eval-mode steps differ.
   11. DEVIATION  --amp bf16 (paper fp32): bf16 forwards, fp32 losses.
   Not implemented: the AC-GAN baseline (loss weights not given, official issue #33) and the
   super-resolution model (Eqs. 7, 9).
-Datasets (--dataset, labels required): cifar10 (default), cifar100, folder:<dir with one
-  subfolder per class> (ImageNet: folder:<train dir>, 128x128), mnist, fashion-mnist (resized to
-  32), shapes (6 classes, offline, procedural).
+Datasets (--dataset, labels required): cifar10 (default), cifar100, folder:<dir, a subfolder per
+  class> (ImageNet: 128x128), mnist, fashion-mnist (resized to 32), shapes (6 classes, offline).
 Run
   python projection.py --dataset cifar10 --fid-every 5000     # CIFAR-10, official config, IS/FID
   python projection.py --dataset cifar100                     # CIFAR-100 32x32
   python projection.py --dataset folder:/data/imagenet/train  # ImageNet 128x128, 450K it (main)
-  torchrun --nproc_per_node 4 projection.py --dataset folder:/data/imagenet/train   # the paper's
-      4 GPUs x (16 real, 32 G) images, BN per GPU (DEVIATION 4; --sync-bn: BN over all 64)
+  torchrun --nproc_per_node 4 projection.py --dataset folder:/data/imagenet/train  # 4 GPUs, dev. 4
   python projection.py --dataset folder:/data/imagenet/train --disc concat   # concat baseline
   python projection.py --dataset shapes --device cpu --steps 2 --g-ch 16 --d-ch 16 --batch-size 8
 Sample and score (--steps counts generator iterations; a finished run can be resumed to export)
@@ -112,9 +106,8 @@ def parse_args(argv=None):
                    "(50000: 10 x 5K IS) [UNSPECIFIED: card, CIFAR FID of 5K generated, unverified]")
     e.add_argument("--fid-ref-split", choices=["train", "test"], default="train",
                    help="split of the real reference images [official calc_ref_stats.py: train]")
-    e.add_argument("--fid-ref-size", type=nonneg, default=0, help="first N real images of every "
-                   "reference set (each class too), 0 = all (10000 with --intra-fid-samples 0: "
-                   "SN-GAN's 10K real) [official calc_ref_stats.py: all; CIFAR FID unverified]")
+    e.add_argument("--fid-ref-size", type=nonneg, default=0, help="first N real images per set and "
+                   "class, 0 = all (SN-GAN's CIFAR FID: 10000) [official calc_ref_stats.py: all]")
     e.add_argument("--intra-fid-samples", type=nonneg, default=5000, help="generated images per "
                    "class for intra-FID, 0 = off [official calc_intra_FID.py]")
     e.add_argument("--fid-weights", type=str, help="Inception weight file for fid.py [run]")
@@ -141,8 +134,7 @@ def parse_args(argv=None):
     r.add_argument("--deterministic", action="store_true", help="deterministic kernels, "
                    "cudnn.benchmark off; on CUDA also sets CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
     r.add_argument("--amp", default="off", choices=["off", "bf16"], help="bf16 autocast of the "
-                   "forward passes; SN's power iteration then runs in bf16 too [ours: DEVIATION "
-                   "11, paper fp32]")
+                   "forwards, SN's power iteration too [ours: DEVIATION 11, paper fp32]")
     r.add_argument("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm in "
                    "G, BN over the global batch [ours: DEVIATION 4; official: BN per GPU]")
     args = p.parse_args(argv)
@@ -151,11 +143,10 @@ def parse_args(argv=None):
     if args.out_dir is None:
         args.out_dir = common.default_out_dir("projection", args, vars(p.parse_args([])))
 
-    # Per-resolution values of the official configs, in one visible place (STYLE 2.3)
     if args.img_size is None:
         args.img_size = 128 if args.dataset.startswith("folder:") else 32
     big = args.img_size == 128
-    # PAPER-VS-CODE: the CIFAR budget (50K, decay from iteration 0) is only in official configs
+    # Per-resolution official values; PAPER-VS-CODE: the CIFAR budget is in the configs only
     derived = dict(g_ch=64 if big else 256,            # resnet.py ch=64 / resnet_32.py ch=256
                    d_ch=64 if big else 128,            # snresnet.py ch=64 / snresnet_32.py 128
                    steps=450_000 if big else 50_000,   # sn_projection.yml / sn_cifar10.yml
@@ -168,10 +159,8 @@ def parse_args(argv=None):
 
 # ==== Data ====
 def dequantize(x, noise):
-    """UNSPECIFIED (not in the paper): official loaders' pixel/128 - 1 + U(0, 1/128); noise is
-    U(0, 1) of x's shape (this process's rows of the global batch's draw)."""
-    pixels = torch.round((x + 1) * 127.5)                              # back to the 8-bit values
-    return pixels / 128 - 1 + noise / 128
+    """UNSPECIFIED (not in the paper): official loaders' pixel/128 - 1 + U(0, 1)/128."""
+    return torch.round((x + 1) * 127.5) / 128 - 1 + noise / 128       # pixel: the 8-bit value
 
 
 def load_data(args):
@@ -206,20 +195,17 @@ def conv(c_in, c_out, k, gain):
 
 
 def sn(layer):
-    """SN (SN-GAN's, not this paper's contribution): torch's built-in (STYLE 2.1), one power
-    iteration per training forward, persistent u; dim 0, so V's u has length K (SNEmbedID)."""
+    """SN-GAN's SN, torch's built-in (STYLE 2.1): one iteration per forward; dim 0, V's u has K."""
     # DEVIATION: torch starts u with 15 power iterations; official SN links start from a random u
     return spectral_norm(layer, n_power_iterations=1, eps=1e-12, dim=0)
 
 
 class ConditionalBatchNorm2d(nn.Module):
-    """CBN(x, y) = gamma_y * BN0(x) + beta_y, BN0 without affine [Sec. 5.1; official
-    categorical_conditional_batch_normalization.py]. y: labels (N,) or class weights (N, K)."""
+    """CBN(x, y) = gamma_y * BN0(x) + beta_y, y labels (N,) or class weights (N, K) [Sec. 5.1]."""
 
     def __init__(self, num_features, num_classes, eps=2e-5, momentum=0.1):
         super().__init__()
-        # Chainer defaults: eps 2e-5, running-average decay 0.9 (= torch momentum 0.1).
-        # DEVIATION: running_var starts at 1 (torch); the official avg_var starts at 0
+        # Chainer eps 2e-5, decay 0.9; DEVIATION: running_var starts at 1 (torch), official 0
         self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
         self.gamma = nn.Embedding(num_classes, num_features)
         self.beta = nn.Embedding(num_classes, num_features)
@@ -276,8 +262,7 @@ class Generator(nn.Module):
 
 
 class DBlock(nn.Module):
-    """ReLU-SNconv3x3-ReLU-SNconv3x3(-avgpool), shortcut SNconv1x1(-avgpool) [official
-    dis_models/resblocks.py]. The ReLU is not in place: the shortcut sees x (card pitfall 9)."""
+    """ReLU-conv3-ReLU-conv3(-pool) + conv1(-pool) [official resblocks.py]; shortcut sees x."""
 
     def __init__(self, c_in, c_out, down):
         super().__init__()
@@ -309,8 +294,7 @@ class OptimizedBlock(nn.Module):
 
 
 class ProjectionDiscriminator(nn.Module):
-    """f(x, y) = psi(phi(x)) + <V[y], phi(x)>, one logit per sample (N, 1) [Eq. 3]. With
-    disc="concat": an SN label embedding tiled and concatenated after block 3, no projection."""
+    """f(x, y) = psi(phi(x)) + <V[y], phi(x)> (N, 1) [Eq. 3]; concat: V[y] tiled after block 3."""
 
     def __init__(self, num_classes, ch=128, img_size=32, img_channels=3, disc="projection",
                  concat_dim=128):
@@ -384,9 +368,7 @@ def sample_zy(n, z_dim, num_classes, device):
 
 
 def train_step(G, D, opt_G, opt_D, real_batches, args, dist, amp):
-    """One iteration = one G update, then n_dis D updates [official updater.py, conditional].
-    Under torchrun every process draws the global batch's z, y and noise and keeps its rows
-    (dist.shard); gradients are averaged after each backward, as ChainerMN's optimizer did."""
+    """One iteration = one G update, then n_dis D updates [official updater.py, conditional]."""
     # DEVIATION 4: G's BN normalises this process's rows only (per GPU, as the ImageNet run)
     device, K = dist.device, args.num_classes
     # G update on a fresh batch; the same y goes to G and to D (card pitfall 2)
@@ -408,8 +390,7 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, dist, amp):
         with torch.no_grad(), amp():
             x_fake = G(z, y_fake)                          # G in train mode, as official
         with amp():
-            # UNSPECIFIED: real and fake pass D separately (official updater.py); D has no BN, so
-            # this only means two SN power iterations per D step, as in the official code
+            # UNSPECIFIED: real, fake pass D apart (official updater.py); no BN in D: 2 SN steps
             d_real = D(x_real, y_real).float()
             d_fake = D(x_fake, y_fake).float()             # scored with its own labels
         loss_D = hinge_loss_D(d_real, d_fake)
@@ -440,8 +421,7 @@ def to_uint8(x):
 
 
 def load_generator(ckpt_path, device="cpu"):
-    """G of a checkpoint, rebuilt from it alone, in eval mode (BN running averages, as official
-    evaluation.py): G(z, y), z (N, z_dim) ~ N(0, I), y (N,) in 0..K-1 (args num_classes)."""
+    """G(z, y) of a checkpoint, rebuilt from it alone, in eval mode (as official evaluation.py)."""
     state = common.load_checkpoint(ckpt_path, device)
     if state.get("script") != "projection":
         raise common.UserError(f"{ckpt_path!r} is not a checkpoint of projection.py")
@@ -499,8 +479,7 @@ def export_samples(G, args):
 
 
 def build_evaluator(args, device, main=True):
-    """fid.TrainingFID, built at start-up: one Inception, reference statistics of all classes and
-    (for intra-FID) of each class resolved now. None when --fid-every is 0."""
+    """fid.TrainingFID with the reference statistics of all and of each class, or None."""
     if args.fid_every == 0:
         return None
     try:
@@ -521,9 +500,8 @@ def build_evaluator(args, device, main=True):
 
 
 def evaluate(ev, G, args):
-    """IS and FID with uniform labels; intra-FID = mean of the per-class FIDs (official issue #34,
-    calc_intra_FID.py). uint8 like the export; z re-seeded per call, not the training stream."""
-    gen = torch.Generator().manual_seed(args.seed + 3)
+    """IS and FID with uniform y; intra-FID = mean of per-class FIDs [official issue #34]; uint8."""
+    gen = torch.Generator().manual_seed(args.seed + 3)     # re-seeded per call: not training's
 
     def sampler(c):
         def sample_fn(n):
@@ -542,8 +520,7 @@ def evaluate(ev, G, args):
 
 
 def report(run, step, lr, out, G, ev, fixed_z, names, args, dist):
-    """The log row (losses, this step's lr, IS/FID/intra-FID) and the sample grid. Under torchrun
-    every process scores one G (rank 0's BN statistics); only rank 0 draws the grid."""
+    """This step's log row (losses, lr, IS/FID/intra-FID; G: rank 0's BN) and sample grid."""
     last = step == args.steps
     fid_now = ev is not None and (step % args.fid_every == 0 or last)
     if fid_now:
@@ -603,8 +580,7 @@ def main(argv=None):
     if dist.main and step == 0:
         save_reals(ds, args)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
-    # n_dis real batches per iteration: resuming at `step` skips step * n_dis batches exactly.
-    # DEVIATION: each epoch's last partial batch is dropped (official: filled from the next epoch)
+    # n_dis batches per iteration; DEVIATION: each epoch's last partial batch is dropped
     real_batches = common.infinite_batches(
         ds, args.batch_size, args.seed, device=device, start_step=step * args.n_dis,
         num_workers=args.num_workers, rank=dist.rank, world_size=dist.world_size)

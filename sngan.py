@@ -29,8 +29,7 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   8. DEVIATION  scope: no Tab. 6 ImageNet nets, no concat SN-GAN (see projection.py), no WGAN-GP.
   9. DEVIATION  --amp bf16 (paper fp32). Under torchrun G's BN normalises each process's share (as
      the official ChainerMN runs did per GPU) unless --sync-bn; rank 0's BN statistics are saved.
-  10. DEVIATION  torch Adam adds eps to sqrt(v_hat), Chainer's (official) to sqrt(v): torch eps =
-     Chainer eps / sqrt(1 - beta2^t), at most 3.2x larger at t = 1, equal after ~50 updates.
+  10. DEVIATION  torch Adam adds eps to sqrt(v_hat), Chainer's to sqrt(v): 3.2x at t = 1, ~1 by 50.
 Datasets (--dataset, resized to --img-size, labels unused): cifar10, stl10 (the 100K unlabeled
   images, 48x48), cifar100, mnist, fashion-mnist, celeba, lsun-<cat>, folder:<path>, shapes.
 Run
@@ -174,8 +173,7 @@ def parse_args(argv=None):
 
 # ==== Data ====
 def dequantize(x, noise):
-    """PAPER-VS-CODE: official datasets/cifar10.py x_uint8/128 - 1 + U(0, 1/128); not in paper.
-    noise: U(0, 1) of x's shape (this process's rows of the global batch's draw)."""
+    """PAPER-VS-CODE: x_uint8/128 - 1 + U(0, 1)/128 (official datasets/cifar10.py), not in paper."""
     return ((x + 1) * 127.5).round() / 128.0 - 1.0 + noise / 128.0
 
 
@@ -221,8 +219,7 @@ class _SpectralNormHook:
 
 
 def spectral_norm(module, n_power_iterations=1, eps=1e-12, gamma=False):
-    """W -> W / sigma(W) in place (Eq. 8): parameter weight_orig, buffers weight_u (d_out) and
-    weight_v; gamma=True adds App. E's scale, initialised to sigma(W) (sn_convolution_2d.py)."""
+    """W -> W / sigma(W) in place (Eq. 8), u and v in buffers; App. E gamma starts at sigma(W)."""
     w = module.weight
     del module._parameters["weight"]
     module.register_parameter("weight_orig", w)
@@ -277,8 +274,7 @@ class GBlock(nn.Module):
 
 
 class DBlock(nn.Module):
-    """Fig. 8 (b): ReLU-conv3x3(in->in)-ReLU-conv3x3(in->out)-[avgpool], shortcut conv1x1-[avgpool]
-    when in != out or downsampling, else identity. The ReLU is out of place: the shortcut sees x."""
+    """Fig. 8 (b): ReLU-conv(in->in)-ReLU-conv(in->out)-[pool] + [conv1x1-pool]; shortcut sees x."""
 
     def __init__(self, c_in, c_out, downsample, sn):
         super().__init__()
@@ -310,8 +306,7 @@ class OptimizedDBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """ResNet G, no SN (Sec. 4). Tab. 4: Linear -> ch x 4 x 4, three up-blocks at ch;
-    Tab. 5: Linear -> ch x 6 x 6, up-blocks ch -> ch/2 -> ch/4 -> ch/8. Then BN-ReLU-conv-tanh."""
+    """ResNet G of Tab. 4 (32x32) / 5 (48x48), no SN (Sec. 4): Linear, up-blocks, BN-ReLU-conv."""
 
     def __init__(self, z_dim=128, ch=256, img_size=32, out_ch=3):
         super().__init__()
@@ -329,8 +324,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """ResNet D, SN everywhere, no BN (Sec. 4). Tab. 4: opt-block, down block, 2 plain blocks;
-    Tab. 5: ch/16 .. ch, 3 downs. Then ReLU, global SUM pool (snresnet_32.py), SN-Linear(ch, 1)."""
+    """ResNet D of Tab. 4 / 5, SN everywhere, no BN (Sec. 4); ReLU, global sum pool, SN-Linear."""
 
     def __init__(self, ch=128, img_size=32, in_ch=3, gamma=False):
         super().__init__()
@@ -436,11 +430,8 @@ def lr_factor(step, args):
 
 
 def train_step(G, D, opt_G, opt_D, batches, args, dist, autocast):
-    """One generator iteration of the official updater.py: one G step, then n_dis D steps.
-    UNSPECIFIED: D sees real and fake in separate forwards (official); every training-mode D
-    forward, the one in the G step included, advances the power iteration once (official, torch).
-    Under torchrun every process draws the global batch's noise and keeps its rows (dist.shard),
-    and gradients are averaged after each backward: the global batch's update (BN: DEVIATION 9)."""
+    """One G iteration of official updater.py: one G step, then n_dis D steps. UNSPECIFIED: D sees
+    real and fake apart, and each training D forward advances the power iteration (official)."""
     device = dist.device
     D.requires_grad_(False)                         # G step: no D weight gradients needed
     z = dist.shard(sample_z(args.g_batch_size, args.z_dim, args.z_dist, device))  # 2x D batch
@@ -487,8 +478,7 @@ def to_uint8(x):
 
 
 def load_generator(ckpt_path, device="cpu"):
-    """G of a sngan.py checkpoint, rebuilt from the checkpoint alone, in eval mode (BN running
-    averages: the official evaluation's mode). z: sample_z(n, z_dim, z_dist, device)."""
+    """G of a sngan.py checkpoint, rebuilt from it alone, in eval mode (as official evaluation)."""
     state = common.load_checkpoint(ckpt_path, device)
     if state.get("script") != "sngan":
         raise common.UserError(f"{ckpt_path!r} is not a checkpoint of sngan.py")
@@ -551,9 +541,7 @@ def evaluate(ev, G, args, device):
 
 
 def report(run, step, out, G, D, ev, fixed_z, args, dist):
-    """The log row (losses, lr, Fig. 9's sigma(W_SN), IS/FID) and the sample grid of this step.
-    Under torchrun every process scores the same samples of one G (rank 0's BN statistics), so
-    the logged average is that value; only rank 0 draws the grid."""
+    """This step's log row (losses, lr, Fig. 9's sigma(W_SN), IS/FID; G: rank 0's BN) and grid."""
     last = step == args.steps
     sigma_now = args.sigma_every > 0 and step % args.sigma_every == 0
     fid_now = ev is not None and (step % args.fid_every == 0 or last)
