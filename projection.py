@@ -15,8 +15,7 @@ Paper -> code
   Sec. 5.1   category morphing through CBN (Fig. 8) ........... --morph C1 C2, morph_grid()
   Sec. 5.1   IS, FID, intra-FID = mean of per-class FIDs ....... build_evaluator(), evaluate()
 Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  --disc concat joins the label after D block 3 (official snresnet.py, SN-GAN
-     Tab. 6c); the text says "fourth ResBlock". We follow the code.
+  1. PAPER-VS-CODE  --disc concat joins y after D block 3 (official snresnet.py), text: "fourth".
   2. PAPER-VS-CODE  CIFAR: 50K iterations, lr linearly to 0 from 0 (official config; text: none).
   3. PAPER-VS-CODE  psi: no bias in the official 32x32 D, a bias in the 128x128 D; we follow each.
   4. DEVIATION  one process: G's BN spans the whole batch; the ImageNet run's 4 GPUs x (16 real,
@@ -30,8 +29,7 @@ Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   9. DEVIATION  each epoch's last partial batch is dropped; official Chainer fills it from the next.
   10. DEVIATION  BN running_var starts at 1 (torch), 0 (official CBN): ~50 eval-mode steps differ.
   11. DEVIATION  --amp bf16 (paper fp32): bf16 forwards, fp32 losses.
-  Not implemented: the AC-GAN baseline (loss weights not given, official issue #33) and the
-  super-resolution model (Eqs. 7, 9).
+  Not implemented: AC-GAN baseline (weights not given, official #33), super-resolution (Eqs. 7, 9).
 Datasets (--dataset, labels required): cifar10 (default), cifar100, folder:<dir, a subfolder per
   class> (ImageNet: 128x128), mnist, fashion-mnist (resized to 32), shapes (6 classes, offline).
 Run
@@ -165,16 +163,13 @@ def dequantize(x, noise):
 
 def load_data(args):
     """The labelled dataset; sets args.num_classes K (rows of V and CBN tables), img_channels."""
-    # DEVIATION: ImageNet through common's folder loader, not the official preprocess.sh
-    ds = common.load_dataset(args.dataset, args.data_root, args.img_size)
-    name = args.dataset
-    if name == "shapes":
-        args.num_classes = common.ShapesDataset.num_classes
-    elif name in ("cifar10", "cifar100", "mnist", "fashion-mnist") or name.startswith("folder:"):
-        args.num_classes = len(ds.classes)
-    else:
+    name, labelled = args.dataset, ("shapes", "cifar10", "cifar100", "mnist", "fashion-mnist")
+    if name not in labelled and not name.startswith("folder:"):
         raise common.UserError(f"projection.py needs class labels; {name!r} has none (use "
                                "cifar10, cifar100, folder:<dir with class subfolders> or shapes)")
+    # DEVIATION: ImageNet through common's folder loader, not the official preprocess.sh
+    ds = common.load_dataset(name, args.data_root, args.img_size)
+    args.num_classes = common.ShapesDataset.num_classes if name == "shapes" else len(ds.classes)
     args.img_channels = int(ds[0][0].shape[0])
     if args.morph and max(args.morph) >= args.num_classes:
         raise common.UserError(f"--morph classes must be < {args.num_classes}, got {args.morph}")
@@ -195,9 +190,8 @@ def conv(c_in, c_out, k, gain):
 
 
 def sn(layer):
-    """SN-GAN's SN, torch's built-in (STYLE 2.1): one iteration per forward; dim 0, V's u has K."""
-    # DEVIATION: torch starts u with 15 power iterations; official SN links start from a random u
-    return spectral_norm(layer, n_power_iterations=1, eps=1e-12, dim=0)
+    """SN-GAN's SN, torch's built-in (STYLE 2.1); dim 0, so V's u has length K (SNEmbedID)."""
+    return spectral_norm(layer, n_power_iterations=1, eps=1e-12, dim=0)  # DEVIATION 6: u warmed
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -314,8 +308,7 @@ class ProjectionDiscriminator(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         # PAPER-VS-CODE: psi has no bias at 32 px (snresnet_32.py nobias=True), a bias at 128 px
         self.psi = sn(init_(nn.Linear(chans[-1], 1, bias=img_size != 32), 1.0))
-        # Sec. 5: V is spectrally normalised like every other D weight (card pitfall 1)
-        emb_dim = chans[-1] if disc == "projection" else concat_dim
+        emb_dim = chans[-1] if disc == "projection" else concat_dim   # V has SN too (Sec. 5)
         self.embed = sn(init_(nn.Embedding(num_classes, emb_dim), 1.0))
 
     def phi(self, x, y):
@@ -371,11 +364,10 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, dist, amp):
     """One iteration = one G update, then n_dis D updates [official updater.py, conditional]."""
     # DEVIATION 4: G's BN normalises this process's rows only (per GPU, as the ImageNet run)
     device, K = dist.device, args.num_classes
-    # G update on a fresh batch; the same y goes to G and to D (card pitfall 2)
-    D.requires_grad_(False)                                # no D weight gradients here
+    D.requires_grad_(False)                                # G update: no D weight gradients
     z, y = (dist.shard(t) for t in sample_zy(args.g_batch_size, args.z_dim, K, device))
     with amp():
-        loss_G = hinge_loss_G(D(G(z, y), y).float())
+        loss_G = hinge_loss_G(D(G(z, y), y).float())       # the same y to G and D (pitfall 2)
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
     dist.average_gradients(G)                              # no-op in one process
@@ -403,10 +395,9 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, dist, amp):
 
 
 # ==== Eval ====
-# UNSPECIFIED: the paper names no BN mode for sampling; eval mode, as official evaluation.py
 @torch.no_grad()
 def generate(G, y, z):
-    """G(z, y) in eval mode, in chunks, for labels (N,) or class weights (N, K); z on the CPU."""
+    """UNSPECIFIED: G(z, y) in eval mode (official evaluation.py); y (N,) or (N, K), z on CPU."""
     was_training, device = G.training, next(G.parameters()).device
     G.eval()
     out = [G(z[i:i + 250].to(device), y[i:i + 250].to(device)).float()
@@ -490,9 +481,8 @@ def build_evaluator(args, device, main=True):
     per_class = tuple(range(args.num_classes)) if args.intra_fid_samples else ()
     ref = f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images"
     if main:                                    # under torchrun: rank 0
-        print(f"eval: IS and FID of {args.fid_samples} generated (uniform y) vs {ref}; intra-FID: "
-              f"mean of {len(per_class)} classes, {args.intra_fid_samples} each vs {ref} of the "
-              "class (official calc_intra_FID.py: 5K vs all)", flush=True)
+        print(f"eval: IS, FID of {args.fid_samples} generated (uniform y) vs {ref}; intra-FID: "
+              f"{len(per_class)} classes, {args.intra_fid_samples} each vs {ref} of it", flush=True)
     # DEVIATION: fid.py's Inception and reference statistics, not the paper's TF Inception (#34)
     return fid.TrainingFID(args.dataset, args.data_root, args.img_size, device, args.fid_samples,
                            weights=args.fid_weights, ref_split=args.fid_ref_split,
@@ -561,8 +551,7 @@ def main(argv=None):
     G, D = (net.to(device) for net in build_models(args))
     if args.sync_bn and dist.world_size > 1:               # DEVIATION 4: else BN per process
         G = nn.SyncBatchNorm.convert_sync_batchnorm(G)     # CBN's BN0 and the final BN
-    # DEVIATION 8: torch Adam's eps acts on the bias-corrected sqrt(v_hat), Chainer's on sqrt(v)
-    adam = dict(lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")
+    adam = dict(lr=args.lr, betas=tuple(args.betas), fused=device.type == "cuda")  # DEVIATION 8
     opt_G = torch.optim.Adam(G.parameters(), **adam)
     opt_D = torch.optim.Adam(D.parameters(), **adam)
     fixed_z = torch.randn(8, args.z_dim, generator=torch.Generator().manual_seed(args.seed))

@@ -40,7 +40,6 @@ Run
   python sngan.py --dataset stl10                         # ResNet 48x48, Tab. 5 (9.10 / 40.1)
   python sngan.py --dataset stl10 --arch cnn              # CNN M=48, setting B (8.28 / 53.1)
   python sngan.py --dataset stl10 --arch cnn --steps 200000            # "2x updates" (8.69 / 47.5)
-  python sngan.py --dataset cifar10 --gamma-reparam       # UNSPECIFIED: App. E uses it with WGAN-GP
   python sngan.py --dataset shapes --device cpu --steps 2              # smoke test, offline
   torchrun --nproc_per_node 4 sngan.py --dataset stl10     # 4 GPUs, --batch-size = global batch
 Sample and score (--steps counts generator iterations; a finished run can be resumed to export)
@@ -524,9 +523,8 @@ def build_evaluator(args, device, main=True):
         msg = "--fid-every needs fid.py (the project's metric file) next to sngan.py"
         raise common.UserError(msg) if e.name == "fid" else e
     if main:                                    # under torchrun: rank 0
-        print(f"eval: IS and FID of {args.fid_samples} generated images, one Inception pass, vs "
-              f"{args.fid_ref_size or 'all'} {args.fid_ref_split} images of {args.dataset} (App. "
-              "B.1: FID 5K vs 10K real, IS 10 x 5K; Mimicry: 50K vs 50K)", flush=True)
+        print(f"eval: IS and FID of {args.fid_samples} generated vs {args.fid_ref_size or 'all'} "
+              f"{args.fid_ref_split} images (App. B.1: FID 5K vs 10K, IS 10 x 5K)", flush=True)
     return fid.TrainingFID(args.dataset, args.data_root, args.img_size, device, args.fid_samples,
                            weights=args.fid_weights, ref_split=args.fid_ref_split,
                            ref_size=args.fid_ref_size or None)
@@ -577,8 +575,7 @@ def main(argv=None):
     args = parse_args(argv)
     dist = setup(args)
     device = dist.device
-    run = common.Run(args, "sngan", total=args.steps, mutable=("steps", "lr", "sigma_every"),
-                     dist=dist)
+    run = common.Run(args, "sngan", args.steps, mutable=("steps", "lr", "sigma_every"), dist=dist)
     # DEVIATION 9: bf16 forwards; losses, D outputs and sigma(W) stay fp32
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
