@@ -15,8 +15,9 @@ Paper -> code
   Sec. 5.1   category morphing through CBN (Fig. 8) ........... --morph C1 C2, morph_grid()
   Sec. 5.1   IS, FID, intra-FID = mean of per-class FIDs ....... build_evaluator(), evaluate()
 Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  --disc concat joins y after D block 3 (official snresnet.py), text: "fourth".
-  2. PAPER-VS-CODE  CIFAR: 50K iterations, lr linearly to 0 from 0 (official config; text: none).
+  1. PAPER-VS-CODE  --disc concat joins y after D block 3 (official snresnet.py), not the text's
+     "fourth ResBlock".
+  2. PAPER-VS-CODE  CIFAR: 50K iterations, lr linearly to 0 from iteration 0 (official config only).
   3. PAPER-VS-CODE  psi: no bias in the official 32x32 D, a bias in the 128x128 D; we follow each.
   4. DEVIATION  one process: G's BN spans the whole batch; the ImageNet run's 4 GPUs x (16 real,
      32 G) each normalised a quarter, as torchrun --nproc_per_node 4 does (--sync-bn: global BN);
@@ -25,9 +26,9 @@ Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
      official preprocess.sh (centre crop, bilinear resize, images under 256 px dropped).
   6. DEVIATION  torch's spectral_norm starts u with 15 power iterations (official: a random u).
   7. DEVIATION  IS, FID and intra-FID from fid.py (its Inception port), not the TF Inception (#34).
-  8. DEVIATION  torch Adam adds eps to sqrt(v_hat), Chainer's to sqrt(v): 3.2x at t = 1, ~1 by 50.
+  8. DEVIATION  Adam eps: torch adds it to sqrt(v_hat), Chainer to sqrt(v); 3.2x at t=1, ~1 at 50.
   9. DEVIATION  each epoch's last partial batch is dropped; official Chainer fills it from the next.
-  10. DEVIATION  BN running_var starts at 1 (torch), 0 (official CBN): ~50 eval-mode steps differ.
+  10. DEVIATION  BN running_var starts at 1 (torch), 0 (official CBN): eval samples differ ~50 its.
   11. DEVIATION  --amp bf16 (paper fp32): bf16 forwards, fp32 losses.
   Not implemented: AC-GAN baseline (weights not given, official #33), super-resolution (Eqs. 7, 9).
 Datasets (--dataset, labels required): cifar10 (default), cifar100, folder:<dir, a subfolder per
@@ -191,7 +192,7 @@ def conv(c_in, c_out, k, gain):
 
 def sn(layer):
     """SN-GAN's SN, torch's built-in (STYLE 2.1); dim 0, so V's u has length K (SNEmbedID)."""
-    return spectral_norm(layer, n_power_iterations=1, eps=1e-12, dim=0)  # DEVIATION 6: u warmed
+    return spectral_norm(layer, n_power_iterations=1, eps=1e-12, dim=0)  # DEVIATION 6: u's start
 
 
 class ConditionalBatchNorm2d(nn.Module):

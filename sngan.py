@@ -29,7 +29,7 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   8. DEVIATION  scope: no Tab. 6 ImageNet nets, no concat SN-GAN (see projection.py), no WGAN-GP.
   9. DEVIATION  --amp bf16 (paper fp32). Under torchrun G's BN normalises each process's share (as
      the official ChainerMN runs did per GPU) unless --sync-bn; rank 0's BN statistics are saved.
-  10. DEVIATION  torch Adam adds eps to sqrt(v_hat), Chainer's to sqrt(v): 3.2x at t = 1, ~1 by 50.
+  10. DEVIATION  Adam eps: torch adds it to sqrt(v_hat), Chainer to sqrt(v); 3.2x at t=1, ~1 at 50.
 Datasets (--dataset, resized to --img-size, labels unused): cifar10, stl10 (the 100K unlabeled
   images, 48x48), cifar100, mnist, fashion-mnist, celeba, lsun-<cat>, folder:<path>, shapes.
 Run
@@ -328,14 +328,12 @@ class Discriminator(nn.Module):
     def __init__(self, ch=128, img_size=32, in_ch=3, gamma=False):
         super().__init__()
         sn = lambda m: spectral_norm(m, gamma=gamma)   # one power iteration per forward (App. A)
-        if img_size == 32:
-            blocks = [OptimizedDBlock(in_ch, ch, sn), DBlock(ch, ch, True, sn),
-                      DBlock(ch, ch, False, sn), DBlock(ch, ch, False, sn)]
-        else:
-            w = [ch // 16, ch // 8, ch // 4, ch // 2, ch]
-            blocks = [OptimizedDBlock(in_ch, w[0], sn)] + [
-                DBlock(a, b, down, sn) for a, b, down in zip(w[:-1], w[1:], [True] * 3 + [False])]
-        self.blocks = nn.Sequential(*blocks)
+        if img_size == 32:                          # Tab. 4: opt-block, a down block, 2 plain ones
+            w, downs = [ch] * 4, [True, False, False]
+        else:                                       # Tab. 5: widths ch/16 .. ch, 3 down blocks
+            w, downs = [ch // 16, ch // 8, ch // 4, ch // 2, ch], [True, True, True, False]
+        self.blocks = nn.Sequential(OptimizedDBlock(in_ch, w[0], sn), *[
+            DBlock(a, b, down, sn) for a, b, down in zip(w[:-1], w[1:], downs)])
         self.fc = sn(glorot_(nn.Linear(ch, 1, bias=False), 1.0))
 
     def forward(self, x):
@@ -520,8 +518,7 @@ def build_evaluator(args, device, main=True):
     try:
         import fid  # evaluation only: a copy of this script without fid.py still trains
     except ModuleNotFoundError as e:
-        msg = "--fid-every needs fid.py (the project's metric file) next to sngan.py"
-        raise common.UserError(msg) if e.name == "fid" else e
+        raise common.UserError("--fid-every needs fid.py beside sngan.py") if e.name == "fid" else e
     if main:                                    # under torchrun: rank 0
         print(f"eval: IS and FID of {args.fid_samples} generated vs {args.fid_ref_size or 'all'} "
               f"{args.fid_ref_split} images (App. B.1: FID 5K vs 10K, IS 10 x 5K)", flush=True)

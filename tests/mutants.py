@@ -128,7 +128,7 @@ MUTANTS = {
          "tests/test_sngan.py", "checklist 10 / pitfall 9: mean instead of sum pooling"),
         ("sngan.py", "h = F.relu(self.blocks(x))", "h = self.blocks(x)", "tests/test_sngan.py",
          "checklist 10: no ReLU before the sum pool"),
-        ("sngan.py", "DBlock(ch, ch, True, sn),", "DBlock(ch, ch, False, sn),",
+        ("sngan.py", "[ch] * 4, [True, False, False]", "[ch] * 4, [False, False, False]",
          "tests/test_sngan.py", "checklist 10: no downsampling in the second D block"),
         ("sngan.py", "return F.avg_pool2d(self.c2(F.relu(self.c1(x))), 2)",
          "return F.avg_pool2d(self.c2(F.relu(self.c1(F.relu(x)))), 2)", "tests/test_sngan.py",
