@@ -543,8 +543,8 @@ def planned_steps(args, per_epoch):
 def check_resume_budget(state, args, total, accountant):
     """Refuse to let --resume of a FINISHED private run spend more unless --spend-more-epsilon."""
     if state["finished"] and args.noise_multiplier > 0 and total > state["step"]:
-        now, then = accountant.get_epsilon(args.delta, args.conversion)[0], training_epsilon(
-            args, total)
+        now = accountant.get_epsilon(args.delta, args.conversion)[0]
+        then = training_epsilon(args, total)
         select = args.select_picks * args.select_epsilon if args.tstr_samples else 0.0
         line = (f"training eps {now:.4f} -> {then:.4f} over {total - state['step']} more D steps, "
                 f"plus {select:.4g} for a new epoch selection (total "
