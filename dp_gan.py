@@ -380,8 +380,7 @@ def check_no_batch_coupling(D):
         if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
                 isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats):
             raise ValueError(f"DP-SGD refuses {type(m).__name__} at D.{name}: it couples the "
-                             "examples of a lot (per-example clipping then bounds nothing) and "
-                             "its running statistics see raw records without noise")
+                             "examples of a lot and its running statistics see raw records")
 
 
 def make_generator(table, n_classes, shape, latent, width):
@@ -576,8 +575,8 @@ def announce_privacy(args, total, n):
 
 def write_privacy_report(accountant, args, st):
     """privacy.json (releasable: no record, no seed), eval.json (NOT releasable), the last line."""
-    private, (eps, order) = args.noise_multiplier > 0, accountant.get_epsilon(args.delta,
-                                                                              args.conversion)
+    eps, order = accountant.get_epsilon(args.delta, args.conversion)
+    private = args.noise_multiplier > 0
     report = {"epsilon": eps if private else None, "delta": args.delta, "best_order": order,
               "conversion": args.conversion, "steps": sum(h[2] for h in accountant.history),
               "history": accountant.history, "epsilon_selection": st["eps_select"],
