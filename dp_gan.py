@@ -16,36 +16,33 @@ Paper -> code
   PredictGroup.ipynb: per-epoch transfer scores ........... score_epoch()
   Analysis.ipynb: noisy epoch selection, TSTR, structure .. select_epochs(), evaluate()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  Poisson lots of expected size L = qN, not the official uniform draws with
-     replacement (batch 1), which the Poisson-subsampled accountant does not describe.
-  2. PAPER-VS-CODE  noise std sigma*C as in the fixed code (SPRINT_gan issue #5), not sigma*C^2 of
-     the bioRxiv runs; whether the journal figures used the fixed code is unverified (card 3).
+  1. PAPER-VS-CODE  Poisson lots of expected size L = qN, not the official draws with replacement
+     (batch 1), which the Poisson-subsampled accountant does not describe.
+  2. PAPER-VS-CODE  noise std sigma*C as in the fixed code (SPRINT_gan #5), not the bioRxiv runs'
+     sigma*C^2; whether the journal figures used the fixed code is unverified (card 3).
   3. DEVIATION  SPRINT is not public: `sprint_synth` is the card's deterministic stand-in (4.3).
-  4. DEVIATION  logistic regression and a small MLP/CNN in torch replace sklearn's RF/LR/SVM/kNN;
-     TSTR pools the selected generators (no per-5000-block classifiers).
+  4. DEVIATION  torch LR and MLP/CNN replace sklearn's RF/LR/SVM/kNN; TSTR pools the selected Gs.
   5. DEVIATION  noisy-max Laplace scale 2/(N eps_pick) (an accuracy on N records has sensitivity
      1/N), not the notebook's 1/(eps_pick * remaining epochs).
   6. PAPER-VS-CODE  D targets 1/0 as SPRINT's dp_gan.py; the Keras example the MNIST nets come
-     from used 0.9/0.1 in one revision (card 2.5) and one-sided 0.95/0 in its last: --soft-labels.
-Datasets: sprint_synth (default) | npz:<path> (x (N, H, W) records, y (N,) labels; SPRINT's own
-  X_processed.pkl / y_processed.pkl fit as np.savez(path, x=X, y=y)) | mnist | shapes.
-A step (the logs' unit) = one D step on one Poisson lot + one G step; an epoch (--epochs) =
-  round(1/q) steps (official: N / batch).
-Covered by (eps, delta): the G snapshots generators/G_*.pt, samples/*.png, samples_N.npz, the
-  selected epochs, privacy.json (no figure ever draws a real record). NOT covered (computed on
-  real records without noise; for the data holder only): loss_D, clip_frac and the per-epoch
-  transfer scores (real training set) in the log lines, metrics.jsonl and curves.png; the eval
-  line and eval.json (held-out TSTR accuracies, the real-data baseline, real means and
-  correlations). args.json, ckpt.pt (RNG states) and the printed flags hold the seed, which
-  regenerates every lot and noise draw: never release them. The noise is torch's PRNG (no
-  CSPRNG, no floating-point hardening, Mironov 2012).
+     from used 0.9/0.1 (card 2.5), later 0.95/0: --soft-labels.
+Datasets: sprint_synth (default) | npz:<path> (x (N, H, W), y (N,); SPRINT's X_processed.pkl and
+  y_processed.pkl as np.savez(path, x=X, y=y)) | mnist | shapes. A step (the logs' unit) = one D
+  step on a Poisson lot + one G step; an epoch = round(1/q) steps (official: N / batch).
+Covered by (eps, delta): generators/G_*.pt, samples/*.png, samples_N.npz, the selected epochs,
+  privacy.json (no figure draws a real record). NOT covered (real records, no noise; for the data
+  holder only): loss_D, clip_frac and the per-epoch transfer scores (real training set) in the log
+  lines, metrics.jsonl and curves.png; the eval line and eval.json (held-out TSTR accuracies, the
+  real-data baseline, real means and correlations). args.json, ckpt.pt (RNG states) and the
+  printed flags hold the seed, which regenerates every lot and noise draw: never release them.
+  The noise is torch's PRNG (no CSPRNG, no floating-point hardening, Mironov 2012).
 Run
   python dp_gan.py --seed $SECRET                 # SPRINT: q=1/6000, sigma 1, C 1e-4, 500 epochs
   python dp_gan.py --dataset mnist --seed $SECRET # L=64, sigma 1, C 1, 20 epochs: eps 0.9415
   python dp_gan.py --noise-multiplier 0 --max-grad-norm 0 --batch-size 100 --lr 2e-4  # ac_gan.py
   python dp_gan.py --device cpu --epochs 3 --n-train 600 --tstr-samples 600 --batch-size 6  # demo
-Sampling: G = dp_gan.load_generator("runs/<run>/generators/G_0500.pt") (eval mode; G has no
-  dropout or BN, so the mode is moot); x = G(torch.rand(n, 100) * 2 - 1, labels).
+Sampling: G = dp_gan.load_generator("runs/<run>/generators/G_0500.pt") (eval mode, moot: G has no
+  dropout or BN); x = G(torch.rand(n, 100) * 2 - 1, labels).
 Paper reports (figures only): SPRINT TSTR accuracy, private ~0.875 vs real ~0.93 (Fig. 4); eps
 1.597 (RDP, delta 1e-5) after 500 epochs, plus 0.5 for the epoch selection. Our numbers: README.
 """
@@ -83,8 +80,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("paper")
     a, pos, nonneg, pos_f = g.add_argument, common.positive_int, common.nonnegative_int, \
         common.positive_float
-    a("--dataset", default="sprint_synth", help="sprint_synth | npz:<path> | mnist | shapes "
-      "[card 4.3]")
+    a("--dataset", default="sprint_synth", help="sprint_synth | npz:<path> | mnist | shapes [card]")
     a("--epochs", type=pos, help="length, in epochs of round(1/q) steps: 500 for tables, 20 for "
       "images [README --epochs 500; ours]")
     lot = g.add_mutually_exclusive_group()
@@ -203,8 +199,7 @@ def load_npz_table(path):
 
 
 def load_data(args, device):
-    """Card 4: (train, test, info). Tables: (x (N, 1, H, W) in raw units [card 4.1], y) on the
-    device; images: Datasets in [-1, 1]. Resolves q = L / N (and an npz's --n-test)."""
+    """Card 4: (train, test, info), tables on the device in raw units; resolves q = L / N."""
     if args.dataset in ("mnist", "shapes"):
         train, test = (common.load_dataset(args.dataset, args.data_root, args.img_size, train=t)
                        for t in (True, False))
@@ -245,15 +240,13 @@ def as_tensors(data, device):
 
 
 def derive_seed(seed, *purpose):
-    """A 63-bit seed from the WHOLE --seed (any size) and a purpose, by SHA-256: lots, noise, z
-    and evaluation each get their own stream, and no seed overflows a generator."""
+    """A 63-bit seed per purpose from the WHOLE --seed (SHA-256): no seed overflows a generator."""
     digest = hashlib.sha256(repr((int(seed), *purpose)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
 def poisson_lot(n, q, seed, step):
-    """Alg. 1 l.3, Poisson sampling: each of n records joins lot `step` independently w.p. q. The
-    draw depends on (seed, step) only, never on the data; a resumed run sees the same lots.
+    """Alg. 1 l.3: each of n records joins lot `step` w.p. q, a function of (seed, step) only.
     PAPER-VS-CODE 1: official dp_gan.py draws randint(0, 6000), fixed size 1, with replacement."""
     g = torch.Generator().manual_seed(derive_seed(seed, "lot", step))
     return torch.nonzero(torch.rand(n, generator=g) < q).flatten()
@@ -265,8 +258,7 @@ def _collate(shape, items):                        # an empty Poisson lot is a (
 
 
 def lot_stream(train, info, args, start, device):
-    """The lots of steps start, start + 1, ...: tables index device tensors, images are read by
-    --num-workers loader workers."""
+    """The lots of steps start, start + 1, ...: tables index device tensors, images use workers."""
     lots = (poisson_lot(info["n_train"], args.sample_rate, args.seed, k)
             for k in itertools.count(start))
     if info["table"]:
@@ -284,7 +276,7 @@ def ch(c, width):
 
 
 def keras_init(module, normal=()):
-    """Keras defaults: Glorot-uniform weights, zero biases; `normal` modules Glorot-normal.
+    """Keras defaults: Glorot-uniform weights (`normal` modules: Glorot-normal), zero biases.
     UNSPECIFIED: Keras >= 2.2.3 truncates glorot_normal; we use the plain normal."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
@@ -294,8 +286,7 @@ def keras_init(module, normal=()):
 
 
 class SameConv2d(nn.Conv2d):
-    """Keras 'same': pad max((ceil(n/s) - 1) s + k - n, 0) in total, the odd pixel after (card 2.4:
-    3x3 stride 2 on 3x12 pads H (1, 1), W (0, 1); PyTorch padding=1 would shift W by one)."""
+    """Keras 'same', the odd pixel after (card 2.4: 3x3 s2 on 3x12 pads H (1, 1), W (0, 1))."""
 
     def forward(self, x):
         (k, _), (s, _), pads = self.kernel_size, self.stride, []
@@ -306,8 +297,7 @@ class SameConv2d(nn.Conv2d):
 
 
 class TableGenerator(nn.Module):
-    """Official SPRINT G: h = z * E[c] -> 256 -> 384 = (32, 3, 4) -> up (2, 6) -> conv5 256 ->
-    conv4 s2, linear -> (1, 3, 12). Other H x W start at (32, H, ceil(W/3)) and crop the end."""
+    """Official SPRINT G (card 2.4); other H x W start at (32, H, ceil(W/3)) and crop the end."""
 
     def __init__(self, n_classes, shape=(3, 12), latent=100, width=1.0):
         super().__init__()
@@ -327,8 +317,7 @@ class TableGenerator(nn.Module):
 
 
 class TableDiscriminator(nn.Module):
-    """Official SPRINT D: conv3 s2 32, conv3 64 (LeakyReLU 0.3 = Keras default, Dropout 0.3),
-    dense 1024 ReLU Dropout, dense 1024 ReLU; heads S (1 logit), C (K logits). No normalisation."""
+    """Official SPRINT D (card 2.4): LeakyReLU 0.3 (Keras default), Dropout 0.3, no norm layer."""
 
     def __init__(self, n_classes, shape=(3, 12), width=1.0, dropout=0.3):
         super().__init__()
@@ -347,16 +336,14 @@ class TableDiscriminator(nn.Module):
 
 
 class ImageGenerator(nn.Module):
-    """Keras mnist_acgan.py G: h = z * E[c] -> ReLU dense 384 x s0 x s0 -> convT5 192 'valid' ->
-    convT5 96 s2 -> convT5 C s2, tanh; s0 = size/4 - 4 (3 for MNIST). Stride-2 'same' transposed
-    convs in the card's PyTorch form (padding 2, output_padding 1)."""
+    """Keras mnist_acgan.py G (card 2.5); s0 = size/4 - 4 (3 for MNIST)."""
 
     def __init__(self, n_classes, channels=1, size=28, latent=100, width=1.0):
         super().__init__()
         self.c0, self.s0, c1, c2 = ch(384, width), size // 4 - 4, ch(192, width), ch(96, width)
         self.embed = nn.Embedding(n_classes, latent)
         self.fc = nn.Linear(latent, self.c0 * self.s0 ** 2)
-        self.up = nn.ModuleList([
+        self.up = nn.ModuleList([                                 # stride-2 'same': pad 2, out 1
             nn.ConvTranspose2d(self.c0, c1, 5),                                   # s0 -> size/4
             nn.ConvTranspose2d(c1, c2, 5, stride=2, padding=2, output_padding=1),
             nn.ConvTranspose2d(c2, channels, 5, stride=2, padding=2, output_padding=1)])
@@ -393,8 +380,13 @@ def check_no_batch_coupling(D):
         if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
                 isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats):
             raise ValueError(f"DP-SGD refuses {type(m).__name__} at D.{name}: it couples the "
-                             "examples of a lot (per-example clipping then bounds nothing) and "
-                             "its running statistics see raw records without noise")
+                             "examples of a lot and its running statistics see raw records")
+
+
+def make_generator(table, n_classes, shape, latent, width):
+    if table:
+        return TableGenerator(n_classes, shape[1:], latent, width)
+    return ImageGenerator(n_classes, shape[0], shape[1], latent, width)
 
 
 def build_models(args, info, device):
@@ -409,12 +401,6 @@ def build_models(args, info, device):
     return G.to(device), D.to(device), g_config
 
 
-def make_generator(table, n_classes, shape, latent, width):
-    if table:
-        return TableGenerator(n_classes, shape[1:], latent, width)
-    return ImageGenerator(n_classes, shape[0], shape[1], latent, width)
-
-
 def load_generator(ckpt_path, device="cpu"):
     """G from a ckpt.pt or generators/G_*.pt alone, in eval mode (moot: G has no dropout, no BN)."""
     state = common.load_checkpoint(ckpt_path, device)
@@ -425,10 +411,8 @@ def load_generator(ckpt_path, device="cpu"):
 
 # ==== Losses ====
 def pair_loss(s_real, c_real, y_real, s_fake, c_fake, y_fake, soft=(1.0, 0.0), class_loss="all"):
-    """Per-pair D loss (B,): [BCE(S(x_i), t_r) + BCE(S(x~_i), t_f) + w_r CE(C(x_i), y_i) +
-    w_f CE(C(x~_i), c_i)] / 2. UNSPECIFIED: the card's l_i has no 1/2; Keras' train_on_batch
-    averages the concatenated (real, fake) batch, so the official per-pair loss (batch 1) is
-    l_i / 2. We follow the code. PAPER-VS-CODE 6: targets (t_r, t_f) = --soft-labels."""
+    """(B,) [BCE(S(x_i), t_r) + BCE(S(x~_i), t_f) + w_r CE(C(x_i), y_i) + w_f CE(C(x~_i), c_i)] / 2.
+    UNSPECIFIED: / 2, Keras averages the (real, fake) batch. PAPER-VS-CODE 6: t = --soft-labels."""
     w_r, w_f = (1.0, 1.0) if class_loss == "all" else (2.0, 0.0)        # Keras example: 2 / 0
     bce = F.binary_cross_entropy_with_logits
     adv = bce(s_real, torch.full_like(s_real, soft[0]), reduction="none") + \
@@ -439,8 +423,7 @@ def pair_loss(s_real, c_real, y_real, s_fake, c_fake, y_fake, soft=(1.0, 0.0), c
 
 
 def generator_loss(s_fake, c_fake, y_fake, soft_real=1.0):
-    """Non-saturating AC-GAN G loss: BCE(S(G(z,c)), t_r) + CE(C(G(z,c)), c) [official combined
-    model; Keras: trick = soft_one]."""
+    """Non-saturating AC-GAN G loss BCE(S(G(z,c)), t_r) + CE(C(G(z,c)), c) [official]."""
     return F.binary_cross_entropy_with_logits(s_fake, torch.full_like(s_fake, soft_real)) + \
         F.cross_entropy(c_fake, y_fake)
 
@@ -471,8 +454,7 @@ def _log_a_int(q, sigma, alpha):
 
 
 def _log_a_frac(q, sigma, alpha):
-    """log A_a, fractional a: two erfc-weighted binomial series split at z0, summed until both new
-    terms are below e^-30; generalized binomials alternate in sign past a (signed log-sums)."""
+    """log A_a, fractional a: two erfc-weighted series split at z0, summed to terms < e^-30."""
     log_a0 = log_a1 = -math.inf
     z0, i = sigma ** 2 * math.log(1 / q - 1) + 0.5, 0
     while True:
@@ -482,7 +464,7 @@ def _log_a_frac(q, sigma, alpha):
             _log_erfc((i - z0) / (math.sqrt(2) * sigma))
         s1 = base + j * math.log(q) + i * math.log1p(-q) + (j * j - j) / (2 * sigma ** 2) + \
             _log_erfc((z0 - j) / (math.sqrt(2) * sigma))
-        op = _log_add if coef > 0 else _log_sub
+        op = _log_add if coef > 0 else _log_sub               # binomials alternate in sign past a
         log_a0, log_a1, i = op(log_a0, s0), op(log_a1, s1), i + 1
         if max(s0, s1) < -30:
             return _log_add(log_a0, log_a1)
@@ -539,6 +521,11 @@ class RDPAccountant:
         return rdp_to_epsilon(DEFAULT_ORDERS, rdp, delta, conversion)
 
 
+def training_epsilon(args, steps):
+    return compute_epsilon(args.noise_multiplier, args.sample_rate, steps, args.delta,
+                           conversion=args.conversion)[0]
+
+
 def planned_steps(args, per_epoch):
     """--epochs of round(1/q) steps, cut to the largest T with eps(T) <= --target-epsilon."""
     lo, hi = 0, args.epochs * per_epoch
@@ -546,35 +533,21 @@ def planned_steps(args, per_epoch):
         return hi
     while lo < hi:                                                   # bisection: eps grows with T
         mid = (lo + hi + 1) // 2
-        eps = compute_epsilon(args.noise_multiplier, args.sample_rate, mid, args.delta,
-                              conversion=args.conversion)[0]
-        lo, hi = (mid, hi) if eps <= args.target_epsilon else (lo, mid - 1)
+        lo, hi = (mid, hi) if training_epsilon(args, mid) <= args.target_epsilon else (lo, mid - 1)
     if lo == 0:
         raise common.UserError(f"--target-epsilon {args.target_epsilon} allows no step")
     return lo
 
 
-def privacy_plan(args, steps, n):
-    """The budget `steps` D steps and one epoch selection spend: (line, training eps, selection)."""
-    eps = compute_epsilon(args.noise_multiplier, args.sample_rate, steps, args.delta,
-                          conversion=args.conversion)[0]
-    select = args.select_picks * args.select_epsilon if args.tstr_samples else 0.0
-    return (f"q {args.sample_rate:.6g} (expected lot qN = {args.sample_rate * n:.4g} of N {n}), "
-            f"sigma {args.noise_multiplier:g}, C {args.max_grad_norm:g}, {steps} D steps: "
-            f"training eps {eps:.4f} at delta {args.delta:g} ({args.conversion}), epoch "
-            f"selection eps {select:.4g}"), eps, select
-
-
-def check_resume_budget(state, args, total, n, accountant):
-    """--resume of a FINISHED private run with a longer --epochs trains on and selects again,
-    which spends more budget: refused, with the amounts, unless --spend-more-epsilon."""
+def check_resume_budget(state, args, total, accountant):
+    """Refuse to let --resume of a FINISHED private run spend more unless --spend-more-epsilon."""
     if state["finished"] and args.noise_multiplier > 0 and total > state["step"]:
         now = accountant.get_epsilon(args.delta, args.conversion)[0]
-        _, then, select = privacy_plan(args, total, n)
-        grand = then + select + state["eps_select"]
+        then = training_epsilon(args, total)
+        select = args.select_picks * args.select_epsilon if args.tstr_samples else 0.0
         line = (f"training eps {now:.4f} -> {then:.4f} over {total - state['step']} more D steps, "
-                f"plus {select:.4g} for a new epoch selection (total {grand:.4f} at delta "
-                f"{args.delta:g})")
+                f"plus {select:.4g} for a new epoch selection (total "
+                f"{then + select + state['eps_select']:.4f} at delta {args.delta:g})")
         if not args.spend_more_epsilon:
             raise common.UserError(
                 f"this private run is finished and spent eps {now + state['eps_select']:.4f} "
@@ -584,11 +557,16 @@ def check_resume_budget(state, args, total, n, accountant):
 
 
 def announce_privacy(args, total, n):
+    """The plan (q, sigma, C, training and selection eps), or that the run is NOT private."""
     if args.noise_multiplier == 0:
         print("!!! NON-PRIVATE BASELINE (--noise-multiplier 0): NO differential privacy, eps = "
               "inf !!!", flush=True)
         return
-    print("privacy plan: " + privacy_plan(args, total, n)[0], flush=True)
+    select = args.select_picks * args.select_epsilon if args.tstr_samples else 0.0
+    print(f"privacy plan: q {args.sample_rate:.6g} (expected lot qN = {args.sample_rate * n:.4g} "
+          f"of N {n}), sigma {args.noise_multiplier:g}, C {args.max_grad_norm:g}, {total} D steps: "
+          f"training eps {training_epsilon(args, total):.4f} at delta {args.delta:g} "
+          f"({args.conversion}), epoch selection eps {select:.4g}", flush=True)
     if args.seed == DEFAULT_SEED:
         print(f"warning: a private run with the default --seed {DEFAULT_SEED}: anyone can "
               "regenerate its lots and noise; for a release pass a secret --seed, e.g. "
@@ -596,10 +574,9 @@ def announce_privacy(args, total, n):
 
 
 def write_privacy_report(accountant, args, st):
-    """privacy.json (releasable: no record, no seed), eval.json (NOT releasable: real records),
-    and the closing privacy line."""
-    private, (eps, order) = args.noise_multiplier > 0, accountant.get_epsilon(args.delta,
-                                                                              args.conversion)
+    """privacy.json (releasable: no record, no seed), eval.json (NOT releasable), the last line."""
+    eps, order = accountant.get_epsilon(args.delta, args.conversion)
+    private = args.noise_multiplier > 0
     report = {"epsilon": eps if private else None, "delta": args.delta, "best_order": order,
               "conversion": args.conversion, "steps": sum(h[2] for h in accountant.history),
               "history": accountant.history, "epsilon_selection": st["eps_select"],
@@ -615,8 +592,7 @@ def write_privacy_report(accountant, args, st):
 
 # ==== Train step ====
 def per_example_grads(D, x_real, y_real, x_fake, y_fake, loss_kw, autocast=contextlib.nullcontext):
-    """Card 2.7(a): g_i = grad of l_i w.r.t. every trainable D parameter, one pair per vmap lane;
-    randomness='different' draws each pair's own dropout masks. ({name: (L, *shape)}, l (L,))."""
+    """Card 2.7(a): ({name: g_i (L, *shape)} over every trainable D parameter, l_i (L,))."""
     check_no_batch_coupling(D)
     params = {k: v.detach() for k, v in D.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in D.named_buffers()}
@@ -628,29 +604,25 @@ def per_example_grads(D, x_real, y_real, x_fake, y_fake, loss_kw, autocast=conte
             s, c = functional_call(D, (p, b), (torch.stack([xr, xf]),))  # the pair: (2, ...)
         return pair_loss(s[:1], c[:1], yr[None], s[1:], c[1:], yf[None], **loss_kw)[0]
 
-    return vmap(grad_and_value(loss_one), in_dims=(None, None, 0, 0, 0, 0),
+    return vmap(grad_and_value(loss_one), in_dims=(None, None, 0, 0, 0, 0),   # own dropout masks
                 randomness="different")(params, buffers, x_real, y_real, x_fake, y_fake)
 
 
 def privatize(grads, max_grad_norm, noise_multiplier, expected_lot_size, generator=None):
-    """Alg. 1 l.5-6: (sum_i g_i min(1, C / (||g_i|| + 1e-6)) + N(0, sigma^2 C^2 I)) / (qN).
-    ||g_i|| is ONE L2 norm over all D tensors; the noise goes on the SUM, std sigma*C
-    (PAPER-VS-CODE 2); the divisor is the EXPECTED lot size qN, never the realized one."""
-    norms = sum(g.flatten(1).pow(2).sum(1) for g in grads.values()).sqrt()   # (L,)
+    """Alg. 1 l.5-6: (sum_i g_i min(1, C / (||g_i|| + 1e-6)) + N(0, sigma^2 C^2 I)) / (qN)."""
+    norms = sum(g.flatten(1).pow(2).sum(1) for g in grads.values()).sqrt()   # ONE norm (L,)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) if max_grad_norm > 0 else \
         torch.ones_like(norms)                                               # C = 0: no clipping
     std, out = noise_multiplier * max_grad_norm if noise_multiplier > 0 else 0.0, {}   # C = inf
-    for k, g in grads.items():
+    for k, g in grads.items():                          # PAPER-VS-CODE 2: std sigma*C on the SUM
         total = torch.einsum("i,i...->...", factor, g)                       # sum of clipped g_i
         noise = torch.randn(total.shape, generator=generator, device=g.device, dtype=g.dtype)
-        out[k] = (total + noise * std) / expected_lot_size                   # fresh per coordinate
+        out[k] = (total + noise * std) / expected_lot_size      # EXPECTED lot size, not realized
     return out, norms
 
 
 def dp_sgd_step(D, opt_D, x_real, y_real, x_fake, y_fake, cfg):
-    """One D update: per-example grads -> clip -> noise -> / qN -> Adam, which only
-    post-processes the noisy gradient (SPRINT_gan #5). Plain mode (sigma = C = 0): autograd of
-    sum_i l_i / qN. Returns (sum_i l_i, number of clipped examples)."""
+    """One D update; sigma = C = 0: autograd of sum_i l_i / qN. -> (sum_i l_i, clipped count)."""
     opt_D.zero_grad(set_to_none=True)
     n, zero = len(x_real), torch.zeros((), device=x_real.device)
     if cfg["sigma"] == 0 and cfg["C"] == 0:
@@ -668,7 +640,7 @@ def dp_sgd_step(D, opt_D, x_real, y_real, x_fake, y_fake, cfg):
         for k, p in D.named_parameters():
             p.grad = noisy[k] if p.requires_grad else None
         n_clipped = (norms > cfg["C"]).sum() if cfg["C"] > 0 else zero
-    opt_D.step()
+    opt_D.step()                        # Adam post-processes the noisy gradient (SPRINT_gan #5)
     return losses.detach().sum(), n_clipped
 
 
@@ -678,8 +650,7 @@ def sample_zc(n, latent, n_classes, device, generator=None):
 
 
 def generator_step(G, D, opt_G, cfg):
-    """G step on 2L fresh fakes (official: 2 x batch) with D frozen: no D update, no gradient
-    into D, no accountant event; G never sees a record, so it inherits D's guarantee."""
+    """G step on 2L fresh fakes, D frozen, no accountant event: G never sees a record."""
     D.requires_grad_(False)
     opt_G.zero_grad(set_to_none=True)
     z, c = sample_zc(cfg["n_g"], cfg["latent"], cfg["n_classes"], cfg["device"])
@@ -693,11 +664,10 @@ def generator_step(G, D, opt_G, cfg):
 
 
 def train_step(G, D, opt_G, opt_D, x_real, y_real, cfg, accountant):
-    """Card 2.3: private D step on the lot and one fresh fake per record, one accountant event,
-    G step. -> float64 (sum_i l_i, clipped, loss_G, lot size, 1) for the log window."""
+    """Card 2.3 -> float64 (sum_i l_i, clipped, loss_G, lot size, 1) for the log window."""
     with torch.no_grad(), cfg["autocast"]():
         z, c = sample_zc(len(x_real), cfg["latent"], cfg["n_classes"], cfg["device"])
-        x_fake = G(z, c).float()
+        x_fake = G(z, c).float()                                         # one fake per record
     loss_sum, n_clipped = dp_sgd_step(D, opt_D, x_real, y_real, x_fake, c, cfg)
     accountant.step(cfg["sigma"], cfg["q"])                           # every D update is charged
     loss_G = generator_step(G, D, opt_G, cfg)
@@ -726,8 +696,7 @@ def sample_synthetic(G, n, cfg, generator, post):
 
 
 def fit_classifier(kind, x, y, n_classes, steps, seed, image, what=None):
-    """'lr': L2 logistic regression; 'nn': MLP (tables) or small CNN (images) (DEVIATION 4); Adam,
-    batch 256; tables standardized with the training set's statistics. -> (predict, model)."""
+    """DEVIATION 4: 'lr' L2 logistic regression, 'nn' MLP or CNN (images). -> (predict, model)"""
     mu, sd = (0.0, 1.0) if image else (x.mean(0), x.std(0).clamp_min(1e-6))
     f, c, h, w = x[0].numel(), *x.shape[1:]
     with torch.random.fork_rng(devices=[]):                        # the training RNG is untouched
@@ -764,9 +733,7 @@ def accuracy(predict, data):
 
 
 def score_epoch(G, g_config, epoch, scores, real_tr, cfg, args, snap_dir, post):
-    """Card 2.9 step 1 after each epoch: snapshot G for the selection; LR and NN trained on N
-    synthetic records, their accuracy on the REAL training set (NOT covered by (eps, delta): only
-    the noisy selection may use it)."""
+    """Card 2.9 step 1: snapshot G; LR, NN on N synthetic records scored on the REAL train set."""
     common.save_checkpoint(f"{snap_dir}/G_{epoch:04d}.pt", {"G": G.state_dict(),
                                                            "G_config": g_config})
     for kind in ("lr", "nn"):
@@ -779,8 +746,7 @@ def score_epoch(G, g_config, epoch, scores, real_tr, cfg, args, snap_dir, post):
 
 
 def report_noisy_max(scores, n_picks, scale, generator):
-    """Card 2.9 step 2: picks without replacement of argmax(score + Laplace(scale)); scale
-    2 Delta / eps_pick makes each pick eps_pick-DP (Dwork & Roth Sec. 3.3); 0 = plain argmax."""
+    """Card 2.9 step 2, picks by noisy max; Laplace scale 2 Delta / eps: eps-DP [Dwork-Roth 3.3]."""
     remaining, picks = list(range(len(scores))), []
     for _ in range(min(n_picks, len(scores))):
         u = torch.rand(len(remaining), generator=generator, dtype=torch.float64) - 0.5
@@ -791,8 +757,7 @@ def report_noisy_max(scores, n_picks, scale, generator):
 
 
 def select_epochs(scores, n_records, args):
-    """Card 2.9 step 2: --select-picks epochs, half by LR, half by NN transfer score, each by
-    report-noisy-max, scale 2/(N eps_pick) (DEVIATION 5). -> (0-based picks, eps spent)."""
+    """Half the picks by LR, half by NN score; scale 2/(N eps_pick) (DEVIATION 5). -> picks, eps"""
     private = args.noise_multiplier > 0
     gen = torch.Generator().manual_seed(derive_seed(args.seed, "select"))   # a secret stream
     scale = 2 / (n_records * args.select_epsilon) if private else 0.0
@@ -803,8 +768,7 @@ def select_epochs(scores, n_records, args):
 
 
 def evaluate(G, args, cfg, real_tr, real_te, scores, snap_dir, post):
-    """Card 2.9 steps 2-4: private epoch selection, TSTR next to the real benchmark, structure.
-    -> (results, eps spent by the selection)."""
+    """Card 2.9 steps 2-4: noisy epoch selection, TSTR beside the real benchmark, structure."""
     picks, eps_select = [], 0.0
     if args.select_picks and scores["lr"]:                          # no selection: the last G
         picks, eps_select = select_epochs(scores, len(real_tr[0]), args)
@@ -840,9 +804,8 @@ def evaluate(G, args, cfg, real_tr, real_te, scores, snap_dir, post):
 
 
 def figure(x, y, path, title, info):
-    """Images: an 8x8 grid, one class per row. Tables: row 0 (SBP for SPRINT) of each record
-    against the visit month, one panel per class (<= 4), the class median thick. Title strip."""
-    rgb = common.FAKE_RGB                                     # generated only: never real records
+    """An 8x8 grid, a class per row; tables: row 0 (SBP) per visit, a panel per class (<= 4)."""
+    rgb = common.FAKE_RGB
     if not info["table"]:
         grid = torchvision.utils.make_grid(x.float().cpu(), nrow=8, normalize=True,
                                            value_range=(-1, 1))          # quantised as save_image
@@ -872,8 +835,7 @@ def figure(x, y, path, title, info):
 
 
 def export_samples(G, n, cfg, args, post):
-    """samples_N.npz, labels cycling 0..K-1: images uint8 NHWC quantised as save_image
-    (common.quantize), records float (N, H, W) post-processed as the official analysis."""
+    """samples_N.npz, labels cycling: images uint8 NHWC (common.quantize), records (N, H, W)."""
     gen = torch.Generator().manual_seed(derive_seed(args.seed, "export"))
     c, path = torch.arange(n) % cfg["n_classes"], f"{args.out_dir}/samples_{n}.npz"
     with torch.no_grad():
@@ -918,8 +880,7 @@ def fixed_grid(args, info, device):
 
 
 def restore(state, args, G, D, opt_G, opt_D, accountant, cfg):
-    """Everything for an exact resume: nets, Adam moments (a new --lr takes effect), the privacy
-    ledger, the noise stream and the RNGs. -> step."""
+    """Nets, Adam moments (a new --lr takes effect), privacy ledger, noise stream, RNGs. -> step"""
     for m, k in ((G, "G"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D")):
         m.load_state_dict(state[k])
     for group in opt_G.param_groups + opt_D.param_groups:
@@ -951,7 +912,7 @@ def main(argv=None):
     if state:
         step = restore(state, args, G, D, opt_G, opt_D, accountant, cfg)
         st = {k: state[k] for k in st}                              # scores, log window, budget
-        check_resume_budget(state, args, total, info["n_train"], accountant)
+        check_resume_budget(state, args, total, accountant)
         st["finished"] &= total == step                             # a longer run selects again
     run.start(step, device, G=G, D=D)
     announce_privacy(args, total, info["n_train"])
