@@ -74,7 +74,6 @@ Our numbers: README.
 
 import argparse
 import collections
-
 import glob
 import math
 import os
@@ -115,8 +114,7 @@ LANG_MODES = {"wgan-gp": dict(n_critic=10)}   # CRITIC_ITERS 10 ("5 should work"
 MODES = {"wgan-gp": dict(n_critic=5),                                  # Alg. 1
          "wgan": dict(n_critic=5, lr=5e-5),                            # RMSProp [Sec. 3; WGAN]
          "dcgan": dict(n_critic=1, lr=2e-4, betas=[0.5, 0.999])}       # see below
-# UNSPECIFIED: the paper gives no optimiser for its DCGAN baseline; gan_cifar.py / gan_64x64.py use
-# Adam(2e-4, beta1 0.5) with TF's default beta2 0.999 and one D step
+# UNSPECIFIED: no DCGAN optimiser in the paper; gan_cifar.py: Adam(2e-4, 0.5, TF's 0.999), 1 D step
 
 
 def rule(key):
@@ -141,8 +139,7 @@ def parse_args(argv=None):
     g("--dataset", default="cifar10", help=f"{', '.join(TOYS)}, a common.load_dataset name "
       f"(cifar10, folder:<dir>, shapes, ...), or text: {', '.join(TEXTS)} [Sec. 3, 5, 5.5]")
     g("--arch", choices=list(CONFIGS), help="default: mlp (toys), lang (text), resnet [Sec. 3, 5]")
-    g("--mode", default="wgan-gp", choices=list(MODES),
-      help="wgan-gp, or the weight-clipping / standard-GAN baselines [Sec. 3, 5.3]")
+    g("--mode", default="wgan-gp", choices=list(MODES), help="wgan-gp or a baseline [Sec. 3, 5.3]")
     g("--lam", type=nonneg_f, default=10.0, help="penalty weight lambda; 0.1 in the official toy "
       "script (PAPER-VS-CODE) [Alg. 1, Eq. 3]")
     g("--one-sided", action="store_true", help="penalty max(0, ||g||-1)^2 [App. C]")
@@ -150,8 +147,7 @@ def parse_args(argv=None):
       help=f"critic steps per G step; {rule('n_critic')} [Alg. 1; official gan_cifar.py]")
     g("--lr", type=common.positive_float, help=f"step size; {rule('lr')} [official "
       "gan_cifar_resnet.py (Alg. 1: 1e-4, PAPER-VS-CODE), Alg. 1, Sec. 5.3]")
-    g("--betas", type=common.unit_float, nargs=2,
-      help=f"Adam betas; {rule('betas')} [Alg. 1, App. E, official]")
+    g("--betas", type=common.unit_float, nargs=2, help=f"Adam; {rule('betas')} [Alg. 1, App. E]")
     g("--lr-decay", action=argparse.BooleanOptionalAction,
       help=f"lr linearly to 0 over --steps; {rule('lr_decay')} [official gan_cifar_resnet.py]")
     g("--steps", type=pos, help=f"generator iterations; {rule('steps')} [App. E, F]")
@@ -160,42 +156,32 @@ def parse_args(argv=None):
     g("--g-batch-size", type=pos, help="generator batch; default: 2x --batch-size for resnet, 1x "
       "otherwise [official GEN_BS_MULTIPLE: PAPER-VS-CODE]")
     g("--z-dim", type=pos, help=f"noise size; {rule('z_dim')} [App. F, gan_toy.py]")
-    g("--dim-g", "--g-width", dest="dim_g", type=pos,
-      help=f"G width (official DIM_G); {rule('dim_g')} [App. E, F, gan_toy.py]")
-    g("--dim-d", "--d-width", dest="dim_d", type=pos,
-      help="critic width (official DIM_D); default: --dim-g [App. E, F]")
+    g("--dim-g", "--g-width", dest="dim_g", type=pos, help=f"DIM_G; {rule('dim_g')} [App. E, F]")
+    g("--dim-d", "--d-width", dest="dim_d", type=pos, help="DIM_D; default: --dim-g [App. E, F]")
     g("--img-size", type=pos, help=f"{rule('img_size')} [App. E, F]")
     g("--conditional", action="store_true", help="AC-WGAN-GP: conditional BN in G, auxiliary "
       "classifier in D; the official script's default (off for 7.86: issue #58) [Tab. 3]")
-    g("--ac-weight-d", type=nonneg_f, default=1.0,
-      help="critic CE weight, real samples only [official ACGAN_SCALE]")
+    g("--ac-weight-d", type=nonneg_f, default=1.0, help="D CE weight, reals [official ACGAN_SCALE]")
     g("--ac-weight-g", type=nonneg_f, default=0.1, help="G CE weight [official ACGAN_SCALE_G]")
-    g("--clip", type=common.positive_float, default=0.01,
-      help="weight clipping bound c in --mode wgan [Sec. 3; official gan_toy.py]")
-    g("--fixed-generator", action="store_true",
-      help="toys: fake = real + N(0, I), train the critic only [Fig. 1a, gan_toy.py]")
+    g("--clip", type=common.positive_float, default=0.01, help="--mode wgan: bound c [Sec. 3]")
+    g("--fixed-generator", action="store_true", help="fake = real + N(0, I), D only [Fig. 1a]")
     g("--dequantize", action=argparse.BooleanOptionalAction, help="reals 2(pixel/256 - 1/2) + "
       f"U(0, 1/128); {rule('dequantize')} [official gan_cifar_resnet.py]")
     g("--seq-len", type=pos, default=32, help="characters per example, longer lines cut, shorter "
       "padded with '`' [Sec. 5.5; official SEQ_LEN, language_helpers]")
-    g("--max-examples", type=pos, default=10_000_000,
-      help="lines read at most, in file order [official MAX_N_EXAMPLES]")
+    g("--max-examples", type=pos, default=10_000_000, help="lines read [official MAX_N_EXAMPLES]")
     g("--max-vocab", type=pos, default=2048, help="vocabulary: 'unk' + the most common characters "
       "(padding included) [official language_helpers.py]")
-    g("--js-samples"
-, type=pos, default=640, help="generated strings per JS evaluation (every "
+    g("--js-samples", type=pos, default=640, help="generated strings per JS evaluation (every "
       "--log-every) [official gan_language.py: 10 x BATCH_SIZE]")
     e = p.add_argument_group("eval").add_argument
     e("--fid-every", type=nonneg, default=0, help="Inception Score and FID (fid.py) every K G "
       "iterations, 0 = off [official INCEPTION_FREQUENCY 1000]")
-    e("--fid-samples", type=pos, default=50_000,
-      help="generated images per IS/FID [official gan_cifar_resnet.py: 50K for IS]")
+    e("--fid-samples", type=pos, default=50_000, help="images per IS/FID [gan_cifar_resnet.py]")
     e("--fid-weights", type=str, help="Inception weight file for fid.py [run]")
-    e("--fid-ref-split", default="train", choices=["train", "test"],
-      help="real images of the FID reference statistics [run]")
+    e("--fid-ref-split", default="train", choices=["train", "test"], help="FID reference [run]")
     e("--fid-ref-size", type=pos, help="reference images; default: the split [run]")
-    e("--export-samples", type=nonneg, default=0,
-      help="write N samples to out_dir/samples_N.npz at the end, 0 = off [run]")
+    e("--export-samples", type=nonneg, default=0, help="N to samples_N.npz at the end [run]")
     r = p.add_argument_group("run").add_argument
     r("--data-root", type=str, default="data", help="dataset folder [run]")
     r("--out-dir", type=str, help="default: runs/wgan_gp-<dataset>-s<seed>[-<hash of the other "
@@ -204,12 +190,10 @@ def parse_args(argv=None):
     r("--device", default="cuda", help="cuda or cpu; no silent fallback [run]")
     r("--num-workers", type=nonneg, default=4, help="DataLoader workers [run]")
     r("--log-every", type=pos, default=100, help="G iterations per log line [run]")
-    r("--sample-every", type=nonneg, default=1000,
-      help="G iterations per sample grid / toy figure, 0 = off [run]")
+    r("--sample-every", type=nonneg, default=1000, help="G iterations per sample grid [run]")
     r("--ckpt-every", type=pos, default=5000, help="G iterations per checkpoint [run]")
     r("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
-    r("--deterministic", action="store_true",
-      help="deterministic kernels; CUDA: CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
+    r("--deterministic", action="store_true", help="deterministic kernels (and cuBLAS) [run]")
     r("--amp", default="off", choices=["off", "bf16"], help="autocast forwards [run]")
     r("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm in G and the "
       "baselines' BN critic [run; DEVIATION: per-GPU BN, as the official 2-GPU split]")
