@@ -97,21 +97,20 @@ def is_text(name):
     return name in ("billion-word", "shapes-text") or name.startswith("text:")
 
 # ==== Args ====
-# Derived defaults: an unset flag takes its --arch row, then its --mode row, then (--arch lang) its
-# LANG_MODES row; printed at start-up, saved in args.json, each rule in --help.
+# Derived defaults: an unset flag takes its --arch row, then its --mode row; printed at start-up,
+# saved in args.json, each rule in --help. n_critic 5 [Alg. 1]; lang: CRITIC_ITERS 10 ("5 should
+# work") [gan_language.py]. UNSPECIFIED (dev. 10): text --mode dcgan takes the image baseline's row
 KEYS = ("lr", "betas", "lr_decay", "steps", "batch_size", "z_dim", "dim_g", "img_size",
-        "dequantize")
-CONFIGS = {  # lr   betas       decay  steps    batch z_dim dim_g size  dequantize
-    "mlp":      (1e-4, [0.5, 0.9], False, 100_000, 256,  2,  512, None, False),  # gan_toy.py
-    "resnet":   (2e-4, [0.0, 0.9], True,  100_000, 64,  128, 128, 32,   True),   # App. F
-    "dcgan":    (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 128, 32,   False),  # Sec. 5.3
-    "resnet64": (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False),  # App. E
-    "dcgan64":  (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False),  # App. E
-    "lang":     (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 512, None, False),  # gan_language
+        "dequantize", "n_critic")
+CONFIGS = {  # lr   betas       decay  steps    batch z_dim dim_g size  deq.  n_critic
+    "mlp":      (1e-4, [0.5, 0.9], False, 100_000, 256,  2,  512, None, False, 5),   # gan_toy.py
+    "resnet":   (2e-4, [0.0, 0.9], True,  100_000, 64,  128, 128, 32,   True,  5),   # App. F
+    "dcgan":    (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 128, 32,   False, 5),   # Sec. 5.3
+    "resnet64": (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False, 5),   # App. E
+    "dcgan64":  (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False, 5),   # App. E
+    "lang":     (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 512, None, False, 10),  # gan_language
 }
-LANG_MODES = {"wgan-gp": dict(n_critic=10)}   # CRITIC_ITERS 10 ("5 should work") [gan_language.py]
-# UNSPECIFIED (dev. 10): --arch lang --mode dcgan takes the same row (the paper tunes no text GAN)
-MODES = {"wgan-gp": dict(n_critic=5),                                  # Alg. 1
+MODES = {"wgan-gp": {},                                                # the rows above
          "wgan": dict(n_critic=5, lr=5e-5),                            # RMSProp [Sec. 3; WGAN]
          "dcgan": dict(n_critic=1, lr=2e-4, betas=[0.5, 0.999])}       # see below
 # UNSPECIFIED: no DCGAN optimiser in the paper; gan_cifar.py: Adam(2e-4, 0.5, TF's 0.999), 1 D step
@@ -126,8 +125,6 @@ def rule(key):
             by_value.setdefault(fmt(row[KEYS.index(key)]), []).append(arch)
     parts = [f"{v} ({'/'.join(a)})" for v, a in by_value.items()]
     parts += [f"{fmt(m[key])} in --mode {name}" for name, m in MODES.items() if key in m]
-    parts += [f"{fmt(m[key])} for lang in --mode {name}" for name, m in LANG_MODES.items()
-              if key in m]
     return "default: " + ", ".join(parts)
 
 
@@ -204,8 +201,7 @@ def parse_args(argv=None):
     toy = args.dataset in TOYS
     if args.arch is None:
         args.arch = "mlp" if toy else "lang" if is_text(args.dataset) else "resnet"
-    lang = LANG_MODES.get(args.mode, {}) if args.arch == "lang" else {}
-    for key, value in {**dict(zip(KEYS, CONFIGS[args.arch])), **MODES[args.mode], **lang}.items():
+    for key, value in {**dict(zip(KEYS, CONFIGS[args.arch])), **MODES[args.mode]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.g_batch_size is None:                      # PAPER-VS-CODE (dev. 2) [official]
@@ -214,12 +210,9 @@ def parse_args(argv=None):
         args.dim_d = args.dim_g
 
     size = CONFIGS[args.arch][KEYS.index("img_size")]
-    if is_text(args.dataset) != (args.arch == "lang"):
-        raise common.UserError(f"--arch {args.arch} does not fit --dataset {args.dataset}: text "
-                               f"({', '.join(TEXTS)}) uses --arch lang, and only text does")
-    if toy != (args.arch == "mlp"):
+    if is_text(args.dataset) != (args.arch == "lang") or toy != (args.arch == "mlp"):
         raise common.UserError(f"--arch {args.arch} does not fit --dataset {args.dataset}: the "
-                               "toys use mlp, images the CNNs")
+                               f"toys use mlp, text ({', '.join(TEXTS)}) lang, images the CNNs")
     if args.img_size != size:
         raise common.UserError(f"--arch {args.arch} generates {size}x{size} images, not --img-size"
                                f" {args.img_size}" if size else "--img-size is for image datasets")
@@ -330,13 +323,6 @@ class TextData:
             raise common.UserError(f"--dataset {args.dataset} has {len(self.lines)} lines, fewer "
                                    f"than one batch of {args.batch_size}")
         self.true = [ngram_counts(self.lines, n) for n in range(1, 5)]
-
-    def floor(self, k=640):
-        """(k, js1..js4) of k held-out lines vs the rest [official "validation set JSD"]."""
-        k = min(k, len(self.lines) // 2)
-        held, rest = self.lines[:k], self.lines[k:]
-        return k, [js_divergence(ngram_counts(held, n), ngram_counts(rest, n))
-                   for n in range(1, 5)]
 
 
 def load_data(args, device):
@@ -902,10 +888,12 @@ def evaluate(G, args, device, n_classes, fid_ev, mode_gen, data=None):
 
 def save_reals(args, data, step):
     """Text: print the js floor (every start), write reals.txt; images: reals.png (fresh runs)."""
-    if args.arch == "lang":
-        k, floor = data.floor()
-        print(f"js floor ({k} held-out real lines vs the other {len(data.lines) - k}): " + " ".join(
-            f"js{n + 1} {v:.4g}" for n, v in enumerate(floor)), flush=True)
+    if args.arch == "lang":         # the floor of js_n [official gan_language.py validation JSD]
+        k = min(640, len(data.lines) // 2)
+        held, rest = data.lines[:k], data.lines[k:]
+        print(f"js floor ({k} held-out real lines vs the other {len(rest)}): " + " ".join(
+            f"js{n} {js_divergence(ngram_counts(held, n), ngram_counts(rest, n)):.4g}"
+            for n in range(1, 5)), flush=True)
         if step == 0:
             with open(os.path.join(args.out_dir, "reals.txt"), "w", encoding="latin-1") as f:
                 f.write("".join("".join(t) + "\n" for t in data.lines[:640]))
