@@ -16,7 +16,7 @@ Paper -> code
   App. E     64x64 ResNet ("Good" nets), layer-norm critic ..... ResNetCritic64, LayerNormCHW
   Sec. 3/5.3 baselines: weight clipping (WGAN), standard GAN ... --mode wgan, --mode dcgan
   Sec. 5.5   character-level language model (gan_language.py):
-             32-char lines, vocabulary, padding, one-hot ...... load_text(), encode_lines()
+             32-char lines, vocabulary, padding, one-hot ...... read_lines(), TextData
              1-D ResNet G (softmax per position), critic ...... LangGenerator, LangCritic
              JS of n-gram distributions, n = 1..4 .............. ngram_counts(), js_divergence()
   Tab. 3     Inception Score (and FID) during training ......... evaluate() via fid.py
@@ -855,8 +855,6 @@ def export_samples(G, args, device, n_classes, path):
 
 def build_fid(args, device):
     """fid.TrainingFID at start-up: Inception weights and reference statistics resolved now."""
-    if not args.fid_every:
-        return None
     try:
         import fid  # evaluation only: a copy of this script without fid.py still trains
     except ImportError:
@@ -942,7 +940,7 @@ def main(argv=None):
     if args.sync_bn and dist.world_size > 1:        # DEVIATION (dev. 13): else BN per process
         G, D = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
     opt_G, opt_D = make_optimizers(G, D, args)
-    fid_ev = build_fid(args, device)
+    fid_ev = build_fid(args, device) if args.fid_every else None
     fixed_z = torch.randn(100, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
     fixed_y = torch.arange(100, device=device) % n_classes if args.conditional else None
     mode_gen = torch.Generator().manual_seed(args.seed + 1)        # toy metric: own RNG stream
