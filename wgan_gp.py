@@ -685,7 +685,7 @@ def lr_at(step, args):
 
 
 def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp, dist):
-    """Alg. 1: n_critic critic updates, then one G update (DEVIATION, dev. 8: official G first)."""
+    """Alg. 1: n_critic critic updates, then one G update; DEVIATION (dev. 8): official G first."""
     dev = next(D.parameters()).device
     for _ in range(args.n_critic):                                      # Alg. 1 l.2
         x_real, y_real = next(real_batches)                             # a fresh real batch
