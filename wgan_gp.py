@@ -16,7 +16,7 @@ Paper -> code
   App. E     64x64 ResNet ("Good" nets), layer-norm critic ..... ResNetCritic64, LayerNormCHW
   Sec. 3/5.3 baselines: weight clipping (WGAN), standard GAN ... --mode wgan, --mode dcgan
   Sec. 5.5   character-level language model (gan_language.py):
-             32-char lines, vocabulary, padding, one-hot ...... load_text(), encode_lines()
+             32-char lines, vocabulary, padding, one-hot ...... read_lines(), TextData
              1-D ResNet G (softmax per position), critic ...... LangGenerator, LangCritic
              JS of n-gram distributions, n = 1..4 .............. ngram_counts(), js_divergence()
   Tab. 3     Inception Score (and FID) during training ......... evaluate() via fid.py
@@ -34,23 +34,20 @@ Deviations (each also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
      iteration 0): the same sequence shifted by half an iteration.
   9. DEVIATION  LSUN bedrooms (App. E) from an exported image folder (no lmdb); the official 64x64
      script used downsampled ImageNet.
- 10. DEVIATION  Text (Sec. 5.5): the official loop draws fresh noise for each JS evaluation; ours
-     uses the same 640 z at every evaluation (its own RNG, never the training stream), and reads
-     the Billion Word shards present (official: all 99, in order). Characters are bytes (latin-1),
-     as the official Python 2 str. The untuned --mode dcgan baseline takes the image baseline's
-     Adam(2e-4, 0.5, 0.999) and 1 D step (UNSPECIFIED: the paper names no text baseline settings).
+ 10. DEVIATION  Text (Sec. 5.5): the same 640 z (own RNG) at every JS evaluation (official: fresh
+     noise); the Billion Word shards present (official: all 99); bytes as latin-1 characters (the
+     official Python 2 str). UNSPECIFIED: the untuned --mode dcgan text baseline takes the image
+     baseline's Adam(2e-4, 0.5, 0.999) and 1 D step (the paper names no text baseline settings).
  11. DEVIATION  The official ResNet runs G on two halves of each batch (its 2-GPU split, also on
      1 GPU): its BN sees 32 (critic step) and 64 (G step) samples; we use one batch.
  12. DEVIATION  --mode wgan: torch RMSprop with TF1's constants (decay 0.9, eps 1e-10, mean square
      started at 1), but eps outside the square root (TF: inside); moot above ~1e-10.
- 13. DEVIATION  Under torchrun (--batch-size and --g-batch-size global, split over the processes)
-     BN in G (and in the baselines' critic) normalises each process's share, as the official
-     per-GPU split of dev. 11, unless --sync-bn (CUDA).
-Datasets: 8gaussians, 25gaussians, swissroll (made here), or a common.load_dataset name: cifar10
-  (the paper's), folder:<dir> (e.g. LSUN bedrooms exported as images), lsun-<category>, shapes,
-  cifar100, stl10, mnist, fashion-mnist, celeba; text (Sec. 5.5, --arch lang): billion-word
-  (the released layout under --data-root), text:<file> (any plain text, one example a line), or
-  shapes-text (the captions of common.py's shapes, offline). --steps counts generator iterations.
+ 13. DEVIATION  Under torchrun (--batch-size, --g-batch-size global) BN in G (and in the baselines'
+     critic) normalises each process's share, as dev. 11's split, unless --sync-bn (CUDA).
+Datasets: 8gaussians, 25gaussians, swissroll (made here); images: a common.load_dataset name, e.g.
+  cifar10 (the paper's), folder:<dir> (LSUN bedrooms exported as images), lsun-<category>, shapes;
+  text (Sec. 5.5, --arch lang): billion-word (the released r13output layout under --data-root),
+  text:<file> (one example a line), shapes-text (common.py's shapes captions, offline).
 Run
   python wgan_gp.py --dataset cifar10                             # Tab. 3 unsupervised, 1 GPU
   python wgan_gp.py --dataset cifar10 --conditional               # Tab. 3 supervised (AC-WGAN-GP)
@@ -63,12 +60,10 @@ Run
   python wgan_gp.py --dataset cifar10 --fid-every 1000    # + IS and FID of 50K samples (official)
   python wgan_gp.py --dataset cifar10 --resume --export-samples 50000   # -> samples_50000.npz
   torchrun --nproc_per_node 2 wgan_gp.py --dataset cifar10   # 2 GPUs, --batch-size = global batch
-  python wgan_gp.py --dataset billion-word --data-root /data/1-billion-word-language-modeling-\
-      benchmark-r13output                                 # Sec. 5.5, Tab. 4: js1..js4, samples/
+  python wgan_gp.py --dataset billion-word --data-root /data/lm1b  # Sec. 5.5: js1..js4, samples/
   python wgan_gp.py --dataset billion-word --mode dcgan   # the standard GAN on the same nets
-  for lr in 5e-5 1e-4 2e-4 4e-4; do python wgan_gp.py --dataset billion-word --mode dcgan \
-      --n-critic 10 --betas 0.5 0.9 --lr $lr; done        # tuned GAN: WGAN-GP's D steps, Adam
-      # betas, capacity (the same nets) and a 4-point lr grid around its 1e-4; keep the best js4
+  for lr in 5e-5 1e-4 2e-4 4e-4; do python wgan_gp.py --dataset billion-word --mode dcgan \\
+      --n-critic 10 --betas 0.5 0.9 --lr $lr; done   # tuned GAN (README): keep the best js4
   python wgan_gp.py --dataset shapes-text --device cpu --dim-g 64 --steps 1000  # offline, CPU
 Sampling: G = wgan_gp.load_generator("runs/wgan_gp-cifar10-s0/ckpt.pt", "cuda")
   x = G(torch.randn(100, G.z_dim, device="cuda"))   # (100, 3, 32, 32) in [-1, 1]; AC: G(z, y)
@@ -79,7 +74,6 @@ Our numbers: README.
 
 import argparse
 import collections
-import contextlib
 import glob
 import math
 import os
@@ -103,25 +97,23 @@ def is_text(name):
     return name in ("billion-word", "shapes-text") or name.startswith("text:")
 
 # ==== Args ====
-# Per-configuration defaults: a flag left unset takes its --arch row, then its --mode row, then
-# (--arch lang) its LANG_MODES row; printed at start-up, saved in args.json, each rule in --help.
+# Derived defaults: an unset flag takes its --arch row, then its --mode row; printed at start-up,
+# saved in args.json, each rule in --help. n_critic 5 [Alg. 1]; lang: CRITIC_ITERS 10 ("5 should
+# work") [gan_language.py]. UNSPECIFIED (dev. 10): text --mode dcgan takes the image baseline's row
 KEYS = ("lr", "betas", "lr_decay", "steps", "batch_size", "z_dim", "dim_g", "img_size",
-        "dequantize")
-CONFIGS = {  # lr   betas       decay  steps    batch z_dim dim_g size  dequantize
-    "mlp":      (1e-4, [0.5, 0.9], False, 100_000, 256,  2,  512, None, False),  # gan_toy.py
-    "resnet":   (2e-4, [0.0, 0.9], True,  100_000, 64,  128, 128, 32,   True),   # App. F
-    "dcgan":    (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 128, 32,   False),  # Sec. 5.3
-    "resnet64": (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False),  # App. E
-    "dcgan64":  (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False),  # App. E
-    "lang":     (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 512, None, False),  # gan_language
+        "dequantize", "n_critic")
+CONFIGS = {  # lr   betas       decay  steps    batch z_dim dim_g size  deq.  n_critic
+    "mlp":      (1e-4, [0.5, 0.9], False, 100_000, 256,  2,  512, None, False, 5),   # gan_toy.py
+    "resnet":   (2e-4, [0.0, 0.9], True,  100_000, 64,  128, 128, 32,   True,  5),   # App. F
+    "dcgan":    (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 128, 32,   False, 5),   # Sec. 5.3
+    "resnet64": (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False, 5),   # App. E
+    "dcgan64":  (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 64,  64,   False, 5),   # App. E
+    "lang":     (1e-4, [0.5, 0.9], False, 200_000, 64,  128, 512, None, False, 10),  # gan_language
 }
-LANG_MODES = {"wgan-gp": dict(n_critic=10)}   # CRITIC_ITERS 10 ("5 should work") [gan_language.py]
-# UNSPECIFIED (dev. 10): --arch lang --mode dcgan takes the same row (the paper tunes no text GAN)
-MODES = {"wgan-gp": dict(n_critic=5),                                  # Alg. 1
+MODES = {"wgan-gp": {},                                                # the rows above
          "wgan": dict(n_critic=5, lr=5e-5),                            # RMSProp [Sec. 3; WGAN]
          "dcgan": dict(n_critic=1, lr=2e-4, betas=[0.5, 0.999])}       # see below
-# UNSPECIFIED: the paper gives no optimiser for its DCGAN baseline; gan_cifar.py / gan_64x64.py use
-# Adam(2e-4, beta1 0.5) with TF's default beta2 0.999 and one D step
+# UNSPECIFIED: no DCGAN optimiser in the paper; gan_cifar.py: Adam(2e-4, 0.5, TF's 0.999), 1 D step
 
 
 def rule(key):
@@ -133,8 +125,6 @@ def rule(key):
             by_value.setdefault(fmt(row[KEYS.index(key)]), []).append(arch)
     parts = [f"{v} ({'/'.join(a)})" for v, a in by_value.items()]
     parts += [f"{fmt(m[key])} in --mode {name}" for name, m in MODES.items() if key in m]
-    parts += [f"{fmt(m[key])} for lang in --mode {name}" for name, m in LANG_MODES.items()
-              if key in m]
     return "default: " + ", ".join(parts)
 
 
@@ -142,87 +132,68 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=common.HelpFormatter)
     pos, nonneg, nonneg_f = common.positive_int, common.nonnegative_int, common.nonnegative_float
-    g = p.add_argument_group("paper")
-    g.add_argument("--dataset", default="cifar10", help=f"{', '.join(TOYS)}, a common."
-                   f"load_dataset name (cifar10, folder:<dir>, shapes, ...), or text: "
-                   f"{', '.join(TEXTS)} [Sec. 3, 5, 5.5]")
-    g.add_argument("--arch", choices=list(CONFIGS), help="default: mlp (toys), lang (text), "
-                   "resnet [Sec. 3, 5, 5.5]")
-    g.add_argument("--mode", default="wgan-gp", choices=list(MODES),
-                   help="wgan-gp, or the weight-clipping / standard-GAN baselines [Sec. 3, 5.3]")
-    g.add_argument("--lam", type=nonneg_f, default=10.0, help="penalty weight lambda; 0.1 in the "
-                   "official toy script (PAPER-VS-CODE) [Alg. 1, Eq. 3]")
-    g.add_argument("--one-sided", action="store_true", help="penalty max(0, ||g||-1)^2 [App. C]")
-    g.add_argument("--n-critic", "--d-steps", dest="n_critic", type=pos, help="critic steps per "
-                   f"G step; {rule('n_critic')} [Alg. 1; official gan_cifar.py]")
-    g.add_argument("--lr", type=common.positive_float, help=f"step size; {rule('lr')} [official "
-                   "gan_cifar_resnet.py (Alg. 1: 1e-4, PAPER-VS-CODE), Alg. 1, Sec. 5.3]")
-    g.add_argument("--betas", type=common.unit_float, nargs=2,
-                   help=f"Adam betas; {rule('betas')} [Alg. 1, App. E, official]")
-    g.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, help="lr linearly to 0 "
-                   f"over --steps; {rule('lr_decay')} [official gan_cifar_resnet.py]")
-    g.add_argument("--steps", type=pos, help=f"generator iterations; {rule('steps')} [App. E, F]")
-    g.add_argument("--batch-size", type=pos, help="critic batch, real and fake each; "
-                   f"{rule('batch_size')} [App. F, official gan_toy.py]")
-    g.add_argument("--g-batch-size", type=pos, help="generator batch; default: 2x --batch-size "
-                   "for resnet, 1x otherwise [official GEN_BS_MULTIPLE: PAPER-VS-CODE]")
-    g.add_argument("--z-dim", type=pos, help=f"noise size; {rule('z_dim')} [App. F, gan_toy.py]")
-    g.add_argument("--dim-g", "--g-width", dest="dim_g", type=pos,
-                   help=f"G width (official DIM_G); {rule('dim_g')} [App. E, F, gan_toy.py]")
-    g.add_argument("--dim-d", "--d-width", dest="dim_d", type=pos,
-                   help="critic width (official DIM_D); default: --dim-g [App. E, F]")
-    g.add_argument("--img-size", type=pos, help=f"{rule('img_size')} [App. E, F]")
-    g.add_argument("--conditional", action="store_true", help="AC-WGAN-GP: conditional BN in G, "
-                   "auxiliary classifier in D; the official script's default run (that the 7.86 "
-                   "run had it off rests on issue #58, unverified) [Tab. 3 supervised]")
-    g.add_argument("--ac-weight-d", type=nonneg_f, default=1.0,
-                   help="critic CE weight, real samples only [official ACGAN_SCALE]")
-    g.add_argument("--ac-weight-g", type=nonneg_f, default=0.1,
-                   help="generator CE weight [official ACGAN_SCALE_G]")
-    g.add_argument("--clip", type=common.positive_float, default=0.01,
-                   help="weight clipping bound c in --mode wgan [Sec. 3; official gan_toy.py]")
-    g.add_argument("--fixed-generator", action="store_true",
-                   help="toys: fake = real + N(0, I), train the critic only [Fig. 1a, gan_toy.py]")
-    g.add_argument("--dequantize", action=argparse.BooleanOptionalAction, help="reals 2(pixel/256"
-                   f" - 1/2) + U(0, 1/128); {rule('dequantize')} [official gan_cifar_resnet.py]")
-    t = p.add_argument_group("text (Sec. 5.5, --arch lang)")
-    t.add_argument("--seq-len", type=pos, default=32, help="characters per example, longer lines "
-                   "cut, shorter padded with '`' [Sec. 5.5; official SEQ_LEN, language_helpers]")
-    t.add_argument("--max-examples", type=pos, default=10_000_000, help="lines read at most, in "
-                   "file order [official MAX_N_EXAMPLES]")
-    t.add_argument("--max-vocab", type=pos, default=2048, help="vocabulary: 'unk' + the most "
-                   "common characters (padding included) [official language_helpers.py]")
-    t.add_argument("--js-samples", type=pos, default=640, help="generated strings per JS "
-                   "evaluation (every --log-every) [official gan_language.py: 10 x BATCH_SIZE]")
-    e = p.add_argument_group("eval")
-    e.add_argument("--fid-every", type=nonneg, default=0, help="Inception Score and FID (fid.py) "
-                   "every K G iterations, 0 = off [official INCEPTION_FREQUENCY 1000]")
-    e.add_argument("--fid-samples", type=pos, default=50_000,
-                   help="generated images per IS/FID [official gan_cifar_resnet.py: 50K for IS]")
-    e.add_argument("--fid-weights", type=str, help="Inception weight file for fid.py [run]")
-    e.add_argument("--fid-ref-split", default="train", choices=["train", "test"],
-                   help="real images of the FID reference statistics [run]")
-    e.add_argument("--fid-ref-size", type=pos, help="reference images; default: the split [run]")
-    e.add_argument("--export-samples", type=nonneg, default=0,
-                   help="write N samples to out_dir/samples_N.npz at the end, 0 = off [run]")
-    r = p.add_argument_group("run")
-    r.add_argument("--data-root", type=str, default="data", help="dataset folder [run]")
-    r.add_argument("--out-dir", type=str, help="default: runs/wgan_gp-<dataset>-s<seed>[-<hash "
-                   "of the other non-default flags>] [run]")
-    r.add_argument("--seed", type=nonneg, default=0, help="seeds python, numpy, torch [run]")
-    r.add_argument("--device", default="cuda", help="cuda or cpu; no silent fallback [run]")
-    r.add_argument("--num-workers", type=nonneg, default=4, help="DataLoader workers [run]")
-    r.add_argument("--log-every", type=pos, default=100, help="G iterations per log line [run]")
-    r.add_argument("--sample-every", type=nonneg, default=1000,
-                   help="G iterations per sample grid / toy figure, 0 = off [run]")
-    r.add_argument("--ckpt-every", type=pos, default=5000, help="G iterations per checkpoint [run]")
-    r.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
-    r.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels; CUDA: CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
-    r.add_argument("--amp", default="off", choices=["off", "bf16"], help="autocast forwards [run]")
-    r.add_argument("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm "
-                   "in G (and the baselines' BN critic), BN over the global batch [run; "
-                   "DEVIATION: per-GPU BN, as the official 2-GPU split]")
+    g = p.add_argument_group("paper").add_argument
+    g("--dataset", default="cifar10", help=f"{', '.join(TOYS)}, a common.load_dataset name "
+      f"(cifar10, folder:<dir>, shapes, ...), or text: {', '.join(TEXTS)} [Sec. 3, 5, 5.5]")
+    g("--arch", choices=list(CONFIGS), help="default: mlp (toys), lang (text), resnet [Sec. 3, 5]")
+    g("--mode", default="wgan-gp", choices=list(MODES), help="wgan-gp or a baseline [Sec. 3, 5.3]")
+    g("--lam", type=nonneg_f, default=10.0, help="penalty weight lambda; 0.1 in the official toy "
+      "script (PAPER-VS-CODE) [Alg. 1, Eq. 3]")
+    g("--one-sided", action="store_true", help="penalty max(0, ||g||-1)^2 [App. C]")
+    g("--n-critic", "--d-steps", dest="n_critic", type=pos,
+      help=f"critic steps per G step; {rule('n_critic')} [Alg. 1; official gan_cifar.py]")
+    g("--lr", type=common.positive_float, help=f"step size; {rule('lr')} [official "
+      "gan_cifar_resnet.py (Alg. 1: 1e-4, PAPER-VS-CODE), Alg. 1, Sec. 5.3]")
+    g("--betas", type=common.unit_float, nargs=2, help=f"Adam; {rule('betas')} [Alg. 1, App. E]")
+    g("--lr-decay", action=argparse.BooleanOptionalAction,
+      help=f"lr linearly to 0 over --steps; {rule('lr_decay')} [official gan_cifar_resnet.py]")
+    g("--steps", type=pos, help=f"generator iterations; {rule('steps')} [App. E, F]")
+    g("--batch-size", type=pos,
+      help=f"critic batch, real and fake each; {rule('batch_size')} [App. F, official gan_toy.py]")
+    g("--g-batch-size", type=pos, help="generator batch; default: 2x --batch-size for resnet, 1x "
+      "otherwise [official GEN_BS_MULTIPLE: PAPER-VS-CODE]")
+    g("--z-dim", type=pos, help=f"noise size; {rule('z_dim')} [App. F, gan_toy.py]")
+    g("--dim-g", "--g-width", dest="dim_g", type=pos, help=f"DIM_G; {rule('dim_g')} [App. E, F]")
+    g("--dim-d", "--d-width", dest="dim_d", type=pos, help="DIM_D; default: --dim-g [App. E, F]")
+    g("--img-size", type=pos, help=f"{rule('img_size')} [App. E, F]")
+    g("--conditional", action="store_true", help="AC-WGAN-GP: conditional BN in G, auxiliary "
+      "classifier in D; the official script's default (off for 7.86: issue #58) [Tab. 3]")
+    g("--ac-weight-d", type=nonneg_f, default=1.0, help="D CE weight, reals [official ACGAN_SCALE]")
+    g("--ac-weight-g", type=nonneg_f, default=0.1, help="G CE weight [official ACGAN_SCALE_G]")
+    g("--clip", type=common.positive_float, default=0.01, help="--mode wgan: bound c [Sec. 3]")
+    g("--fixed-generator", action="store_true", help="fake = real + N(0, I), D only [Fig. 1a]")
+    g("--dequantize", action=argparse.BooleanOptionalAction, help="reals 2(pixel/256 - 1/2) + "
+      f"U(0, 1/128); {rule('dequantize')} [official gan_cifar_resnet.py]")
+    g("--seq-len", type=pos, default=32, help="characters per example, longer lines cut, shorter "
+      "padded with '`' [Sec. 5.5; official SEQ_LEN, language_helpers]")
+    g("--max-examples", type=pos, default=10_000_000, help="lines read [official MAX_N_EXAMPLES]")
+    g("--max-vocab", type=pos, default=2048, help="vocabulary: 'unk' + the most common characters "
+      "(padding included) [official language_helpers.py]")
+    g("--js-samples", type=pos, default=640, help="generated strings per JS evaluation (every "
+      "--log-every) [official gan_language.py: 10 x BATCH_SIZE]")
+    e = p.add_argument_group("eval").add_argument
+    e("--fid-every", type=nonneg, default=0, help="Inception Score and FID (fid.py) every K G "
+      "iterations, 0 = off [official INCEPTION_FREQUENCY 1000]")
+    e("--fid-samples", type=pos, default=50_000, help="images per IS/FID [gan_cifar_resnet.py]")
+    e("--fid-weights", type=str, help="Inception weight file for fid.py [run]")
+    e("--fid-ref-split", default="train", choices=["train", "test"], help="FID reference [run]")
+    e("--fid-ref-size", type=pos, help="reference images; default: the split [run]")
+    e("--export-samples", type=nonneg, default=0, help="N to samples_N.npz at the end [run]")
+    r = p.add_argument_group("run").add_argument
+    r("--data-root", type=str, default="data", help="dataset folder [run]")
+    r("--out-dir", type=str, help="default: runs/wgan_gp-<dataset>-s<seed>[-<hash of the other "
+      "non-default flags>] [run]")
+    r("--seed", type=nonneg, default=0, help="seeds python, numpy, torch [run]")
+    r("--device", default="cuda", help="cuda or cpu; no silent fallback [run]")
+    r("--num-workers", type=nonneg, default=4, help="DataLoader workers [run]")
+    r("--log-every", type=pos, default=100, help="G iterations per log line [run]")
+    r("--sample-every", type=nonneg, default=1000, help="G iterations per sample grid [run]")
+    r("--ckpt-every", type=pos, default=5000, help="G iterations per checkpoint [run]")
+    r("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
+    r("--deterministic", action="store_true", help="deterministic kernels (and cuBLAS) [run]")
+    r("--amp", default="off", choices=["off", "bf16"], help="autocast forwards [run]")
+    r("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm in G and the "
+      "baselines' BN critic [run; DEVIATION: per-GPU BN, as the official 2-GPU split]")
     args = p.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = common.default_out_dir("wgan_gp", args, vars(p.parse_args([])))
@@ -230,8 +201,7 @@ def parse_args(argv=None):
     toy = args.dataset in TOYS
     if args.arch is None:
         args.arch = "mlp" if toy else "lang" if is_text(args.dataset) else "resnet"
-    lang = LANG_MODES.get(args.mode, {}) if args.arch == "lang" else {}
-    for key, value in {**dict(zip(KEYS, CONFIGS[args.arch])), **MODES[args.mode], **lang}.items():
+    for key, value in {**dict(zip(KEYS, CONFIGS[args.arch])), **MODES[args.mode]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.g_batch_size is None:                      # PAPER-VS-CODE (dev. 2) [official]
@@ -240,12 +210,9 @@ def parse_args(argv=None):
         args.dim_d = args.dim_g
 
     size = CONFIGS[args.arch][KEYS.index("img_size")]
-    if is_text(args.dataset) != (args.arch == "lang"):
-        raise common.UserError(f"--arch {args.arch} does not fit --dataset {args.dataset}: text "
-                               f"({', '.join(TEXTS)}) uses --arch lang, and only text does")
-    if toy != (args.arch == "mlp"):
+    if is_text(args.dataset) != (args.arch == "lang") or toy != (args.arch == "mlp"):
         raise common.UserError(f"--arch {args.arch} does not fit --dataset {args.dataset}: the "
-                               "toys use mlp, images the CNNs")
+                               f"toys use mlp, text ({', '.join(TEXTS)}) lang, images the CNNs")
     if args.img_size != size:
         raise common.UserError(f"--arch {args.arch} generates {size}x{size} images, not --img-size"
                                f" {args.img_size}" if size else "--img-size is for image datasets")
@@ -286,8 +253,7 @@ class ToyGrid25:
 
 
 def toy_batch(name, b, device, gen=None):
-    """A fresh 8-Gaussians / Swiss-roll batch [Sec. 3; official gan_toy.py], from the training RNG
-    on `device`, or from `gen` on the CPU (figures never touch the training RNG)."""
+    """8-Gaussians / Swiss-roll batch, training RNG or `gen` on the CPU [Sec. 3; gan_toy.py]."""
     dev, kw = (device, {}) if gen is None else ("cpu", {"generator": gen})
     if name == "8gaussians":
         c, _ = toy_centres(name)
@@ -301,18 +267,14 @@ def toy_batch(name, b, device, gen=None):
 
 
 def dequantize(x, noise):
-    """PAPER-VS-CODE (dev. 6): 2(pixel/256 - 1/2) + U(0, 1/128) from x = pixel/127.5 - 1, as the
-    official gan_cifar_resnet.py (not in the paper). noise: U(0, 1) of x's shape (this process's
-    rows of the global batch's draw)."""
+    """PAPER-VS-CODE (dev. 6): 2(pixel/256 - 1/2) + noise/128, x = pixel/127.5 - 1 [official]."""
     pixel = torch.round((x + 1) * 127.5)
     return 2 * (pixel / 256 - 0.5) + noise / 128
 
 
 def read_lines(args):
-    """The raw example lines of a text --dataset, at most --max-examples, in file order. Billion
-    Word: training shards news.en-000NN-of-00100 in order [official language_helpers.py
-    load_dataset]. Bytes as latin-1 characters: one token per byte, as the official Python 2 str.
-    shapes-text: the captions of common.py's shapes training set (items 0.., seed 0)."""
+    """At most --max-examples lines of a text --dataset, bytes as latin-1 characters (dev. 10);
+    Billion Word: its training shards in order [official language_helpers.py load_dataset]."""
     n = args.max_examples
     if args.dataset == "shapes-text":    # a caption depends on the item's RNG only, not its size
         ds = common.ShapesDataset(min(n, 50_000), img_size=4, seed=0)
@@ -323,11 +285,9 @@ def read_lines(args):
         paths = next((sorted(glob.glob(os.path.join(r, "news.en-*-of-00100"))) for r in roots
                       if glob.glob(os.path.join(r, "news.en-*-of-00100"))), [])
         if not paths:
-            raise common.UserError(
-                f"Billion Word not found: no {roots[0]}/news.en-*-of-00100. Download "
-                "1-billion-word-language-modeling-benchmark-r13output.tar.gz from "
-                "http://www.statmt.org/lm-benchmark/ and extract it into --data-root (or pass the "
-                "extracted folder as --data-root)")
+            raise common.UserError(f"Billion Word not found: no {roots[0]}/news.en-*-of-00100. "
+                                   "Extract 1-billion-word-language-modeling-benchmark-r13output"
+                                   ".tar.gz (http://www.statmt.org/lm-benchmark/) into --data-root")
     else:
         paths = [args.dataset[len("text:"):]]
         if not os.path.isfile(paths[0]):
@@ -345,47 +305,28 @@ def read_lines(args):
     return lines
 
 
-def encode_lines(lines, seq_len, max_vocab, seed):
-    """[official language_helpers.py load_dataset, tokenize=False]: each line a tuple of characters
-    cut to seq_len and padded with '`'; the lines shuffled once; vocabulary 'unk' (index 0) + the
-    max_vocab - 1 most common characters (padding counted); rarer characters -> 'unk'.
-    Returns (codes (N, seq_len) int64, vocab list, tokenised lines as tuples)."""
-    toks = [tuple(s[:seq_len]) + (PAD,) * (seq_len - len(s[:seq_len])) for s in lines]
-    perm = np.random.default_rng(seed).permutation(len(toks))     # official np.random.shuffle
-    toks = [toks[i] for i in perm]
-    counts = collections.Counter(c for t in toks for c in t)
-    vocab = [UNK] + [c for c, _ in counts.most_common(max_vocab - 1) if c != UNK]
-    index = {c: i for i, c in enumerate(vocab)}
-    codes = torch.tensor([[index.get(c, 0) for c in t] for t in toks], dtype=torch.int64)
-    toks = [tuple(vocab[i] for i in row) for row in codes.tolist()]  # rare characters -> 'unk'
-    return codes, vocab, toks
-
-
 class TextData:
-    """A text --dataset: codes (N, seq_len), vocab, tokenised lines and the n-gram counts of all
-    real lines for the JS evaluation (n = 1..4) [official gan_language.py true_char_ngram_lms]."""
+    """Lines cut/padded to --seq-len, shuffled once, vocabulary 'unk' + the most common characters
+    [official language_helpers.py load_dataset]; n-gram counts, n = 1..4 [true_char_ngram_lms]."""
 
     def __init__(self, args):
-        self.codes, self.vocab, self.lines = encode_lines(read_lines(args), args.seq_len,
-                                                          args.max_vocab, args.seed)
+        seq_len, lines = args.seq_len, read_lines(args)
+        toks = [tuple(s[:seq_len]) + (PAD,) * (seq_len - len(s[:seq_len])) for s in lines]
+        perm = np.random.default_rng(args.seed).permutation(len(toks))  # official np.random.shuffle
+        toks = [toks[i] for i in perm]
+        counts = collections.Counter(c for t in toks for c in t)
+        self.vocab = [UNK] + [c for c, _ in counts.most_common(args.max_vocab - 1) if c != UNK]
+        index = {c: i for i, c in enumerate(self.vocab)}
+        self.codes = torch.tensor([[index.get(c, 0) for c in t] for t in toks], dtype=torch.int64)
+        self.lines = [tuple(self.vocab[i] for i in row) for row in self.codes.tolist()]  # unk
         if len(self.lines) < args.batch_size:
             raise common.UserError(f"--dataset {args.dataset} has {len(self.lines)} lines, fewer "
                                    f"than one batch of {args.batch_size}")
         self.true = [ngram_counts(self.lines, n) for n in range(1, 5)]
 
-    def floor(self, k=640):
-        """(k, js1..js4) of k held-out real lines vs the rest (k at most half the lines): about the
-        best value a run can reach [official gan_language.py "validation set JSD",
-        lines[:10 BATCH_SIZE] vs lines[10 BATCH_SIZE:]]."""
-        k = min(k, len(self.lines) // 2)
-        held, rest = self.lines[:k], self.lines[k:]
-        return k, [js_divergence(ngram_counts(held, n), ngram_counts(rest, n))
-                   for n in range(1, 5)]
-
 
 def load_data(args, device):
-    """(data, channels, classes): a toy source, a text source (channels = vocabulary size), or a
-    dataset of images in [-1, 1] and labels."""
+    """(data, channels, classes): toy source, text (channels = vocabulary), or images in [-1, 1]."""
     if args.arch == "lang":
         data = TextData(args)
         return data, len(data.vocab), 1
@@ -400,9 +341,8 @@ def load_data(args, device):
 
 
 def real_stream(args, data, start, dist):
-    """Endless (x, y) real batches from batch `start` on. One batch per critic step (Alg. 1 l.3),
-    so a run resumed at G iteration s starts at batch s * n_critic. Under torchrun each process
-    gets its rows of the same global batch (toys: every process draws it and keeps its rows)."""
+    """Endless (x, y) real batches from batch `start`, one per critic step [Alg. 1 l.3]; each
+    process gets its rows of the global batch."""
     device, share = dist.device, dict(rank=dist.rank, world_size=dist.world_size)
     if args.arch == "lang":         # one-hot (B, seq_len, V) reals [official gan_language.py]
         codes = torch.utils.data.TensorDataset(data.codes, torch.zeros(len(data.codes)))
@@ -435,8 +375,7 @@ def uniform_(m, std):
 
 
 def tflib_init(m, he=True, stride=1):
-    """std sqrt(4 / (fan_in + fan_out)) (he) or sqrt(2 / (fan_in + fan_out)) (glorot), fan =
-    channels * k^2, the strided side / stride^2 [official tflib/ops conv2d, deconv2d, linear]."""
+    """U of std sqrt((4 he, 2 glorot) / (fan_in + fan_out)), strided fan / stride^2 [tflib/ops]."""
     w, up = m.weight, isinstance(m, nn.ConvTranspose2d)
     k2 = w[0, 0].numel()                                          # k * k (1 for Linear)
     fan_in = (w.size(0) if up else w.size(1)) * k2 / (stride ** 2 if up else 1)
@@ -454,9 +393,7 @@ def bn(c, affine=True):
 
 
 class ToyMLP(nn.Sequential):
-    """Toy G (z ~ N(0, I_2) -> R^2) or critic (R^2 -> scalar, no output nonlinearity):
-    Linear(dim)-ReLU x 3 -> Linear; He-uniform before each ReLU, Glorot-uniform at the output,
-    zero biases [Sec. 3; official gan_toy.py]."""
+    """Toy G (R^2 -> R^2) or critic (R^2 -> R): Linear(dim)-ReLU x 3 -> Linear [Sec. 3; gan_toy]."""
 
     def __init__(self, d_in, d_out, dim=512):
         layers = [nn.Linear(d_in, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(),
@@ -521,8 +458,7 @@ class GBlock(nn.Module):
 
 
 class DBlock(nn.Module):
-    """Pre-activation critic block: [Norm]-ReLU-conv3x3(in->in)-[Norm]-ReLU-conv3x3(in->out)-
-    meanpool; shortcut conv1x1-meanpool, or identity without resampling [App. F; official]."""
+    """[Norm]-ReLU-conv3x3-[Norm]-ReLU-conv3x3-meanpool, shortcut conv1x1-meanpool [App. F]."""
 
     def __init__(self, cin, cout, down, layer_norm=False):
         super().__init__()
@@ -560,15 +496,13 @@ class ResNetGenerator(nn.Module):
 
 
 class ResNetCritic32(nn.Module):
-    """Optimized block 3->d (down), block d->d (down), 2 plain blocks, ReLU, global MEAN pool,
-    Linear(d->1), no normalization; AC head Linear(d->classes) [App. F; gan_cifar_resnet.py]."""
+    """Optimized block, down block, 2 plain blocks, ReLU, global mean pool, Linear [App. F]."""
 
     def __init__(self, dim=128, in_ch=3, n_classes=0):
         super().__init__()
         self.b1c1, self.b1c2 = conv(in_ch, dim, 3), conv(dim, dim, 3)   # OptimizedResBlockDisc1
         self.b1sc = conv(in_ch, dim, 1, he=False)
-        self.blocks = nn.Sequential(DBlock(dim, dim, True), DBlock(dim, dim, False),
-                                    DBlock(dim, dim, False))
+        self.blocks = nn.Sequential(*[DBlock(dim, dim, down) for down in (True, False, False)])
         self.fc = tflib_init(nn.Linear(dim, 1), he=False)
         self.ac = tflib_init(nn.Linear(dim, n_classes), he=False) if n_classes else None
 
@@ -602,8 +536,7 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         self.z_dim, self.c0, self.unit_bn = z_dim, dim * 2 ** (n_up - 1), n_up == 3
         self.fc = tflib_init(nn.Linear(z_dim, 16 * self.c0), he=False)  # UNSPECIFIED: tflib init
-        # UNSPECIFIED: gan_cifar.py normalises each of the 16 c0 units (BN axes [0]), gan_64x64.py
-        # each channel after the reshape [official]
+        # UNSPECIFIED: BN of each of the 16 c0 units (gan_cifar.py) or channels (gan_64x64.py)
         self.bn0 = (nn.BatchNorm1d(16 * self.c0, track_running_stats=False) if self.unit_bn
                     else bn(self.c0))
         layers = []
@@ -622,9 +555,8 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANCritic(nn.Module):
-    """n conv 5x5 s2 with LeakyReLU(0.2), flatten, Linear(1). Norm after every conv but the first:
-    none for WGAN-GP at 32x32, layer norm at 64x64, BN in the wgan/dcgan baselines [Sec. 4, 5.3,
-    App. E; official gan_cifar.py, gan_64x64.py]."""
+    """n conv 5x5 s2 + LeakyReLU(0.2), Linear; norm after conv 2..n: none / LN at 64 / BN in the
+    baselines [Sec. 4, 5.3, App. E; official gan_cifar.py, gan_64x64.py]."""
 
     def __init__(self, dim=128, n_down=3, in_ch=3, norm="none"):
         super().__init__()
@@ -654,9 +586,7 @@ class LangResBlock(nn.Module):
 
 
 class LangGenerator(nn.Module):
-    """z (128) -> Linear -> (dim, seq_len) -> 5 res blocks -> conv1x1 to V -> softmax over the
-    vocabulary at each position: (B, seq_len, V), no sampling: the critic sees the distributions
-    [Sec. 5.5; official gan_language.py Generator]."""
+    """z -> Linear -> 5 res blocks -> conv1x1 -> softmax per position, no sampling [Sec. 5.5]."""
 
     def __init__(self, z_dim=128, dim=512, seq_len=32, vocab=2048, blocks=5):
         super().__init__()
@@ -671,8 +601,7 @@ class LangGenerator(nn.Module):
 
 
 class LangCritic(nn.Module):
-    """(B, seq_len, V) one-hot or softmax -> conv1x1 to dim -> 5 res blocks -> flatten -> Linear(1)
-    [Sec. 5.5; official gan_language.py Discriminator]."""
+    """(B, seq_len, V) -> conv1x1 -> 5 res blocks -> flatten -> Linear [Sec. 5.5]."""
 
     def __init__(self, dim=512, seq_len=32, vocab=2048, blocks=5):
         super().__init__()
@@ -712,9 +641,7 @@ def build_models(args, channels, n_classes):
 
 # ==== Losses ====
 def gradient_penalty(critic, x_real, x_fake, one_sided=False, dist=None):
-    """lambda-free penalty of Eq. (3): E[(||grad_x_hat D(x_hat)||_2 - 1)^2], x_hat on the lines
-    between real and fake samples paired by index. dist (torchrun): eps is drawn for the global
-    batch and this process keeps its rows; the double backward stays local (common.Dist)."""
+    """E[(||grad D(x_hat)||_2 - 1)^2] of Eq. (3) without lambda, x_hat between paired samples."""
     world = 1 if dist is None else dist.world_size                  # one eps per sample:
     eps = torch.rand(x_real.size(0) * world, *[1] * (x_real.dim() - 1), device=x_real.device)
     eps = eps if dist is None else dist.shard(eps)
@@ -727,8 +654,7 @@ def gradient_penalty(critic, x_real, x_fake, one_sided=False, dist=None):
 
 
 def critic_loss(d_real, d_fake, mode):
-    """Critic minimises E[D(x~)] - E[D(x)] (Eq. 2/3 without the penalty); dcgan: Eq. (1) as
-    -log D(x) - log(1 - D(x~)) on logits."""
+    """E[D(x~)] - E[D(x)] [Eq. 2, 3]; dcgan: -log D(x) - log(1 - D(x~)) on logits [Eq. 1]."""
     if mode == "dcgan":     # UNSPECIFIED: halved, as the official gan_cifar.py disc_cost /= 2
         return (F.softplus(-d_real).mean() + F.softplus(d_fake).mean()) / 2
     return d_fake.mean() - d_real.mean()
@@ -754,17 +680,12 @@ def make_optimizers(G, D, args):
 
 
 def lr_at(step, args):
-    """PAPER-VS-CODE (dev. 1): lr (1 - t/T) after t of T generator iterations, both nets
-    [official gan_cifar_resnet.py DECAY]; constant without --lr-decay."""
+    """PAPER-VS-CODE (dev. 1): lr (1 - t/T) after t of T G iterations [official DECAY]."""
     return args.lr * (max(0.0, 1.0 - step / args.steps) if args.lr_decay else 1.0)
 
 
 def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp, dist):
-    """One generator iteration of Alg. 1: n_critic critic updates, then one G update.
-    DEVIATION (dev. 8): the official loop does the G step first (skipped at iteration 0), then the
-    critic steps; the same sequence shifted by half an iteration. Under torchrun every process
-    draws the global batch's noise and keeps its rows (dist.shard), and gradients are averaged
-    after each backward: the global batch's update (BN: dev. 13)."""
+    """Alg. 1: n_critic critic updates, then one G update; DEVIATION (dev. 8): official G first."""
     dev = next(D.parameters()).device
     for _ in range(args.n_critic):                                      # Alg. 1 l.2
         x_real, y_real = next(real_batches)                             # a fresh real batch
@@ -818,11 +739,8 @@ def train_step(G, D, opt_G, opt_D, real_batches, args, n_classes, amp, dist):
 # ==== Eval ====
 @torch.no_grad()
 def mode_coverage(x_fake, dataset):
-    """(modes, hq): a sample is high-quality within 3 std of its nearest reference point (a mode
-    centre, or one of 2000 points on the noiseless Swiss roll, whose 25 equal-t pieces are its
-    modes); a mode is covered when it holds >= 1% of all samples as high-quality ones.
-    UNSPECIFIED: the paper judges Fig. 1 by eye; this is the 8/25-Gaussian measure of Metz et al.
-    / VEEGAN (our 1% threshold)."""
+    """(modes, hq): hq within 3 std of a mode (Swiss roll: 25 pieces), a mode covered by >= 1%.
+    UNSPECIFIED: the paper judges Fig. 1 by eye; Metz et al. / VEEGAN's measure."""
     if dataset == "swissroll":
         t = 1.5 * math.pi * (1 + 2 * torch.linspace(0, 1, 2000))
         refs, std = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 7.5, 0.25 / 7.5
@@ -838,8 +756,7 @@ def mode_coverage(x_fake, dataset):
 
 @torch.no_grad()
 def draw_toy(D, x_real, x_fake, path, title_lines, lim=3.0, res=384, levels=8):
-    """Fig. 1: the critic's value over [-lim, lim]^2 in grey (light = high) with labelled
-    contours, real points orange, generated green, under a title strip [official gan_toy.py]."""
+    """Fig. 1: the critic's value over [-lim, lim]^2, labelled contours, real and fake points."""
     t = torch.linspace(-lim, lim, res, device=next(D.parameters()).device)
     v = D(torch.stack(torch.meshgrid(t, -t, indexing="xy"), -1).view(-1, 2))[0]  # row 0: y = lim
     v = v.view(res, res).float().cpu()
@@ -868,15 +785,12 @@ def draw_toy(D, x_real, x_fake, path, title_lines, lim=3.0, res=384, levels=8):
 
 
 def ngram_counts(lines, n):
-    """Counter of the character n-grams (tuples) of tokenised lines [official language_helpers.py
-    NgramLanguageModel, tokenize=False]."""
+    """Counter of the character n-grams of tokenised lines [official NgramLanguageModel]."""
     return collections.Counter(t[i:i + n] for t in lines for i in range(len(t) - n + 1))
 
 
 def js_divergence(p, q):
-    """Jensen-Shannon divergence of two n-gram count tables, in bits: 0.5 (KL(P||M) + KL(Q||M))
-    / log 2 with M = (P + Q) / 2, so 0 for equal and 1 (= log 2 nats) for disjoint supports
-    [official language_helpers.py js_with]."""
+    """JS of two count tables in bits, 0.5 (KL(P||M) + KL(Q||M)) / log 2 [official js_with]."""
     tp, tq = sum(p.values()), sum(q.values())
     kl = 0.0
     for a, b, ta, tb in ((p, q, tp, tq), (q, p, tq, tp)):
@@ -888,8 +802,7 @@ def js_divergence(p, q):
 
 @torch.no_grad()
 def text_samples(G, args, device, vocab, n):
-    """n strings: argmax of G's softmax per position, G run on batches of --batch-size, z from its
-    own RNG (the same z at every call, never the training stream) [official generate_samples]."""
+    """n strings, argmax per position, z from its own RNG [official generate_samples]."""
     gen, out = torch.Generator().manual_seed(args.seed + 3), []   # DEVIATION (dev. 10): same z
     for i in range(0, n, args.batch_size):
         p = sample(G, args.batch_size, args, device, gen)[: n - i]
@@ -903,6 +816,7 @@ def sample(G, n, args, device, gen, y=None):
     return G(torch.randn(n, args.z_dim, generator=gen).to(device), y)
 
 
+@torch.no_grad()
 def save_samples(G, D, args, step, device, data, fixed_z, fixed_y):
     """A 10x10 grid of G(fixed z), one class per column (official), or the toys' Fig. 1 panel."""
     path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
@@ -914,8 +828,7 @@ def save_samples(G, D, args, step, device, data, fixed_z, fixed_y):
                 fh.write(text)
         return
     if args.dataset not in TOYS:    # PAPER-VS-CODE (dev. 7): BN with batch statistics (official)
-        with torch.no_grad():
-            x = G(fixed_z.to(device), fixed_y)
+        x = G(fixed_z.to(device), fixed_y)
         torchvision.utils.save_image(x, path, nrow=10, normalize=True, value_range=(-1, 1))
         return
     gen = torch.Generator().manual_seed(args.seed + 4)      # the same points in every figure
@@ -929,9 +842,8 @@ def save_samples(G, D, args, step, device, data, fixed_z, fixed_y):
 
 
 def export_samples(G, args, device, n_classes, path):
-    """samples_N.npz, uint8 NHWC, quantised int((x + 1) * 255.99 / 2) (gan_cifar.py: 255 / 2) as
-    the official Inception Score code, not as common.quantize; batches of 100 (dev. 7), classes
-    in turn with --conditional [official gan_cifar_resnet.py get_inception_score]."""
+    """samples_N.npz, uint8 NHWC, int((x + 1) 255.99 / 2) (gan_cifar.py: 255 / 2), batches of 100
+    [official get_inception_score]."""
     gen, out = torch.Generator().manual_seed(args.seed + 2), []
     scale = 255 / 2 if args.arch == "dcgan" else 255.99 / 2
     for i in range(0, args.export_samples, 100):
@@ -943,8 +855,6 @@ def export_samples(G, args, device, n_classes, path):
 
 def build_fid(args, device):
     """fid.TrainingFID at start-up: Inception weights and reference statistics resolved now."""
-    if not args.fid_every:
-        return None
     try:
         import fid  # evaluation only: a copy of this script without fid.py still trains
     except ImportError:
@@ -956,9 +866,7 @@ def build_fid(args, device):
 
 
 def evaluate(G, args, device, n_classes, fid_ev, mode_gen, data=None):
-    """Toys: modes and hq of 2500 samples (own RNG stream, checkpointed). Images: Inception Score
-    (Tab. 3: 50K samples, 10 splits) and FID from one Inception pass of fid.TrainingFID. Text:
-    js1..js4 of --js-samples strings vs all real lines [official gan_language.py, every 100 it]."""
+    """Toys: modes, hq; images: IS (Tab. 3) and FID; text: js1..js4 [official gan_language.py]."""
     if args.arch == "lang":
         fake = text_samples(G, args, device, data.vocab, args.js_samples)
         return {f"js{n}": js_divergence(ngram_counts(fake, n), data.true[n - 1])
@@ -978,10 +886,12 @@ def evaluate(G, args, device, n_classes, fid_ev, mode_gen, data=None):
 
 def save_reals(args, data, step):
     """Text: print the js floor (every start), write reals.txt; images: reals.png (fresh runs)."""
-    if args.arch == "lang":
-        k, floor = data.floor()
-        print(f"js floor ({k} held-out real lines vs the other {len(data.lines) - k}): " + " ".join(
-            f"js{n + 1} {v:.4g}" for n, v in enumerate(floor)), flush=True)
+    if args.arch == "lang":         # the floor of js_n [official gan_language.py validation JSD]
+        k = min(640, len(data.lines) // 2)
+        held, rest = data.lines[:k], data.lines[k:]
+        print(f"js floor ({k} held-out real lines vs the other {len(rest)}): " + " ".join(
+            f"js{n} {js_divergence(ngram_counts(held, n), ngram_counts(rest, n)):.4g}"
+            for n in range(1, 5)), flush=True)
         if step == 0:
             with open(os.path.join(args.out_dir, "reals.txt"), "w", encoding="latin-1") as f:
                 f.write("".join("".join(t) + "\n" for t in data.lines[:640]))
@@ -992,8 +902,7 @@ def save_reals(args, data, step):
 
 
 def load_generator(ckpt_path, device="cpu"):
-    """G rebuilt from a checkpoint alone (flags, channels, classes are stored in it), in eval
-    mode; its BN uses batch statistics in any mode (dev. 7): sample in batches of 100."""
+    """G from a checkpoint alone; BN uses batch statistics (dev. 7): sample in batches of 100."""
     state = common.load_checkpoint(ckpt_path, device)
     G, _ = build_models(argparse.Namespace(**state["args"]), state["channels"], state["n_classes"])
     G.load_state_dict(state["G"])
@@ -1024,15 +933,14 @@ def main(argv=None):
     dist = setup(args)
     device = dist.device
     run = common.Run(args, "wgan_gp", total=args.steps, mutable=("steps", "lr"), dist=dist)
-    amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16"
-           else contextlib.nullcontext)
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
     data, channels, n_classes = load_data(args, device)
     G, D = (m.to(device) for m in build_models(args, channels, n_classes))
     if args.sync_bn and dist.world_size > 1:        # DEVIATION (dev. 13): else BN per process
         G, D = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
     opt_G, opt_D = make_optimizers(G, D, args)
-    fid_ev = build_fid(args, device)
+    fid_ev = build_fid(args, device) if args.fid_every else None
     fixed_z = torch.randn(100, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
     fixed_y = torch.arange(100, device=device) % n_classes if args.conditional else None
     mode_gen = torch.Generator().manual_seed(args.seed + 1)        # toy metric: own RNG stream
