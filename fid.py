@@ -58,7 +58,6 @@ import os
 import pathlib
 import re
 import sys
-import time
 
 import numpy as np
 import scipy.linalg
@@ -69,31 +68,9 @@ import torchvision.transforms.functional as TF
 from torchvision.datasets.folder import pil_loader
 from torchvision.models import inception as tv_inception
 
-try:  # the project's one-line errors and progress line; fid.py copied alone has its own below
-    import common
-    UserError, Progress = common.UserError, common.Progress
-except (ImportError, AttributeError):
-    common = None
+import common
 
-    class UserError(Exception):
-        """A mistake the user can fix: printed as one `error: ...` line, exit 2."""
-
-    class Progress:
-        """common.Progress's line: `features 500/10000 (5%) | 9.1 img/s | ... | eta 0:17:24`."""
-
-        def __init__(self, what, total, unit="it"):
-            self.what, self.total, self.unit, self.done, self.t0 = what, total, unit, 0, time.time()
-            self.t_print = self.t0
-
-        def update(self, n=1):
-            self.done, now, hms = self.done + n, time.time(), lambda s: (
-                f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}")
-            if now - self.t_print >= 10 or self.done >= self.total:
-                rate, self.t_print = self.done / max(now - self.t0, 1e-9), now
-                print(f"{self.what} {self.done}/{self.total} ({100 * self.done / self.total:.0f}%)"
-                      f" | {rate:.3g} {self.unit}/s | {hms(now - self.t0)} elapsed | eta "
-                      f"{hms((self.total - self.done) / max(rate, 1e-12))}", flush=True)
-
+UserError, Progress = common.UserError, common.Progress   # one-line errors; the progress line
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    + FID_WEIGHTS_FILE)
@@ -140,7 +117,7 @@ def parse_args(argv=None):
     a("--mode", default="pytorch-fid", choices=MODES, help="resize/normalisation pipeline; "
       "statistics of another mode are refused [ours: card Tab. 2.4]")
     a("--fd-method", default="sqrtm", choices=("sqrtm", "eig", "eigh"), help="sqrtm: pytorch-fid's "
-      "numbers; eig/eigh: several times faster, ~1e-13 relative off, ~1e-6 if N < dims [card 2.6]")
+      "numbers; eig/eigh: faster, ~1e-13 relative off, ~1e-6 if N < dims [ours: card 2.6]")
     a("--no-resize", action="store_true", help="feed images at their own size (>= 75 px); the "
       "protocol only for 299x299 inputs [ours: pytorch-fid resize_input=False]")
     a("--recursive", action="store_true", help="scan folders recursively [ours]")
@@ -170,7 +147,7 @@ def parse_args(argv=None):
     a("--data-root", default="data", help="root of dataset: sources [run]")
     a("--img-size", type=pos, help="dataset: sources at this size; default native [run]")
     a("--ref-split", default="train", choices=("train", "test"), help="of dataset: sources [run]")
-    a("--ref-size", type=_int_at_least(2), help="first N images of dataset: sources; all [run]")
+    a("--ref-size", type=_int_at_least(2), help="first N of dataset: sources; default all [run]")
     a("--cache-dir", help="statistics of dataset: sources; default <data-root>/fid_stats [run]")
     return p.parse_args(argv)
 
@@ -662,8 +639,6 @@ def load_stats(path, mode, dims, resize):
 def reference_stats(dataset, data_root, img_size, model, split="train", size=None, cache_dir=None,
                     class_labels=(None,), batch_size=50, num_workers=0):
     """{class label: statistics} of the first `size` images of a split, cached in cache_dir."""
-    if common is None:
-        raise UserError(f"dataset:{dataset} needs common.py (the project's loader) beside fid.py")
     load = lambda: common.load_dataset(dataset, data_root, img_size, train=split == "train")  # noqa
     tag, ds = [re.sub(r"[^A-Za-z0-9.]+", "_", dataset).strip("_")[:40], hashlib.sha1(
         dataset.encode()).hexdigest()[:6], str(img_size or "native"), split], None
@@ -917,12 +892,7 @@ def main(argv=None):
     if argv[:1] == ["--tool"]:                     # explicit: a folder named like a tool is a path
         return run_tool(parse_tool_args(argv[1:]))
     args = parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {args.device!r}; e.g. cuda, cuda:1, cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA not available; pass --device cpu")
+    device = common.get_device(args.device)
     if args.batch_size is None:                    # pytorch-fid's 50 on CPU; a GPU wants more
         args.batch_size = 250 if device.type == "cuda" else 50
     if not (len(args.path) == 2 or (len(args.path) == 1 and args.isc and not args.save_stats)):
@@ -1032,16 +1002,5 @@ def run_tool(args):
     return report
 
 
-def cli():
-    """A UserError: one `error: ...` line, exit 2 (common.cli's signal handler waits to save)."""
-    try:
-        main()
-    except UserError as e:
-        lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
-        msg = lines[0] if len(lines) == 1 else re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    common.cli(main)
