@@ -36,17 +36,14 @@ Run
   python fid.py data/cifar10_png cifar10_train.npz --save-stats  # mu, sigma + provenance keys
   python fid.py samples.npz ref.npz --float-range -1 1       # float arrays: state their range
   python fid.py --tool triangles data/triangles                # study tools: --tool NAME --help
-  python fid.py --tool sample-hparams wgan_gp wide --n 100
-  python fid.py --tool budget-curve runs.csv ; python fid.py --tool seed-report runs.csv
-Inputs: image folders (flat, sorted, pytorch-fid's extensions), statistics .npz (mu, sigma; ours
-add provenance, checked against the run), images .npz ('images' from --export-samples or 'arr_0'
-as OpenAI/ADM write; NHWC, NCHW or (N, H, W); uint8, or floats with --float-range), dataset:<name>.
+  python fid.py --tool sample-hparams wgan_gp wide --n 100   # also budget-curve, seed-report CSV
+Inputs: flat sorted image folders, statistics .npz (mu, sigma; ours add provenance, checked), images
+.npz ('images' or OpenAI/ADM 'arr_0'; NHWC, NCHW or NHW; uint8, floats with --float-range).
 Parity (one random state dict in every net, tests/test_fid.py): features bit-identical to
 pytorch-fid 0.3.0 at every tap, FID equal to its calculate_fid_given_paths; tf1 features equal to
 torch-fidelity 0.4.0; clean resize bit-identical to clean-fid 0.1.35. Anchors (not measured: no
 weights offline): tf1 FID(CIFAR-10 train[:5000], test[:5000]) = 10.3233, tf1 IS(train) = 11.237.
-Weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid release 'fid_weights'): --weights, the
-torch hub cache or a download. Scores with other weights are not comparable.
+Weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid 'fid_weights'); others not comparable.
 """
 import argparse
 import contextlib
@@ -316,10 +313,7 @@ class FIDInceptionE(tv_inception.InceptionE):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        if self.max_pool:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = _pool_avg(x)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _pool_avg(x)
         return torch.cat([b1, b3, bd, self.branch_pool(pooled)], 1)
 
 
@@ -445,8 +439,6 @@ def extract(batches, model, total, progress=None, allow_tf32=False):
                 raise UserError(f"images of different sizes ({', '.join(sizes)}) need resizing: "
                                 "drop --no-resize to resize each to 299x299")
             x = torch.cat([prepare(im[None]) for im in x]) if isinstance(x, list) else prepare(x)
-            if done + len(x) > total:
-                raise ValueError(f"more than the announced {total} images")
             out[done:done + len(x)].copy_(model(x), non_blocking=True)
             done += len(x)
             if progress is not None:
