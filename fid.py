@@ -75,7 +75,6 @@ FID_WEIGHTS_SHA256_PREFIX = "6726825d"     # torch.hub naming convention; pytorc
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid
 MODES = ("pytorch-fid", "tf1", "clean")
 DIMS = (64, 192, 768, 2048)                # pytorch-fid BLOCK_INDEX_BY_DIM taps
-TOOLS = ("triangles", "sample-hparams", "budget-curve", "seed-report")
 PROVENANCE = dict(n=int, mode=str, dims=int, resize=bool, weights=str, source=str)  # stats keys
 
 
@@ -93,8 +92,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog=f"study tools: python fid.py --tool {{{','.join(TOOLS)}}} ... (--tool first; "
-               "a folder named like a tool is still a folder)")
+        epilog="study tools: python fid.py --tool {triangles,sample-hparams,budget-curve,"
+               "seed-report} ... (--tool first; a folder named like a tool is still a folder)")
     a, pos, nonneg = p.add_argument, _int_at_least(1), _int_at_least(0)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     a("path", nargs="*", help="two sources: image folder, statistics .npz, images .npz or "
