@@ -925,9 +925,8 @@ def main(argv=None):
     if args.isc:
         if args.dims != 2048 or feats[0] is None:
             raise UserError("--isc needs --dims 2048 and images (not statistics) as PATH1")
-        res["is_mean"], res["is_std"] = inception_score(logits_unbiased(feats[0], get_model()),
-                                                        args.isc_splits, not args.no_shuffle,
-                                                        args.seed)
+        res["is_mean"], res["is_std"] = inception_score(
+            logits_unbiased(feats[0], get_model()), args.isc_splits, not args.no_shuffle, args.seed)
         print(f"IS:  {res['is_mean']} +- {res['is_std']}  | {args.isc_splits} splits | {tag}")
     needs = [f for f in ("kid", "prc", "fid_inf") if getattr(args, f)]
     if needs and (len(src) != 2 or feats[0] is None or (feats[1] is None and needs != ["fid_inf"])):
