@@ -36,17 +36,14 @@ Run
   python fid.py data/cifar10_png cifar10_train.npz --save-stats  # mu, sigma + provenance keys
   python fid.py samples.npz ref.npz --float-range -1 1       # float arrays: state their range
   python fid.py --tool triangles data/triangles                # study tools: --tool NAME --help
-  python fid.py --tool sample-hparams wgan_gp wide --n 100
-  python fid.py --tool budget-curve runs.csv ; python fid.py --tool seed-report runs.csv
-Inputs: image folders (flat, sorted, pytorch-fid's extensions), statistics .npz (mu, sigma; ours
-add provenance, checked against the run), images .npz ('images' from --export-samples or 'arr_0'
-as OpenAI/ADM write; NHWC, NCHW or (N, H, W); uint8, or floats with --float-range), dataset:<name>.
+  python fid.py --tool sample-hparams wgan_gp wide --n 100   # also budget-curve, seed-report CSV
+Inputs: flat sorted image folders, statistics .npz (mu, sigma; ours add provenance, checked), images
+.npz ('images' or OpenAI/ADM 'arr_0'; NHWC, NCHW or NHW; uint8, floats with --float-range).
 Parity (one random state dict in every net, tests/test_fid.py): features bit-identical to
 pytorch-fid 0.3.0 at every tap, FID equal to its calculate_fid_given_paths; tf1 features equal to
 torch-fidelity 0.4.0; clean resize bit-identical to clean-fid 0.1.35. Anchors (not measured: no
 weights offline): tf1 FID(CIFAR-10 train[:5000], test[:5000]) = 10.3233, tf1 IS(train) = 11.237.
-Weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid release 'fid_weights'): --weights, the
-torch hub cache or a download. Scores with other weights are not comparable.
+Weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid 'fid_weights'); others not comparable.
 """
 import argparse
 import contextlib
@@ -58,10 +55,8 @@ import os
 import pathlib
 import re
 import sys
-import time
 
 import numpy as np
-import scipy
 import scipy.linalg
 import scipy.special
 import torch
@@ -70,31 +65,9 @@ import torchvision.transforms.functional as TF
 from torchvision.datasets.folder import pil_loader
 from torchvision.models import inception as tv_inception
 
-try:  # the project's one-line errors and progress line; fid.py copied alone has its own below
-    import common
-    UserError, Progress = common.UserError, common.Progress
-except (ImportError, AttributeError):
-    common = None
+import common
 
-    class UserError(Exception):
-        """A mistake the user can fix: printed as one `error: ...` line, exit 2."""
-
-    class Progress:
-        """common.Progress's line: `features 500/10000 (5%) | 9.1 img/s | ... | eta 0:17:24`."""
-
-        def __init__(self, what, total, unit="it"):
-            self.what, self.total, self.unit, self.done, self.t0 = what, total, unit, 0, time.time()
-            self.t_print = self.t0
-
-        def update(self, n=1):
-            self.done, now, hms = self.done + n, time.time(), lambda s: (
-                f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}")
-            if now - self.t_print >= 10 or self.done >= self.total:
-                rate, self.t_print = self.done / max(now - self.t0, 1e-9), now
-                print(f"{self.what} {self.done}/{self.total} ({100 * self.done / self.total:.0f}%)"
-                      f" | {rate:.3g} {self.unit}/s | {hms(now - self.t0)} elapsed | eta "
-                      f"{hms((self.total - self.done) / max(rate, 1e-12))}", flush=True)
-
+UserError, Progress = common.UserError, common.Progress   # one-line errors; the progress line
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    + FID_WEIGHTS_FILE)
@@ -102,7 +75,6 @@ FID_WEIGHTS_SHA256_PREFIX = "6726825d"     # torch.hub naming convention; pytorc
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid
 MODES = ("pytorch-fid", "tf1", "clean")
 DIMS = (64, 192, 768, 2048)                # pytorch-fid BLOCK_INDEX_BY_DIM taps
-TOOLS = ("triangles", "sample-hparams", "budget-curve", "seed-report")
 PROVENANCE = dict(n=int, mode=str, dims=int, resize=bool, weights=str, source=str)  # stats keys
 
 
@@ -120,29 +92,28 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog=f"study tools: python fid.py --tool {{{','.join(TOOLS)}}} ... (--tool first; "
-               "a folder named like a tool is still a folder)")
+        epilog="study tools: python fid.py --tool {triangles,sample-hparams,budget-curve,"
+               "seed-report} ... (--tool first; a folder named like a tool is still a folder)")
     a, pos, nonneg = p.add_argument, _int_at_least(1), _int_at_least(0)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     a("path", nargs="*", help="two sources: image folder, statistics .npz, images .npz or "
       "dataset:<name>; one with --isc only [official pytorch-fid fid_score.py]")
-    a("--batch-size", type=pos, help="images per forward; default 50 on CPU (pytorch-fid's), 250 "
-      "on CUDA [official pytorch-fid fid_score.py; ours: CUDA]")
-    a("--num-workers", type=nonneg, default=min(8, cpus or 0),
-      help="data loader processes, min(8, CPUs) [official pytorch-fid fid_score.py]")
+    a("--batch-size", type=pos, help="default 50 on CPU (pytorch-fid's), 250 on CUDA [official "
+      "pytorch-fid fid_score.py; ours: CUDA]")
+    a("--num-workers", type=nonneg, default=min(8, cpus or 0), help="min(8, CPUs) [official "
+      "pytorch-fid fid_score.py]")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
       help="cuda if available else cpu [official pytorch-fid fid_score.py]")
     a("--dims", type=int, default=2048, choices=DIMS, help="feature tap; 2048 = pool3 [official "
       "pytorch-fid inception.py]")
     a("--save-stats", action="store_true", help="write mu, sigma and provenance of PATH1 to PATH2 "
       "(+ .npz); never overwrites [official pytorch-fid fid_score.py]")
-    a("--weights", help=f"Inception weights; default {FID_WEIGHTS_FILE} from the torch hub cache "
-      "or a download [official pytorch-fid inception.py]")
+    a("--weights", help=f"default {FID_WEIGHTS_FILE} from the torch hub cache or a download "
+      "[official pytorch-fid inception.py]")
     a("--mode", default="pytorch-fid", choices=MODES, help="resize/normalisation pipeline; "
       "statistics of another mode are refused [ours: card Tab. 2.4]")
     a("--fd-method", default="sqrtm", choices=("sqrtm", "eig", "eigh"), help="sqrtm: pytorch-fid's "
-      "numbers; eig/eigh: eigenvalue routes, several times faster at d=2048, equal to sqrtm to "
-      "~1e-13 relative on full-rank statistics but only ~1e-6 when N < dims [ours: card 2.6]")
+      "numbers; eig/eigh: faster, ~1e-13 relative off, ~1e-6 if N < dims [ours: card 2.6]")
     a("--no-resize", action="store_true", help="feed images at their own size (>= 75 px); the "
       "protocol only for 299x299 inputs [ours: pytorch-fid resize_input=False]")
     a("--recursive", action="store_true", help="scan folders recursively [ours]")
@@ -157,8 +128,7 @@ def parse_args(argv=None):
       "[official improved-gan model.py; torch-fidelity shuffles]")
     a("--kid", action="store_true", help="Kernel Inception Distance [Binkowski et al. 2018]")
     a("--kid-subsets", type=pos, default=100, help="[official torch-fidelity defaults.py]")
-    a("--kid-subset-size", type=_int_at_least(2), default=1000,
-      help="[official torch-fidelity defaults.py]")
+    a("--kid-subset-size", type=_int_at_least(2), default=1000, help="[official torch-fidelity]")
     a("--prc", action="store_true", help="k-NN precision/recall/F1 on pool3 features (DEVIATION: "
       "the paper uses VGG-16), blocked on --device [Kynkaanniemi et al. 2019]")
     a("--prc-k", type=pos, default=3, help="k-th neighbour radius [Kynkaanniemi et al. 2019]")
@@ -173,8 +143,7 @@ def parse_args(argv=None):
     a("--data-root", default="data", help="root of dataset: sources [run]")
     a("--img-size", type=pos, help="dataset: sources at this size; default native [run]")
     a("--ref-split", default="train", choices=("train", "test"), help="of dataset: sources [run]")
-    a("--ref-size", type=_int_at_least(2), help="first N images of dataset: sources; default all "
-      "[run]")
+    a("--ref-size", type=_int_at_least(2), help="first N of dataset: sources; default all [run]")
     a("--cache-dir", help="statistics of dataset: sources; default <data-root>/fid_stats [run]")
     return p.parse_args(argv)
 
@@ -216,8 +185,7 @@ def list_images(path, recursive=False, ignore_case=False):
 
 
 def read_images(files):
-    """uint8 (N, 3, H, W) via PIL convert('RGB') as pytorch-fid's ImagePathDataset (a list when
-    sizes differ), and 'path: error' for each unreadable file; a DataLoader collate_fn."""
+    """collate_fn: uint8 (N, 3, H, W) by PIL convert('RGB') [pytorch-fid], 'path: error' list."""
     good, bad = [], []
     for f in files:
         try:
@@ -228,8 +196,7 @@ def read_images(files):
 
 
 def load_npz_images(path, float_range=None):
-    """uint8 (N, C, H, W) of an images .npz: key 'images' (--export-samples) or 'arr_0' (OpenAI/
-    ADM); NHWC, NCHW or (N, H, W); floats only in their stated range, quantised like save_image."""
+    """uint8 (N, C, H, W) of 'images' or 'arr_0' (OpenAI/ADM); floats only in a stated range."""
     with np.load(path) as f:
         key = next((k for k in ("images", "arr_0") if k in f.files), None)
         if key is None:
@@ -246,13 +213,13 @@ def load_npz_images(path, float_range=None):
         return torch.from_numpy(a).permute(0, 3, 1, 2)              # (N, C, H, W)
     if a.dtype.kind != "f":
         raise UserError(f"{what}: fid.py reads uint8 images (0..255), or floats with --float-range")
-    lo, hi = float_range or (None, None)
     a_min, a_max = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if not np.isfinite([a_min, a_max]).all():
         raise UserError(f"{what} holds NaN or Inf")
-    if lo is None:
+    if float_range is None:
         raise UserError(f"{what} in [{a_min:.4g}, {a_max:.4g}], not uint8: pass --float-range LO "
                         "HI (e.g. -1 1, 0 1, 0 255) to quantise it like save_image")
+    lo, hi = float_range
     if not lo < hi or a_min < lo - 1e-3 * (hi - lo) or a_max > hi + 1e-3 * (hi - lo):
         raise UserError(f"{what} in [{a_min:.4g}, {a_max:.4g}], outside --float-range {lo} {hi}")
     if a_max - a_min < 0.5 * (hi - lo):
@@ -333,8 +300,7 @@ class FIDInceptionC(tv_inception.InceptionC):
 
 
 class FIDInceptionE(tv_inception.InceptionE):
-    """Mixed_7b (pytorch-fid FIDInceptionE_1, patch 1) and Mixed_7c (FIDInceptionE_2, patch 2: the
-    2015-12-05 TF graph max-pools here instead of average pooling)."""
+    """Mixed_7b (FIDInceptionE_1, patch 1); Mixed_7c (FIDInceptionE_2, patch 2: TF max-pools)."""
 
     def __init__(self, in_channels, max_pool):
         super().__init__(in_channels)
@@ -346,16 +312,12 @@ class FIDInceptionE(tv_inception.InceptionE):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        if self.max_pool:
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = _pool_avg(x)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _pool_avg(x)
         return torch.cat([b1, b3, bd, self.branch_pool(pooled)], 1)
 
 
 class FIDInceptionV3(tv_inception.Inception3):
-    """pytorch-fid's fid_inception_v3: torchvision Inception3 with the TF 2015-12-05 patches;
-    1008-way fc (patch 3), no aux head, transform_input False. forward: input -> (N, dims)."""
+    """pytorch-fid's fid_inception_v3: Inception3, TF patches, 1008-way fc (patch 3), no aux."""
 
     def __init__(self, dims=2048, mode="pytorch-fid", resize=True):
         super().__init__(num_classes=1008, aux_logits=False, transform_input=False,
@@ -442,9 +404,7 @@ def build_inception(weights=None, dims=2048, mode="pytorch-fid", resize=True):
 @contextlib.contextmanager
 def exact_fp32(allow_tf32=False):
     """TF32 off and cuDNN deterministic during extraction; every flag restored [card 2.13]."""
-    b = torch.backends
-    # torch >= 2.9 has the fp32_precision API; writing legacy flags as well makes it raise on mixed
-    # settings, so the legacy flags are used only where the new API does not exist.
+    b = torch.backends             # legacy flags only without the new API: mixing them raises
     if hasattr(getattr(b.cudnn, "conv", None), "fp32_precision"):
         objs = [(b.cuda.matmul, "fp32_precision", "ieee"), (b.cudnn.conv, "fp32_precision", "ieee")]
     else:
@@ -462,9 +422,8 @@ def exact_fp32(allow_tf32=False):
 
 
 def extract(batches, model, total, progress=None, allow_tf32=False):
-    """Features of uint8 / [0, 1] float batches (a list of images when sizes differ) -> float64
-    (N, dims) [pytorch-fid get_activations]. Preprocessing runs on the model's device; features go
-    to a pinned host buffer without a per-batch sync."""
+    """uint8 / [0, 1] float batches (lists if sizes differ) -> (N, dims) float64 [get_activations];
+    features go to a pinned host buffer without a per-batch sync."""
     p = next(model.parameters())
     out, done = torch.empty((total, model.dims), dtype=p.dtype, pin_memory=p.is_cuda), 0
 
@@ -479,8 +438,6 @@ def extract(batches, model, total, progress=None, allow_tf32=False):
                 raise UserError(f"images of different sizes ({', '.join(sizes)}) need resizing: "
                                 "drop --no-resize to resize each to 299x299")
             x = torch.cat([prepare(im[None]) for im in x]) if isinstance(x, list) else prepare(x)
-            if done + len(x) > total:
-                raise ValueError(f"more than the announced {total} images")
             out[done:done + len(x)].copy_(model(x), non_blocking=True)
             done += len(x)
             if progress is not None:
@@ -513,11 +470,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="sqrtm", eps=1e-6):
                          f"{sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     if method == "sqrtm":                # pytorch-fid / TTUR: "stable version by Dougal Sutherland"
-        version = tuple(int(v) for v in re.findall(r"\d+", scipy.__version__)[:3])
-        if (1, 11, 2) <= version < (1, 13, 0):
-            raise UserError(f"SciPy {scipy.__version__} has a broken sqrtm (pytorch-fid #100); "
-                            "install scipy>=1.13 or use --fd-method eig")
-        covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))   # no `disp`: deprecated 1.16, gone 1.18
+        covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))   # no `disp`; scipy>=1.13 (#100)
         if not np.isfinite(covmean).all():
             print(f"fid calculation produces singular product; adding {eps} to diagonal of cov "
                   "estimates")
@@ -591,8 +544,7 @@ def distances(a, b):
 
 
 def precision_recall(real, fake, k=3, batch=10_000, device="cpu"):
-    """k-NN manifolds: precision = share of fake inside the real balls, recall the converse; F1.
-    float64 matmul distances in batch x batch blocks on `device` [Kynkaanniemi et al. 2019]."""
+    """Share of fake in real k-NN balls, the converse, F1; blocks on `device` [Kynkaanniemi]."""
     real, fake = (torch.as_tensor(np.asarray(v, np.float64), device=device) for v in (real, fake))
 
     def radii(x):            # distance to the k-th neighbour, self excluded = (k+1)-th incl. 0
@@ -619,8 +571,7 @@ def precision_recall(real, fake, k=3, batch=10_000, device="cpu"):
 
 
 def fid_infinity(features, mu_ref, sigma_ref, points=15, lo=5000, seed=2020, method="sqrtm"):
-    """FID_inf: FID_N of random subsets at `points` N in [lo, N], least squares FID_N = a + b/N,
-    returns a [Chong & Forsyth 2020; official FID_IS_infinity score_infinity.py]."""
+    """a of FID_N = a + b/N fit at `points` subset sizes in [lo, N] [Chong & Forsyth 2020]."""
     ns = np.linspace(lo, len(features), points).astype(int)
     if len(features) <= lo or len(set(ns)) < points:
         raise UserError(f"FID_inf fits FID_N at {points} distinct N in [{lo}, N] and needs more "
@@ -653,8 +604,7 @@ def save_stats(path, mu, sigma, prov):
 
 
 def load_stats(path, mode, dims, resize):
-    """mu, sigma and PROVENANCE's keys (None where absent) of a statistics .npz; refuses another
-    pipeline (dims, mode, resize), warns where there is no provenance (pytorch-fid, TTUR files)."""
+    """mu, sigma, PROVENANCE (None where absent); refuses another pipeline, warns without one."""
     try:
         with np.load(path) as f:
             s = {k: f[k] for k in f.files}
@@ -679,10 +629,7 @@ def load_stats(path, mode, dims, resize):
 
 def reference_stats(dataset, data_root, img_size, model, split="train", size=None, cache_dir=None,
                     class_labels=(None,), batch_size=50, num_workers=0):
-    """{class label: statistics} of common.load_dataset's split, the first `size` images of each
-    set (all if None), cached as .npz with provenance in cache_dir (<data_root>/fid_stats)."""
-    if common is None:
-        raise UserError(f"dataset:{dataset} needs common.py (the project's loader) beside fid.py")
+    """{class label: statistics} of the first `size` images of a split, cached in cache_dir."""
     load = lambda: common.load_dataset(dataset, data_root, img_size, train=split == "train")  # noqa
     tag, ds = [re.sub(r"[^A-Za-z0-9.]+", "_", dataset).strip("_")[:40], hashlib.sha1(
         dataset.encode()).hexdigest()[:6], str(img_size or "native"), split], None
@@ -725,11 +672,8 @@ def reference_stats(dataset, data_root, img_size, model, split="train", size=Non
 
 
 class TrainingFID:
-    """FID and IS of a generator during training from one Inception pass (the --fid-every
-    contract). The net, the weights and the reference statistics (one set per entry of
-    class_labels, None = all classes) are resolved here, at start-up: UserError if unavailable.
-    ev(sample_fn) calls sample_fn(n <= 50) -> (n, C, H, W) in [-1, 1], quantises like save_image
-    and returns {"fid", "is", "is_std"}."""
+    """--fid-every: net, weights and reference statistics resolved at start-up (UserError); ev(
+    sample_fn(n <= 50) -> (n, C, H, W) in [-1, 1]) -> {"fid", "is", "is_std"} of one pass."""
 
     def __init__(self, dataset, data_root, img_size, device, n_samples, weights=None,
                  ref_split="train", ref_size=None, cache_dir=None, class_labels=(None,)):
@@ -785,9 +729,7 @@ class TrainingFID:
 
 # ---- "Are GANs Created Equal?" tools ----
 def render_polygons(vertices, size=28, subpixel=8):
-    """Convex polygons (B, k, 2) in pixel units (row, col) -> (B, size, size) dark on white in
-    [0, 1]: inside test at subpixel corners, then 8x8 sums over subpixel rows 8i-3..8i+4 (the
-    colab's ndimage.convolve with cval 1, sampled every 8th) [official Lucic colab]."""
+    """(B, k, 2) convex polygons (row, col) -> (B, size, size) dark on white [official colab]."""
     s = size * subpixel
     pr, pc = (g.reshape(-1) / subpixel for g in np.mgrid[0:s, 0:s])    # (P,) row, col of corners
     v = np.asarray(vertices, np.float64)
@@ -796,6 +738,7 @@ def render_polygons(vertices, size=28, subpixel=8):
     cross = (e[..., 0, None] * pc - e[..., 1, None] * pr
              - (e[..., 0] * v[..., 1] - e[..., 1] * v[..., 0])[..., None])   # (B, k, P)
     inside = (cross >= 0).all(axis=1) | (cross <= 0).all(axis=1)        # (B, P) either orientation
+    # the colab's ndimage.convolve (cval 1) sampled every 8th: sums over subpixel rows 8i-3..8i+4
     white = np.pad((~inside).reshape(-1, s, s), ((0, 0), (3, 0), (3, 0)), constant_values=True)
     white = white[:, :s, :s].reshape(-1, size, subpixel, size, subpixel)
     return white.mean(axis=(2, 4)).astype(np.float32)
@@ -818,8 +761,7 @@ def make_polygons(n=80_000, n_vertices=3, min_angle=20.0, scale=0.75, size=28, s
 
 
 def polygon_splits(n):
-    """Index ranges train / test / holdout: 60k / 10k / 10k of 80k, in proportion for other n
-    [official compare_gan v1 gan_lib.py]."""
+    """train / test / holdout 60k / 10k / 10k of 80k, in proportion [official v1 gan_lib.py]."""
     a, b = n * 3 // 4, n * 7 // 8
     return range(0, a), range(a, b), range(b, n)
 
@@ -859,8 +801,7 @@ def sample_hparams(model, space="wide", n=100, seed=0):
 
 
 def budget_curve(fids, resamples=5000, seed=0):
-    """Expected min FID over k trained models, k = 1..K, and a 95% band: bootstrap with
-    replacement, prefix minima [Lucic et al. budget figure; UNSPECIFIED: resampling]."""
+    """Mean min FID of k = 1..K settings and a 95% band [budget fig.; UNSPECIFIED: bootstrap]."""
     fids = np.asarray(fids, np.float64)
     draws = fids[np.random.RandomState(seed).randint(len(fids), size=(resamples, len(fids)))]
     best = np.minimum.accumulate(draws, axis=1)                        # (B, K) min over first k
@@ -942,12 +883,7 @@ def main(argv=None):
     if argv[:1] == ["--tool"]:                     # explicit: a folder named like a tool is a path
         return run_tool(parse_tool_args(argv[1:]))
     args = parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {args.device!r}; e.g. cuda, cuda:1, cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA not available; pass --device cpu")
+    device = common.get_device(args.device)
     if args.batch_size is None:                    # pytorch-fid's 50 on CPU; a GPU wants more
         args.batch_size = 250 if device.type == "cuda" else 50
     if not (len(args.path) == 2 or (len(args.path) == 1 and args.isc and not args.save_stats)):
@@ -989,9 +925,8 @@ def main(argv=None):
     if args.isc:
         if args.dims != 2048 or feats[0] is None:
             raise UserError("--isc needs --dims 2048 and images (not statistics) as PATH1")
-        res["is_mean"], res["is_std"] = inception_score(logits_unbiased(feats[0], get_model()),
-                                                        args.isc_splits, not args.no_shuffle,
-                                                        args.seed)
+        res["is_mean"], res["is_std"] = inception_score(
+            logits_unbiased(feats[0], get_model()), args.isc_splits, not args.no_shuffle, args.seed)
         print(f"IS:  {res['is_mean']} +- {res['is_std']}  | {args.isc_splits} splits | {tag}")
     needs = [f for f in ("kid", "prc", "fid_inf") if getattr(args, f)]
     if needs and (len(src) != 2 or feats[0] is None or (feats[1] is None and needs != ["fid_inf"])):
@@ -1057,17 +992,5 @@ def run_tool(args):
     return report
 
 
-def cli():
-    """The command line: a UserError is one `error: ...` line and exit 2, as common.cli prints it
-    (common.cli is not used: its SIGTERM/SIGINT handler waits for a training loop to save)."""
-    try:
-        main()
-    except UserError as e:
-        lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
-        msg = lines[0] if len(lines) == 1 else re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    common.cli(main)

@@ -9,6 +9,7 @@ import inspect
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -628,8 +629,13 @@ def test_every_user_error_is_one_line_and_exit_2(argv, message, tmp_path, weight
     if "--device" in argv or "--weights" in argv:
         flags = [f for f in flags if f not in ("--device", "cpu", "--weights", weights)]
     monkeypatch.setattr(sys, "argv", ["fid.py", *argv, *flags])
-    with pytest.raises(SystemExit) as e:
-        fid.cli()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.cli(fid.main)                       # fid.py's __main__; it sets signal handlers
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert message in err, err
@@ -914,9 +920,10 @@ def test_speed_benchmark_runs(weights, capsys):
     assert res["rel_diff_eig"] < 1e-10 and res["rel_diff_eigh"] < 1e-10
 
 
-# ---- the copy-paste promise: fid.py alone ----
-def test_fid_runs_alone(tmp_path, weights):
-    shutil.copy(ROOT / "fid.py", tmp_path / "fid.py")                  # no common.py beside it
+# ---- the copy-paste promise: fid.py with common.py, nothing else ----
+def test_fid_runs_with_common_alone(tmp_path, weights):
+    for name in ("fid.py", "common.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
     write_pngs(tmp_path / "a", 70, 32, seed=12)
     write_pngs(tmp_path / "b", 70, 32, seed=13)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ""}
