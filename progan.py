@@ -25,19 +25,16 @@ Paper -> code
   Sec. 6.5        CIFAR-10 config, gamma = 750 (IS 8.80) ........ CONFIGS, --gamma
   App. C          CelebA-HQ (official dataset tool), a folder ... load_reals()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  lr ramp-up exp(-5 (1 - kimg/40)^2) over 40 kimg for celebahq and lsun (Theano
-     base config, not in the paper or TF); off for cifar10 and celeba, as their Theano configs.
-  2. PAPER-VS-CODE  celeba (Tab. 1): T = F = 800 kimg of the released Theano config; App. A.2's
-     text says 600k (card: unverified): --stabilize-kimg 600 --fade-kimg 600.
+  1. PAPER-VS-CODE  lr ramp-up over the first 40 kimg for celebahq and lsun (Theano base config;
+     not in the paper or TF); off for cifar10 and celeba, as their Theano configs.
+  2. PAPER-VS-CODE  celeba (Tab. 1): T = F = 800 kimg (Theano config); App. A.2 text: 600k.
   3. PAPER-VS-CODE  cifar10: fmap_base 4096, fmap_max 128, z 128, T = F = 400 kimg from the
      Theano config behind IS 8.80; Sec. 6.5 says "the same network as for CelebA".
   4. PAPER-VS-CODE  minibatch stddev over the whole minibatch (paper, Theano); TF's strided groups
      of 4: --mbstd-group-size 4. Under torchrun: each process's share (official TF multi-GPU).
-  5. DEVIATION  cifar10 alternates a D step and a G step (TF); the Theano CIFAR-10 run updated both
-     from one forward pass (separate_funcs=False).
+  5. DEVIATION  cifar10 alternates D and G steps (TF); Theano's updated both from one forward pass.
   6. DEVIATION  lower resolutions of the reals are float box averages (dataset tool: uint8).
-  7. DEVIATION  celeba reads torchvision's aligned JPEGs (the official tool reads the PNG release);
-     the crop is the official 128x128 window at (x 89, y 121) of all 202,599 images.
+  7. DEVIATION  celeba reads the aligned JPEGs (official tool: the PNG release), official crop.
   8. DEVIATION  SWD draws the same patch positions and directions for reals and fakes (official:
      independent draws); same expectation, less variance, and SWD(X, X) = 0.
   9. DEVIATION  FID/IS come from fid.py (its protocol); during growth G_ema's output is scored
@@ -86,8 +83,7 @@ CELEBAHQ_BATCH = {256: 14, 512: 6, 1024: 3}   # App. A.1: 16 below 256^2
 Config = collections.namedtuple("Config", "resolution fmap_base fmap_max z_dim phase_kimg kimg "
                                 "gamma mirror rampup_kimg batch_at")
 # Card 2.8: T = F = phase_kimg; total kimg; gamma of the GP; mirror; lr ramp-up; batch overrides.
-# PAPER-VS-CODE: celeba's T = F = 800 is the Theano config's (App. A.2 text: 600k); cifar10's net,
-# z and T = F = 400 are the Theano config behind IS 8.80 (Sec. 6.5: "same network as for CelebA")
+# PAPER-VS-CODE (deviations 2, 3): celeba's T = F, cifar10's net, z and T = F: Theano configs
 CONFIGS = {
     "celebahq": Config(1024, 8192, 512, 512, 800, 19000, 1.0, True, 40, CELEBAHQ_BATCH),  # A.1
     "celeba": Config(128, 2048, 512, 512, 800, 10000, 1.0, True, 0, {}),    # Theano Sec. 6.1
@@ -274,17 +270,15 @@ def load_reals(args):
     if args.dataset == "celebahq":
         path = os.path.join(args.data_root, "celebahq")
         if not os.path.isdir(path):
-            raise common.UserError(
-                f"CelebA-HQ not found in {path!r}: build it with the official dataset_tool.py "
-                "create_celebahq (CelebA + the 27.6 GB delta files), export its 30,000 1024x1024 "
-                "images there as PNG, or pass --dataset folder:<dir> --resolution R")
+            raise common.UserError(f"CelebA-HQ not found in {path!r}: export the 30,000 PNGs of "
+                                   "the official dataset_tool.py create_celebahq (CelebA + 27.6 "
+                                   "GB of deltas) there, or use --dataset folder:<dir>")
         return common.load_dataset(f"folder:{path}", img_size=args.resolution)
     if args.dataset == "celeba":
         path = os.path.join(args.data_root, "celeba", "img_align_celeba")
         if not os.path.isdir(path):
-            raise common.UserError(
-                f"CelebA not found in {path!r}: unzip img_align_celeba.zip (202,599 aligned "
-                "178x218 JPEGs from the CelebA page) there")
+            raise common.UserError(f"CelebA not found in {path!r}: unzip img_align_celeba.zip "
+                                   "(202,599 aligned 178x218 JPEGs) there")
         # DEVIATION: aligned JPEGs; the official tool reads img_align_celeba_png
         tf = T.Compose([T.Lambda(_celeba_crop), T.ToTensor(), T.Normalize(0.5, 0.5)])
         return common.ImageFolderDataset(path, tf)
@@ -917,8 +911,8 @@ def main(argv=None):
     if dist.main:
         print_schedule(batch_at, G.max_level, args)
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if nimg == 0 and dist.main:
-        save_reals(dataset, data_res, args)
+        if nimg == 0:
+            save_reals(dataset, data_res, args)
     stream_batch, t_phase, n_phase = None, time.time(), nimg
     while nimg < total and not run.stopping:
         level, alpha, batch = schedule(nimg / 1000, args.stabilize_kimg, args.fade_kimg,
