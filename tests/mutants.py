@@ -2185,7 +2185,7 @@ MUTANTS = {
          "tests/test_stackganpp.py",
          'checklist 1: CA sample with exp(logvar) instead of sigma'),
         ("stackganpp.py",
-         'h = glu(self.fc(phi))',
+         'h = self.glu(self.fc(phi))',
          'h = torch.relu(self.fc(phi))[:, : 2 * self.cond_dim]',
          "tests/test_stackganpp.py",
          'checklist 1: CA without GLU'),
