@@ -79,14 +79,9 @@ DATASETS = ("cub", "oxford102", "shapes", "lsun-<category>", "folder:<path>")
 TEXT_DIRS = {"cub": "birds", "oxford102": "flowers"}      # official DATA_DIR under data/
 EPOCHS = {"cub": 600, "oxford102": 600, "lsun-bedroom": 5, "lsun-church_outdoor": 50,
           "shapes": 20}                                    # official cfg/*.yml MAX_EPOCH; ours
-PICKLE_HINT = {
-    "cub": "the StackGAN-v2 README's preprocessed char-CNN-RNN embeddings for birds (Google Drive "
-           "id 0B3y_msrWZaXLT1BZdVdycDY5TEE) unzip to {root}/birds/train and {root}/birds/test; "
-           "the images (CUB_200_2011.tgz, Caltech) to {root}/birds/CUB_200_2011",
-    "oxford102": "the StackGAN README's char-CNN-RNN embeddings for flowers (Google Drive id "
-                 "0B3y_msrWZaXLaUc0UXpmcnhaVmM) unzip to {root}/flowers/train and "
-                 "{root}/flowers/test; the images (102flowers.tgz, Oxford VGG) to "
-                 "{root}/flowers/jpg"}
+PICKLE_HINT = {   # README with the char-CNN-RNN embeddings, their Google Drive id, the images
+    "cub": ("StackGAN-v2", "0B3y_msrWZaXLT1BZdVdycDY5TEE", "CUB_200_2011.tgz", "CUB_200_2011"),
+    "oxford102": ("StackGAN", "0B3y_msrWZaXLaUc0UXpmcnhaVmM", "102flowers.tgz", "jpg")}
 LOAD_RATIO = 76 / 64        # official main.py: shorter side to 76/64 of the crop (304 for 256)
 SHAPES_WORDS = ("a", "above", "and", "below", "large", "left", "of", "right", "small", "the", "to",
                 *common.COLORS, *common.SHAPE_KINDS)
@@ -176,10 +171,10 @@ def parse_args(argv=None):
     if args.out_dir is None:
         args.out_dir = common.default_out_dir("stackganpp", args, vars(p.parse_args([])))
     d = args.dataset
-    if not (d in ("cub", "oxford102", "shapes") or d.startswith(("lsun-", "folder:"))):
+    text_ok = d in ("cub", "oxford102", "shapes")
+    if not (text_ok or d.startswith(("lsun-", "folder:"))):
         p.error(f"unknown dataset {d!r}; valid: {', '.join(DATASETS)}")
     # Derived defaults (card 2.1, 2.7), in one place
-    text_ok = d in ("cub", "oxford102", "shapes")
     if args.cond is None:
         args.cond = "text" if text_ok else "none"
     if args.epochs is None:
@@ -218,7 +213,11 @@ class _SafeUnpickler(pickle.Unpickler):
 def load_pickle(path, dataset, root):
     """A Python-2 pickle of the official data, read with encoding='latin1' (card pitfall 4)."""
     if not os.path.isfile(path):
-        raise common.UserError(f"{path} not found: " + PICKLE_HINT[dataset].format(root=root))
+        readme, drive_id, archive, images = PICKLE_HINT[dataset]
+        d = os.path.join(root, TEXT_DIRS[dataset])
+        raise common.UserError(f"{path} not found: the {readme} README's embeddings (Google Drive "
+                               f"id {drive_id}) unzip to {d}/train and {d}/test; the images "
+                               f"({archive}) to {d}/{images}")
     try:
         with open(path, "rb") as f:
             return _SafeUnpickler(f, encoding="latin1").load()
@@ -271,8 +270,7 @@ class PickleTextSource:
     def path(self, i):
         p = os.path.join(self.img_dir, self.keys[i] + ".jpg")
         if not os.path.isfile(p):
-            raise common.UserError(f"image {p} not found (key {self.keys[i]!r} of "
-                                   "filenames.pickle)")
+            raise common.UserError(f"image {p} not found (key {self.keys[i]!r} of filenames)")
         return p
 
     def image(self, i):
@@ -588,16 +586,14 @@ class JointHeads(nn.Module):
         self.joint_conv = block3x3_lrelu(8 * df_dim + cond_dim, 8 * df_dim) if cond_dim else None
         self.cond_logits = nn.Conv2d(8 * df_dim, 1, 4, stride=4) if cond_dim else None
 
-    def heads(self, code, c=None):
+    def forward(self, x, c=None):
         """-> (conditional logits (B,) or None, unconditional logits (B,))."""
+        code = self.encode(x)                       # the subclass's encoder: (B, 8 Nd, 4, 4)
         uncond = self.uncond_logits(code).view(-1)
         if self.cond_logits is None:
             return None, uncond
         c = c[:, :, None, None].expand(-1, -1, 4, 4)                     # (B, Nc, 4, 4)
         return self.cond_logits(self.joint_conv(torch.cat([c, code], 1))).view(-1), uncond
-
-    def forward(self, x, c=None):                     # self.encode: the subclass's image encoder
-        return self.heads(self.encode(x), c)
 
 
 class Discriminator64(JointHeads):
