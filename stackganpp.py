@@ -949,16 +949,6 @@ def build_fid(args, device):
                            ref_split=args.fid_ref_split, ref_size=args.fid_ref_size)
 
 
-def evaluate(ev, G_ema, test, args, device):
-    """{"fid", "is", "is_std"} of the 256 branch and the same keys + _<size> for the others."""
-    out = {}
-    for b in range(3):
-        size = args.base_size * 2**b
-        res = ev(eval_sampler(G_ema, test, args, device, branch=b))
-        out.update({k if b == 2 else f"{k}_{size}": v for k, v in res.items()})
-    return out
-
-
 def export_samples(G_ema, test, args, device, chunk=24):
     """samples_N.npz: uint8 NHWC 'images' of the largest branch (fid.py), images_<size> others."""
     fn, n = eval_sampler(G_ema, test, args, device, seed=6), args.export_samples
@@ -1021,7 +1011,9 @@ def main(argv=None):
             values = {**out, "epoch": step / per_epoch}
             if fid_now:      # every process scores rank 0's model (its BN statistics) on the
                 dist.broadcast_buffers(G, G_ema)  # same samples: identical values to average
-                values.update(evaluate(ev, G_ema, test, args, device))
+                for b, size in enumerate(sizes):   # fid, is, is_std; + _<size> below the top
+                    res = ev(eval_sampler(G_ema, test, args, device, branch=b))
+                    values.update({k if b == 2 else f"{k}_{size}": v for k, v in res.items()})
             run.log(step, values)
         if dist.main and args.sample_every and (step % args.sample_every == 0 or step == total):
             sample_grids(G_ema, fixed, data, step, args, device)
