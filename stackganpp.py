@@ -16,15 +16,14 @@ Paper -> code (StackGAN-v2; section numbers of the arXiv version, equation numbe
   official  orthogonal init, BN gamma ~ N(1, 0.02) ................. init_weights()
   Sec. 5    CUB bbox crop, 304 resize, 256 crop, flip, 128/64 ...... MultiScaleData
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  wrong (mismatched real) pairs in L_D: targets cond 0, uncond 1 (official
-     GAN-CLS term; Sec. 4.2 has real and fake only).
+  1. PAPER-VS-CODE  L_D adds wrong (mismatched real) pairs, cond 0 / uncond 1 (official; Sec. 4.2:
+     real and fake only).
   2. PAPER-VS-CODE  KL: element mean x 2.0 (official COEFF.KL); StackGAN-v1's paper: lambda 1 on
      the per-sample sum [card: unverified]; a factor ~64 apart at Nc = 128.
-  3. PAPER-VS-CODE  colour loss: MSE over the 3 / 9 entries and the lower scale detached
-     (official); --color-form paper: squared L2 / Frobenius norms, batch mean.
+  3. PAPER-VS-CODE  colour loss: MSE over entries, lower scale detached (official); --color-form
+     paper: squared L2 / Frobenius norms.
   4. PAPER-VS-CODE  D is conditioned on mu, not on the sampled c (official).
-  5. PAPER-VS-CODE  the official save_model leaves the live G at the EMA weights every 2000
-     iterations; off by default, --snapshot-reset-every 2000 reproduces it.
+  5. PAPER-VS-CODE  official save_model sets live G = EMA every 2000 its: --snapshot-reset-every.
   6. DEVIATION  shapes: a fixed random projection of unigram + bigram counts of the caption into
      1024 dims, 10 noisy copies per image, stands in for the char-CNN-RNN embeddings.
   7. DEVIATION  randomness of the data (crop, flip, wrong image, caption pick) is a pure function of
@@ -51,8 +50,7 @@ Full-size parameters (card 2.3-2.4): G 21,239,696 (CA 524,800), D 5,723,906 / 18
 71,269,122; unconditional G 16,472,208, D 2,765,569 / 15,875,841 / 68,310,785.
 Paper reports (StackGAN-v2, 256x256): CUB IS 4.04 +- .05 (official README), Oxford-102 IS 3.26,
 FID 48.68; LSUN bedroom FID 35.61 (PapersWithCode listing) [card 5: its table number, the CUB
-FID 15.30, the COCO cells and the +- values other than CUB's are unverified].
-Our numbers: README.
+FID 15.30, the COCO cells and the +- values other than CUB's are unverified]. Ours: README.
 """
 
 import argparse
@@ -130,8 +128,8 @@ def parse_args(argv=None):
     g.add_argument("--ema-decay", type=common.unit_float, default=0.999,
                    help="G_ema decay per iteration [official trainer.py]")
     g.add_argument("--snapshot-reset-every", type=common.nonnegative_int, default=0,
-                   help="official quirk: live G <- EMA every N its (official 2000), 0 = off "
-                   "[official save_model: PAPER-VS-CODE]")
+                   help="live G <- EMA every N its, 0 = off [official save_model: 2000, "
+                   "PAPER-VS-CODE 5]")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm "
                    "[UNSPECIFIED; official nn.DataParallel keeps per-GPU statistics]")
     e = p.add_argument_group("eval")
@@ -142,9 +140,8 @@ def parse_args(argv=None):
     e.add_argument("--fid-samples", type=common.positive_int, default=30000,
                    help="generated images per scale [official TEST.SAMPLE_NUM; card 5]")
     e.add_argument("--fid-weights", type=str, help="Inception weights for fid.py [run]")
-    e.add_argument("--fid-ref", type=str, help="fid.py reference dataset; default: cub "
-                   "folder:<root>/birds/CUB_200_2011/images, oxford102 folder:<root>/flowers/jpg, "
-                   "else --dataset [ours: DEVIATION 8]")
+    e.add_argument("--fid-ref", type=str, help="fid.py reference: the CUB_200_2011/images or "
+                   "flowers/jpg folder, else --dataset [ours: DEVIATION 8]")
     e.add_argument("--fid-ref-split", default="train", help="reference split for fid.py [run]")
     e.add_argument("--fid-ref-size", type=common.positive_int,
                    help="reference images for fid.py, default all [run]")
