@@ -25,20 +25,16 @@ Paper -> code
   Sec. 6.5        CIFAR-10 config, gamma = 750 (IS 8.80) ........ CONFIGS, --gamma
   App. C          CelebA-HQ (official dataset tool), a folder ... load_reals()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  lr ramp-up exp(-5 (1 - kimg/40)^2) over 40 kimg for celebahq and lsun (Theano
-     base config, not in the paper or TF); off for cifar10 and celeba, as their Theano configs.
-  2. PAPER-VS-CODE  celeba (Tab. 1): T = F = 800 kimg of the released Theano config; App. A.2's
-     text says 600k (card: unverified): --stabilize-kimg 600 --fade-kimg 600.
+  1. PAPER-VS-CODE  lr ramp-up over the first 40 kimg for celebahq and lsun (Theano base config;
+     not in the paper or TF); off for cifar10 and celeba, as their Theano configs.
+  2. PAPER-VS-CODE  celeba (Tab. 1): T = F = 800 kimg (Theano config); App. A.2 text: 600k.
   3. PAPER-VS-CODE  cifar10: fmap_base 4096, fmap_max 128, z 128, T = F = 400 kimg from the
      Theano config behind IS 8.80; Sec. 6.5 says "the same network as for CelebA".
-  4. PAPER-VS-CODE  minibatch stddev over the whole minibatch (paper, Theano); TF's groups of 4:
-     --mbstd-group-size 4 (strided groups as in TF).
-  5. DEVIATION  cifar10 alternates a D step and a G step (TF); the Theano CIFAR-10 run updated both
-     from one forward pass (separate_funcs=False).
-  6. DEVIATION  lower resolutions of the reals stay float box averages; the dataset tool rounds
-     each level to uint8.
-  7. DEVIATION  celeba reads torchvision's aligned JPEGs (the official tool reads the PNG release);
-     the crop is the official 128x128 window at (x 89, y 121) of all 202,599 images.
+  4. PAPER-VS-CODE  minibatch stddev over the whole minibatch (paper, Theano); TF's strided groups
+     of 4: --mbstd-group-size 4. Under torchrun: each process's share (official TF multi-GPU).
+  5. DEVIATION  cifar10 alternates D and G steps (TF); Theano's updated both from one forward pass.
+  6. DEVIATION  lower resolutions of the reals are float box averages (dataset tool: uint8).
+  7. DEVIATION  celeba reads the aligned JPEGs (official tool: the PNG release), official crop.
   8. DEVIATION  SWD draws the same patch positions and directions for reals and fakes (official:
      independent draws); same expectation, less variance, and SWD(X, X) = 0.
   9. DEVIATION  FID/IS come from fid.py (its protocol); during growth G_ema's output is scored
@@ -46,8 +42,6 @@ Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
   10. DEVIATION  --amp bf16 (off by default) runs forward passes in bf16; the paper used fp32.
   11. DEVIATION  scope: unconditional only (no AC-GAN term), no CelebA-HQ builder (27.6 GB of
      deltas), no LSUN 100k subsetting, no Tab. 1 ablations (a)-(f), no App. E MNIST-1k test.
-  12. PAPER-VS-CODE  under torchrun the minibatch stddev sees each process's share of the
-     global minibatch (official TF multi-GPU); the paper's runs used one GPU.
 Run (one GPU, or torchrun; --kimg = thousands of real images shown; --help lists every flag)
   python progan.py                                  # CelebA-HQ 1024, Tab. 2 (data/celebahq/*.png)
   python progan.py --dataset celeba                 # CelebA 128, Tab. 1 (g) (data/celeba/...)
@@ -89,8 +83,7 @@ CELEBAHQ_BATCH = {256: 14, 512: 6, 1024: 3}   # App. A.1: 16 below 256^2
 Config = collections.namedtuple("Config", "resolution fmap_base fmap_max z_dim phase_kimg kimg "
                                 "gamma mirror rampup_kimg batch_at")
 # Card 2.8: T = F = phase_kimg; total kimg; gamma of the GP; mirror; lr ramp-up; batch overrides.
-# PAPER-VS-CODE: celeba's T = F = 800 is the Theano config's (App. A.2 text: 600k); cifar10's net,
-# z and T = F = 400 are the Theano config behind IS 8.80 (Sec. 6.5: "same network as for CelebA")
+# PAPER-VS-CODE (deviations 2, 3): celeba's T = F, cifar10's net, z and T = F: Theano configs
 CONFIGS = {
     "celebahq": Config(1024, 8192, 512, 512, 800, 19000, 1.0, True, 40, CELEBAHQ_BATCH),  # A.1
     "celeba": Config(128, 2048, 512, 512, 800, 10000, 1.0, True, 0, {}),    # Theano Sec. 6.1
@@ -125,14 +118,13 @@ def _epilog():
     lines = ["configurations (--dataset NAME resolves the other flags to):"]
     for name, c in CONFIGS.items():
         flag = {"lsun": "lsun-<category>", "folder": "folder:<dir>"}.get(name, name)
-        res = f"--resolution {c.resolution or 'R (required)'}"
+        batch_at = " ".join(f"{r}:{b}" for r, b in c.batch_at.items())
         lines.append(
-            f"  python progan.py --dataset {flag} {res} --fmap-base {c.fmap_base} --fmap-max "
-            f"{c.fmap_max} --z-dim {c.z_dim} --stabilize-kimg {c.phase_kimg} --fade-kimg "
-            f"{c.phase_kimg} --kimg {c.kimg} --gamma {c.gamma:g} --{'' if c.mirror else 'no-'}"
-            f"mirror --lr-rampup-kimg {c.rampup_kimg} --batch-size 16"
-            + "".join(f" --batch-at {' '.join(f'{r}:{b}' for r, b in c.batch_at.items())}"
-                      for _ in [0] if c.batch_at))
+            f"  python progan.py --dataset {flag} --resolution {c.resolution or 'R (required)'} "
+            f"--fmap-base {c.fmap_base} --fmap-max {c.fmap_max} --z-dim {c.z_dim} "
+            f"--stabilize-kimg {c.phase_kimg} --fade-kimg {c.phase_kimg} --kimg {c.kimg} "
+            f"--gamma {c.gamma:g} --{'' if c.mirror else 'no-'}mirror --lr-rampup-kimg "
+            f"{c.rampup_kimg} --batch-size 16" + (f" --batch-at {batch_at}" if batch_at else ""))
     lines.append("  (lsun-bedroom and lsun-dog: --no-mirror, as the official full-set runs)")
     return "\n".join(lines)
 
@@ -251,14 +243,8 @@ def parse_args(argv=None):
         n = getattr(args, flag) * 1000
         if abs(n - round(n)) > 1e-6:
             p.error(f"--{flag.replace('_', '-')} must be a whole number of images (kimg x 1000)")
-    batch_at = _batch_dict(args.batch_at)
-    if any(res > R for res in batch_at):
+    if any(res > R for res in _batch_dict(args.batch_at)):
         p.error(f"--batch-at names a resolution above --resolution {R}")
-    for res in (4 * 2**k for k in range(int(math.log2(R)) - 1)):
-        b = batch_at.get(res, args.batch_size)
-        group = b if args.mbstd_group_size == 0 else min(args.mbstd_group_size, b)
-        if b % group:
-            p.error(f"minibatch {b} at {res}x{res} is not divisible by --mbstd-group-size {group}")
     if max(args.betas) >= 1:
         p.error("--betas must be < 1")
     if args.fid_every and name == "celeba":
@@ -280,22 +266,19 @@ def _celeba_crop(img):
 
 
 def load_reals(args):
-    """The training images at their stored resolution in [-1, 1]; process_reals() makes the lower
-    resolutions on the device. celebahq and celeba are read from folders (see --help)."""
+    """The training images at their stored resolution in [-1, 1] (process_reals() downsamples)."""
     if args.dataset == "celebahq":
         path = os.path.join(args.data_root, "celebahq")
         if not os.path.isdir(path):
-            raise common.UserError(
-                f"CelebA-HQ not found in {path!r}: build it with the official dataset_tool.py "
-                "create_celebahq (CelebA + the 27.6 GB delta files), export its 30,000 1024x1024 "
-                "images there as PNG, or pass --dataset folder:<dir> --resolution R")
+            raise common.UserError(f"CelebA-HQ not found in {path!r}: export the 30,000 PNGs of "
+                                   "the official dataset_tool.py create_celebahq (CelebA + 27.6 "
+                                   "GB of deltas) there, or use --dataset folder:<dir>")
         return common.load_dataset(f"folder:{path}", img_size=args.resolution)
     if args.dataset == "celeba":
         path = os.path.join(args.data_root, "celeba", "img_align_celeba")
         if not os.path.isdir(path):
-            raise common.UserError(
-                f"CelebA not found in {path!r}: unzip img_align_celeba.zip (202,599 aligned "
-                "178x218 JPEGs from the CelebA page) there")
+            raise common.UserError(f"CelebA not found in {path!r}: unzip img_align_celeba.zip "
+                                   "(202,599 aligned 178x218 JPEGs) there")
         # DEVIATION: aligned JPEGs; the official tool reads img_align_celeba_png
         tf = T.Compose([T.Lambda(_celeba_crop), T.ToTensor(), T.Normalize(0.5, 0.5)])
         return common.ImageFolderDataset(path, tf)
@@ -317,9 +300,8 @@ def downscale2d(x, factor=2):
 
 
 def process_reals(x, res, alpha, flip=None):
-    """Card 2.4 / official process_reals: box-downsample to the current res, horizontal flips of
-    the rows where `flip` (B, 1, 1, 1) is true, then fade like G's output: alpha * x + (1 - alpha)
-    * up2(pool2(x))."""
+    """Card 2.4, official process_reals: box-downsample, flip rows where `flip` (B, 1, 1, 1), fade:
+    alpha * x + (1 - alpha) * up2(pool2(x))."""
     x = downscale2d(x, x.shape[-1] // res)   # DEVIATION: float box averages (tool: uint8 per level)
     if flip is not None:
         x = torch.where(flip, x.flip(3), x)
@@ -342,8 +324,7 @@ class PixelNorm(nn.Module):
 
 
 class EqualizedConv2d(nn.Module):
-    """Sec. 4.1: w ~ N(0, 1), used as w * c with the He constant c = gain / sqrt(fan_in), fan_in =
-    c_in * k * k, at run time; the bias starts at 0 and is never scaled (card pitfall 1)."""
+    """Sec. 4.1: w ~ N(0, 1) times c = gain / sqrt(c_in k k) at run time; bias 0, never scaled."""
 
     def __init__(self, c_in, c_out, kernel_size, gain=SQRT2, padding=None):
         super().__init__()
@@ -370,12 +351,9 @@ class EqualizedLinear(nn.Module):
 
 
 class MinibatchStdDev(nn.Module):
-    """Sec. 3: the std of every feature at every position over the minibatch (population variance,
-    +1e-8 inside the sqrt), averaged to one number and appended as a constant feature map.
-    group_size 0 = the whole minibatch (paper, Theano); else TF's strided groups (sample i is in
-    group i mod (N / group)). PAPER-VS-CODE: under torchrun the minibatch is the process's share,
-    as in official TF multi-GPU training (per-GPU minibatch_split, group min(4, share)); the
-    paper's runs took it over the whole minibatch of one GPU."""
+    """Sec. 3: mean over features and positions of the minibatch std, appended as one feature map.
+    group_size 0: the whole minibatch (paper); else TF's strided groups. PAPER-VS-CODE: under
+    torchrun the minibatch is the process's share (deviation 4)."""
 
     def __init__(self, group_size=0):
         super().__init__()
@@ -395,9 +373,8 @@ class MinibatchStdDev(nn.Module):
 
 
 class GFirstBlock(nn.Module):
-    """Tab. 2 G 4x4 rows: PN(z); 'Conv 4x4' on the 1x1 latent (a dense layer), LReLU, PN; conv 3x3,
-    LReLU, PN. The dense weight uses gain sqrt(2)/4 = sqrt(2) with fan_in 16 z_dim of the Theano
-    4x4 'full' conv (card 2.6); its bias is one per channel, as there."""
+    """Tab. 2 G 4x4 rows: PN(z), 'Conv 4x4' as a dense layer (gain sqrt(2)/4: fan_in 16 z_dim, card
+    2.6; one bias per channel), LReLU, PN; conv 3x3, LReLU, PN."""
 
     def __init__(self, z_dim, c):
         super().__init__()
@@ -426,9 +403,8 @@ class GBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """Tab. 2 G for the final resolution, built whole from the start (so G_ema and the checkpoint
-    hold blocks not yet faded in). Level k is the block at res 4 * 2^k with nf(k + 1) channels;
-    toRGB_k is a 1x1 conv with gain 1 and no activation, and no pixel norm after it (Sec. 4.2)."""
+    """Tab. 2 G, built whole from the start; level k: res 4 * 2^k, nf(k + 1) channels; toRGB_k:
+    1x1 conv, gain 1, linear, no pixel norm after it (Sec. 4.2)."""
 
     def __init__(self, resolution=1024, fmap_base=8192, fmap_max=512, z_dim=512, channels=3):
         super().__init__()
@@ -465,8 +441,7 @@ class DBlock(nn.Module):
 
 
 class DHead(nn.Module):
-    """Tab. 2 D 4x4 rows: minibatch stddev (c -> c + 1), conv 3x3 (-> c), LReLU, conv 4x4 valid
-    (-> nf(0), TF: dense 16c -> nf(0)), LReLU, fully connected -> 1 with gain 1, linear."""
+    """Tab. 2 D 4x4 rows: mbstd (c + 1), conv 3x3, LReLU, conv 4x4 valid, LReLU, dense (gain 1)."""
 
     def __init__(self, c, c_out, group_size):
         super().__init__()
@@ -482,8 +457,7 @@ class DHead(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Tab. 2 D, mirroring G: fromRGB_k (1x1 conv, LReLU) into the block at res 4 * 2^k, blocks down
-    to 4x4, then DHead. No batch, layer or weight norm anywhere (App. A.1)."""
+    """Tab. 2 D, mirroring G: fromRGB_k (1x1 conv, LReLU), blocks down to 4x4, DHead; no norms."""
 
     def __init__(self, resolution=1024, fmap_base=8192, fmap_max=512, channels=3,
                  mbstd_group_size=0):
@@ -515,9 +489,8 @@ def wasserstein_loss_D(d_real, d_fake):
 
 
 def gradient_penalty(D, x_real, x_fake, level, alpha, gamma, dist=None):
-    """App. A.1, Sec. 6.5: lambda-free E[(||grad D(x_hat)||_2 - gamma)^2] / gamma^2, x_hat on
-    real-fake lines with one u ~ U[0, 1] per sample, D at the same level and alpha. Under
-    torchrun (dist) u is drawn for the global minibatch and this process keeps its rows."""
+    """App. A.1, Sec. 6.5: E[(||grad D(x_hat)||_2 - gamma)^2] / gamma^2, one u ~ U[0, 1] per
+    sample (drawn for the global minibatch under torchrun), D at the same level and alpha."""
     n = len(x_real) * (dist.world_size if dist else 1)
     u = torch.rand(n, 1, 1, 1, device=x_real.device)
     u = dist.shard(u) if dist else u
@@ -540,9 +513,8 @@ def generator_loss(d_fake):
 # ==== Train step ====
 def schedule(kimg, stabilize_kimg=800.0, fade_kimg=800.0, resolution=1024, batch_size=16,
              batch_at=CELEBAHQ_BATCH):
-    """Sec. 2 / official TrainingSchedule: (level, alpha, batch) after `kimg` thousand real images.
-    Stabilize 4x4 for T, fade 8x8 in over F, stabilize 8x8 for T, ...; level k trains res 4 * 2^k;
-    alpha = 1 except while a level fades in; batch per resolution (App. A.1)."""
+    """Sec. 2, official TrainingSchedule: (level, alpha, batch) after `kimg` thousand real images:
+    stabilize 4x4 for T, fade 8x8 in over F, stabilize 8x8 for T, ...; batch per res (App. A.1)."""
     n = round(kimg * 1000)                                     # real images shown, exact integers
     t, f = round(stabilize_kimg * 1000), round(fade_kimg * 1000)
     top = int(math.log2(resolution)) - 2
@@ -557,8 +529,7 @@ def schedule(kimg, stabilize_kimg=800.0, fade_kimg=800.0, resolution=1024, batch
 
 
 def lr_rampup(kimg, rampup_kimg):
-    """PAPER-VS-CODE: official Theano misc.rampup, lr x exp(-5 (1 - kimg / rampup)^2) until
-    rampup_kimg (40 in the Theano base config, which CelebA-HQ and LSUN keep; not in the paper)."""
+    """PAPER-VS-CODE: official Theano misc.rampup, lr x exp(-5 (1 - kimg / rampup_kimg)^2)."""
     if kimg >= rampup_kimg:
         return 1.0
     p = 1.0 - max(kimg, 0.0) / rampup_kimg
@@ -567,8 +538,7 @@ def lr_rampup(kimg, rampup_kimg):
 
 @torch.no_grad()
 def ema_update(G_ema, G, beta):
-    """App. A.1: theta_ema <- beta * theta_ema + (1 - beta) * theta for every parameter of the whole
-    G, every iteration (TF updates it with the D step; the order is immaterial, card 3.6)."""
+    """App. A.1: theta_ema <- beta theta_ema + (1 - beta) theta, all of G, every iteration."""
     ema, params = list(G_ema.parameters()), list(G.parameters())
     torch._foreach_mul_(ema, beta)
     torch._foreach_add_(ema, params, alpha=1.0 - beta)
@@ -576,14 +546,9 @@ def ema_update(G_ema, G, beta):
 
 def train_step(G, D, opt_G, opt_D, x_full, level, alpha, args, dist,
                autocast=contextlib.nullcontext):
-    """One iteration of App. A.1 with n_critic = 1: the reals at the current resolution, faded
-    (card 2.4); a D step on L_D = E[D(G(z))] - E[D(x)] + lambda GP + eps_drift E[D(x)^2]; then a G
-    step on L_G = -E[D(G(z))] with fresh z. UNSPECIFIED: D sees reals, fakes and x_hat in separate
-    passes (official), so the minibatch stddev is taken within each set. DEVIATION for cifar10:
-    the Theano run behind IS 8.80 updated D and G from one forward pass (separate_funcs=False).
-    Under torchrun x_full is this process's share: flips, z and u are drawn for the global
-    minibatch on every process (dist.shard), and each backward's finished gradients (the GP's
-    double backward included) are averaged (dist.average_gradients)."""
+    """App. A.1, n_critic = 1: a D step on L_D, then a G step on L_G with fresh z. UNSPECIFIED: D
+    sees reals, fakes and x_hat in separate passes (official), mbstd within each. DEVIATION 5:
+    Theano's cifar10 updated both from one pass. Under torchrun x_full is this process's share."""
     res, n, dev = 4 * 2**level, len(x_full) * dist.world_size, x_full.device   # n: global
     flip = dist.shard(torch.rand(n, 1, 1, 1, device=dev)) < 0.5 if args.mirror else None
     x_real = process_reals(x_full, res, alpha, flip)
@@ -656,9 +621,10 @@ def build_training(args, channels, device):
     return G, D, G_ema, opt_G, opt_D, G_kwargs
 
 
-def check_batch_shares(batch_at, max_level, args, dist):
+def check_batch_shares(batch_at, args, dist):
     """Each minibatch splits evenly over the processes, each share into mbstd groups."""
-    for b in {batch_at.get(4 * 2**k, args.batch_size) for k in range(max_level + 1)}:
+    levels = range(int(math.log2(args.resolution)) - 1)
+    for b in {batch_at.get(4 * 2**k, args.batch_size) for k in levels}:
         b = dist.share(b).stop - dist.share(b).start   # UserError unless it splits evenly
         if args.mbstd_group_size and b % min(args.mbstd_group_size, b):
             raise common.UserError(f"a minibatch share of {b} is not divisible by "
@@ -691,6 +657,7 @@ def kimg_step(nimg):
 
 
 def snapshot(G, D, G_ema, opt_G, opt_D, fixed_z, nimg, it, phase, last, streams, G_kwargs):
+    """The ckpt.pt state: nets, Adams, fixed z, RNG, schedule position and data streams."""
     return {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
             "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
             "fixed_z": fixed_z.cpu(), "rng": common.rng_state(), "nimg": nimg,
@@ -699,8 +666,7 @@ def snapshot(G, D, G_ema, opt_G, opt_D, fixed_z, nimg, it, phase, last, streams,
 
 # ==== Eval ====
 def _to_255(x):
-    """[-1, 1] -> [0, 255] floats rounded as save_image / common.quantize (the uint8 the official
-    metrics read)."""
+    """[-1, 1] -> [0, 255] floats rounded as common.quantize (the official metrics read uint8)."""
     return ((x.float() + 1) / 2 * 255 + 0.5).clamp(0, 255).floor()
 
 
@@ -712,8 +678,7 @@ def _binomial_blur(x, gain=1.0):
 
 
 def laplacian_pyramid(x, n_levels):
-    """Sec. 5: band-pass levels at res, res/2, ...; the last level is the blurred low-pass image
-    (official generate_laplacian_pyramid: pyrDown, then subtract pyrUp)."""
+    """Sec. 5 (official generate_laplacian_pyramid): band-pass levels, the last one low-pass."""
     levels = [x]
     for _ in range(n_levels - 1):
         down = _binomial_blur(levels[-1])[:, :, ::2, ::2]
@@ -756,9 +721,8 @@ def sliced_wasserstein(a, b, gen, repeats=4, dirs_per_repeat=128):
 
 @torch.no_grad()
 def sliced_wasserstein_distance(reals, fakes, seed=0):
-    """Sec. 5: SWD x 1e3 at each Laplacian level from the image res down to 16x16, and their mean.
-    reals, fakes: iterables of (B, C, H, W) batches in [-1, 1], batched alike. DEVIATION: both sets
-    use the same patch positions (image i, level l) and the same directions."""
+    """Sec. 5: SWD x 1e3 per Laplacian level down to 16x16, and the mean, of two iterables of
+    (B, C, H, W) batches. DEVIATION 8: the same patch positions and directions for both sets."""
     sets = []
     for batches in (reals, fakes):
         gen, per_level = torch.Generator().manual_seed(seed), None
@@ -777,8 +741,7 @@ def sliced_wasserstein_distance(reals, fakes, seed=0):
 
 
 def _ssim(x, y, max_val=255.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
-    """One scale of official metrics/ms_ssim.py: 11x11 Gaussian (sigma 1.5, both shrunk for small
-    images), 'valid' filtering; per-image mean SSIM and contrast-structure term."""
+    """One scale of official metrics/ms_ssim.py: per-image mean SSIM and contrast-structure term."""
     c = x.shape[1]
     s = min(size, x.shape[2], x.shape[3])
     r = torch.arange(s, dtype=torch.float64) - (s - 1) / 2            # fspecial('gaussian') grid
@@ -794,8 +757,7 @@ def _ssim(x, y, max_val=255.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
 
 
 def ms_ssim(x, y, weights=(0.0448, 0.2856, 0.3001, 0.2363, 0.1333)):
-    """Sec. 5 (Wang et al. 2003, five scales, official metrics/ms_ssim.py): per-pair MS-SSIM of
-    (N, C, H, W) images in [0, 255], H >= 16; 2x2 box downsampling between scales."""
+    """Sec. 5 (Wang et al. 2003, official metrics/ms_ssim.py): per-pair MS-SSIM in [0, 255]."""
     ssim, cs = [], []
     for k in range(len(weights)):
         x, y = (x, y) if k == 0 else (downscale2d(x), downscale2d(y))
@@ -813,9 +775,7 @@ def _chunks(n, size):
 
 @torch.no_grad()
 def paper_metrics(G_ema, dataset, level, alpha, args, device, chunk=64):
-    """Sec. 5 at the current resolution: SWD of G_ema samples vs a fixed random subset of reals
-    (processed as D sees them, without flips), and the mean MS-SSIM of generated pairs. Every draw
-    comes from generators seeded here, never from the training stream."""
+    """Sec. 5 at the current res: SWD vs a fixed subset of reals, MS-SSIM of generated pairs."""
     res = 4 * 2**level
     if res < 16:
         return {}
@@ -883,17 +843,6 @@ def end_phase(G_ema, fixed_z, last, phase, nimg, t_phase, n_phase, args, device,
           f"{'CUDA, this phase' if device.type == 'cuda' else 'process RSS'})", flush=True)
 
 
-def scores(G_ema, dataset, level, alpha, args, device, metrics, fid_ev):
-    """The eval metrics of a log step: Sec. 5's SWD and MS-SSIM (metrics), FID (with fid_ev)."""
-    values = {}
-    if metrics:             # every process scores the same seeded samples: one value
-        values.update(paper_metrics(G_ema, dataset, level, alpha, args, device))
-    if fid_ev is not None:
-        values.update(fid_ev(_final_res_sampler(G_ema, level, alpha, args, device,
-                                                args.seed + 5)))
-    return values
-
-
 def build_fid(args, device):
     """fid.TrainingFID built at start-up: weights and reference statistics resolved now."""
     try:
@@ -921,8 +870,7 @@ def _final_res_sampler(G_ema, level, alpha, args, device, seed):
 
 
 def export_samples(G_ema, level, alpha, args, device, chunk=16):
-    """out_dir/samples_N.npz: N G_ema samples, uint8 NHWC under "images", z from a generator
-    seeded with seed + 6, drawn in chunks of 16; for `python fid.py`."""
+    """out_dir/samples_N.npz: N G_ema samples, uint8 NHWC under "images", for `python fid.py`."""
     sample_fn = _final_res_sampler(G_ema, level, alpha, args, device, args.seed + 6)
     x = torch.cat([common.quantize(sample_fn(n)) for n in _chunks(args.export_samples, chunk)])
     np.savez(os.path.join(args.out_dir, f"samples_{args.export_samples}.npz"), images=x.numpy())
@@ -944,6 +892,8 @@ def main(argv=None):
     args = parse_args(argv)
     dist, autocast = setup(args)
     device = dist.device
+    batch_at, total = _batch_dict(args.batch_at), args.kimg * 1000
+    check_batch_shares(batch_at, args, dist)
     run = common.Run(args, "progan", total=args.kimg, unit="kimg",
                      mutable=("kimg", "metrics_every", "swd_images", "ms_ssim_pairs"), dist=dist)
     dataset = load_reals(args)
@@ -951,8 +901,6 @@ def main(argv=None):
     G, D, G_ema, opt_G, opt_D, G_kwargs = build_training(args, channels, device)
     fid_ev = build_fid(args, device) if args.fid_every else None
     fixed_z = torch.randn(64, args.z_dim, generator=torch.Generator().manual_seed(args.seed))
-    batch_at, total = _batch_dict(args.batch_at), args.kimg * 1000
-    check_batch_shares(batch_at, G.max_level, args, dist)
     # nimg: real images shown; it: minibatch iterations; phase: [level, fading] of the last
     # iteration; last: its (level, alpha); streams: batches drawn per minibatch size
     fixed_z, nimg, it, phase, last, streams = restore(run.load(device), G, D, G_ema, opt_G,
@@ -963,8 +911,8 @@ def main(argv=None):
     if dist.main:
         print_schedule(batch_at, G.max_level, args)
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-    if nimg == 0 and dist.main:
-        save_reals(dataset, data_res, args)
+        if nimg == 0:
+            save_reals(dataset, data_res, args)
     stream_batch, t_phase, n_phase = None, time.time(), nimg
     while nimg < total and not run.stopping:
         level, alpha, batch = schedule(nimg / 1000, args.stabilize_kimg, args.fade_kimg,
@@ -982,9 +930,8 @@ def main(argv=None):
         x_full = next(batches)[0].to(device, non_blocking=True)
         streams[str(batch)] = streams.get(str(batch), 0) + 1
         lr = args.lr * lr_rampup(nimg / 1000, args.lr_rampup_kimg)
-        for opt in (opt_G, opt_D):
-            for group in opt.param_groups:
-                group["lr"] = lr
+        for group in opt_G.param_groups + opt_D.param_groups:
+            group["lr"] = lr
         out = train_step(G, D, opt_G, opt_D, x_full, level, alpha, args, dist, autocast)
         ema_update(G_ema, G, args.ema_beta)
         nimg, it, last = nimg + batch, it + 1, [level, alpha]  # UNSPECIFIED: schedule each batch
@@ -993,9 +940,13 @@ def main(argv=None):
         metrics_now = args.metrics_every > 0 and (it % args.metrics_every == 0 or done)
         fid_now = args.fid_every > 0 and (it % args.fid_every == 0 or done)
         if it % args.log_every == 0 or done or metrics_now or fid_now:
-            run.log(step, {**out, "res": 4 * 2**level, "alpha": alpha, "lr": lr, **scores(
-                G_ema, dataset, level, alpha, args, device, metrics_now,
-                fid_ev if fid_now else None)})
+            values = {**out, "res": 4 * 2**level, "alpha": alpha, "lr": lr}
+            if metrics_now:             # every process scores the same seeded samples: one value
+                values.update(paper_metrics(G_ema, dataset, level, alpha, args, device))
+            if fid_now:
+                values.update(fid_ev(_final_res_sampler(G_ema, level, alpha, args, device,
+                                                        args.seed + 5)))
+            run.log(step, values)
         if dist.main and args.sample_every and it % args.sample_every == 0:
             sample_grid(G_ema, fixed_z, level, alpha, nimg,
                         os.path.join(args.out_dir, "samples", f"kimg{step:010.3f}.png"))

@@ -16,15 +16,14 @@ Paper -> code (StackGAN-v2; section numbers of the arXiv version, equation numbe
   official  orthogonal init, BN gamma ~ N(1, 0.02) ................. init_weights()
   Sec. 5    CUB bbox crop, 304 resize, 256 crop, flip, 128/64 ...... MultiScaleData
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  wrong (mismatched real) pairs in L_D: targets cond 0, uncond 1 (official
-     GAN-CLS term; Sec. 4.2 has real and fake only).
+  1. PAPER-VS-CODE  L_D adds wrong (mismatched real) pairs, cond 0 / uncond 1 (official; Sec. 4.2:
+     real and fake only).
   2. PAPER-VS-CODE  KL: element mean x 2.0 (official COEFF.KL); StackGAN-v1's paper: lambda 1 on
      the per-sample sum [card: unverified]; a factor ~64 apart at Nc = 128.
-  3. PAPER-VS-CODE  colour loss: MSE over the 3 / 9 entries and the lower scale detached
-     (official); --color-form paper: squared L2 / Frobenius norms, batch mean.
+  3. PAPER-VS-CODE  colour loss: MSE over entries, lower scale detached (official); --color-form
+     paper: squared L2 / Frobenius norms.
   4. PAPER-VS-CODE  D is conditioned on mu, not on the sampled c (official).
-  5. PAPER-VS-CODE  the official save_model leaves the live G at the EMA weights every 2000
-     iterations; off by default, --snapshot-reset-every 2000 reproduces it.
+  5. PAPER-VS-CODE  official save_model sets live G = EMA every 2000 its: --snapshot-reset-every.
   6. DEVIATION  shapes: a fixed random projection of unigram + bigram counts of the caption into
      1024 dims, 10 noisy copies per image, stands in for the char-CNN-RNN embeddings.
   7. DEVIATION  randomness of the data (crop, flip, wrong image, caption pick) is a pure function of
@@ -51,8 +50,7 @@ Full-size parameters (card 2.3-2.4): G 21,239,696 (CA 524,800), D 5,723,906 / 18
 71,269,122; unconditional G 16,472,208, D 2,765,569 / 15,875,841 / 68,310,785.
 Paper reports (StackGAN-v2, 256x256): CUB IS 4.04 +- .05 (official README), Oxford-102 IS 3.26,
 FID 48.68; LSUN bedroom FID 35.61 (PapersWithCode listing) [card 5: its table number, the CUB
-FID 15.30, the COCO cells and the +- values other than CUB's are unverified].
-Our numbers: README.
+FID 15.30, the COCO cells and the +- values other than CUB's are unverified]. Ours: README.
 """
 
 import argparse
@@ -79,14 +77,9 @@ DATASETS = ("cub", "oxford102", "shapes", "lsun-<category>", "folder:<path>")
 TEXT_DIRS = {"cub": "birds", "oxford102": "flowers"}      # official DATA_DIR under data/
 EPOCHS = {"cub": 600, "oxford102": 600, "lsun-bedroom": 5, "lsun-church_outdoor": 50,
           "shapes": 20}                                    # official cfg/*.yml MAX_EPOCH; ours
-PICKLE_HINT = {
-    "cub": "the StackGAN-v2 README's preprocessed char-CNN-RNN embeddings for birds (Google Drive "
-           "id 0B3y_msrWZaXLT1BZdVdycDY5TEE) unzip to {root}/birds/train and {root}/birds/test; "
-           "the images (CUB_200_2011.tgz, Caltech) to {root}/birds/CUB_200_2011",
-    "oxford102": "the StackGAN README's char-CNN-RNN embeddings for flowers (Google Drive id "
-                 "0B3y_msrWZaXLaUc0UXpmcnhaVmM) unzip to {root}/flowers/train and "
-                 "{root}/flowers/test; the images (102flowers.tgz, Oxford VGG) to "
-                 "{root}/flowers/jpg"}
+PICKLE_HINT = {   # README with the char-CNN-RNN embeddings, their Google Drive id, the images
+    "cub": ("StackGAN-v2", "0B3y_msrWZaXLT1BZdVdycDY5TEE", "CUB_200_2011.tgz", "CUB_200_2011"),
+    "oxford102": ("StackGAN", "0B3y_msrWZaXLaUc0UXpmcnhaVmM", "102flowers.tgz", "jpg")}
 LOAD_RATIO = 76 / 64        # official main.py: shorter side to 76/64 of the crop (304 for 256)
 SHAPES_WORDS = ("a", "above", "and", "below", "large", "left", "of", "right", "small", "the", "to",
                 *common.COLORS, *common.SHAPE_KINDS)
@@ -135,8 +128,8 @@ def parse_args(argv=None):
     g.add_argument("--ema-decay", type=common.unit_float, default=0.999,
                    help="G_ema decay per iteration [official trainer.py]")
     g.add_argument("--snapshot-reset-every", type=common.nonnegative_int, default=0,
-                   help="official quirk: live G <- EMA every N its (official 2000), 0 = off "
-                   "[official save_model: PAPER-VS-CODE]")
+                   help="live G <- EMA every N its, 0 = off [official save_model: 2000, "
+                   "PAPER-VS-CODE 5]")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm "
                    "[UNSPECIFIED; official nn.DataParallel keeps per-GPU statistics]")
     e = p.add_argument_group("eval")
@@ -147,9 +140,8 @@ def parse_args(argv=None):
     e.add_argument("--fid-samples", type=common.positive_int, default=30000,
                    help="generated images per scale [official TEST.SAMPLE_NUM; card 5]")
     e.add_argument("--fid-weights", type=str, help="Inception weights for fid.py [run]")
-    e.add_argument("--fid-ref", type=str, help="fid.py reference dataset; default: cub "
-                   "folder:<root>/birds/CUB_200_2011/images, oxford102 folder:<root>/flowers/jpg, "
-                   "else --dataset [ours: DEVIATION 8]")
+    e.add_argument("--fid-ref", type=str, help="fid.py reference: the CUB_200_2011/images or "
+                   "flowers/jpg folder, else --dataset [ours: DEVIATION 8]")
     e.add_argument("--fid-ref-split", default="train", help="reference split for fid.py [run]")
     e.add_argument("--fid-ref-size", type=common.positive_int,
                    help="reference images for fid.py, default all [run]")
@@ -176,10 +168,10 @@ def parse_args(argv=None):
     if args.out_dir is None:
         args.out_dir = common.default_out_dir("stackganpp", args, vars(p.parse_args([])))
     d = args.dataset
-    if not (d in ("cub", "oxford102", "shapes") or d.startswith(("lsun-", "folder:"))):
+    text_ok = d in ("cub", "oxford102", "shapes")
+    if not (text_ok or d.startswith(("lsun-", "folder:"))):
         p.error(f"unknown dataset {d!r}; valid: {', '.join(DATASETS)}")
     # Derived defaults (card 2.1, 2.7), in one place
-    text_ok = d in ("cub", "oxford102", "shapes")
     if args.cond is None:
         args.cond = "text" if text_ok else "none"
     if args.epochs is None:
@@ -195,8 +187,7 @@ def parse_args(argv=None):
     if b < 8 or b & (b - 1):
         p.error(f"--base-size must be a power of two >= 8, got {b}")
     if args.gf_dim % 4:
-        p.error(f"--gf-dim must be divisible by 4 (branches use Ng, Ng/2, Ng/4), got "
-                f"{args.gf_dim}")
+        p.error(f"--gf-dim must be divisible by 4 (Ng, Ng/2, Ng/4), got {args.gf_dim}")
     if max(args.betas) >= 1:
         p.error("--betas must be < 1")
     return args
@@ -204,8 +195,7 @@ def parse_args(argv=None):
 
 # ==== Data ====
 class _SafeUnpickler(pickle.Unpickler):
-    """Python-2 pickles of arrays, strings and ints (the official embedding files), nothing that
-    could run code: like torch's weights_only for the pickles users download."""
+    """Python-2 pickles of arrays, strings and ints only (like torch's weights_only)."""
 
     ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
                for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype"),
@@ -220,7 +210,11 @@ class _SafeUnpickler(pickle.Unpickler):
 def load_pickle(path, dataset, root):
     """A Python-2 pickle of the official data, read with encoding='latin1' (card pitfall 4)."""
     if not os.path.isfile(path):
-        raise common.UserError(f"{path} not found: " + PICKLE_HINT[dataset].format(root=root))
+        readme, drive_id, archive, images = PICKLE_HINT[dataset]
+        d = os.path.join(root, TEXT_DIRS[dataset])
+        raise common.UserError(f"{path} not found: the {readme} README's embeddings (Google Drive "
+                               f"id {drive_id}) unzip to {d}/train and {d}/test; the images "
+                               f"({archive}) to {d}/{images}")
     try:
         with open(path, "rb") as f:
             return _SafeUnpickler(f, encoding="latin1").load()
@@ -229,11 +223,8 @@ def load_pickle(path, dataset, root):
 
 
 class PickleTextSource:
-    """CUB-200-2011 or Oxford-102 in the official layout (StackGAN-v2 datasets.TextDataset, StackGAN
-    data/README): <root>/birds/{train,test}/{filenames, char-CNN-RNN-embeddings, class_info}.pickle,
-    images CUB_200_2011/images/<key>.jpg cropped to 1.5x their bounding box; <root>/flowers/...
-    with images <key>.jpg (key 'jpg/image_00001'), uncropped. Captions, only for the figures, from
-    text/ or text_c10/ (<name>.txt, one caption per line) when present."""
+    """CUB-200-2011 (bbox crop) or Oxford-102 in the official layout (datasets.TextDataset): pickles
+    in <root>/{birds,flowers}/{train,test}/, captions for the figures from text/ or text_c10/."""
 
     def __init__(self, dataset, root, split, embeddings=True, max_items=None):
         d = os.path.join(root, TEXT_DIRS[dataset])
@@ -276,8 +267,7 @@ class PickleTextSource:
     def path(self, i):
         p = os.path.join(self.img_dir, self.keys[i] + ".jpg")
         if not os.path.isfile(p):
-            raise common.UserError(f"image {p} not found (key {self.keys[i]!r} of "
-                                   "filenames.pickle)")
+            raise common.UserError(f"image {p} not found (key {self.keys[i]!r} of filenames)")
         return p
 
     def image(self, i):
@@ -310,8 +300,7 @@ class PickleTextSource:
 
 
 def shapes_projection(dim=1024):
-    """DEVIATION 6: a fixed Gaussian projection (seed SHAPES_TEXT_SEED) of unigram + bigram counts
-    over SHAPES_WORDS; bigrams keep 'red circle ... blue square' apart from the swapped colours."""
+    """DEVIATION 6: a fixed Gaussian projection of unigram + bigram counts over SHAPES_WORDS."""
     v = len(SHAPES_WORDS)
     return np.random.default_rng(SHAPES_TEXT_SEED).standard_normal((dim, v + v * v)).astype(
         np.float32)
@@ -328,9 +317,8 @@ def encode_caption(text, W):
 
 
 class ShapesTextSource:
-    """common.ShapesDataset with its captions: 'a large red circle above a small blue square';
-    class = (kind, colour) of the main shape (for wrong images); SHAPES_CAPTIONS noisy embeddings
-    of the one caption per image (CUB has 10 captions per image)."""
+    """common.ShapesDataset with its captions; class = (kind, colour) of the main shape (for wrong
+    images); SHAPES_CAPTIONS noisy embeddings of the one caption per image (CUB: 10 captions)."""
 
     def __init__(self, n, size, seed, text_dim=1024):
         self.n, self.seed, self.n_captions = n, seed, SHAPES_CAPTIONS
@@ -389,14 +377,9 @@ def to_tensor(img):
 
 
 class MultiScaleData(Dataset):
-    """The paper's reals (official main.py, datasets.get_imgs): shorter side to 76/64 of the
-    largest size (PIL bilinear), one random crop of it, random horizontal flip, then every lower
-    scale a bilinear resize of that same crop (card pitfall 9). Text mode adds a wrong image (one
-    redraw if it has the item's class: official) and one of the item's caption embeddings.
-
-    An item key is (index, step, position in the global batch); DEVIATION 7: every random choice
-    comes from np.random.default_rng([seed, step, position]), so batch k is the same on resume,
-    with any number of workers and any number of processes."""
+    """Official main.py, datasets.get_imgs: resize to 76/64, random crop, flip, lower scales resized
+    from that crop; text: + a wrong image and one caption embedding. Key (index, step, position):
+    DEVIATION 7, every draw from np.random.default_rng([seed, step, position])."""
 
     def __init__(self, source, sizes, seed, text):
         self.source, self.sizes, self.seed, self.text = source, sizes, seed, text
@@ -434,8 +417,7 @@ class MultiScaleData(Dataset):
 
 
 def keyed_batches(data, args, start_step, dist):
-    """Batches forever from start_step: common.infinite_batches decides which items form batch k
-    (per-epoch shuffling, this process's share); MultiScaleData draws the rest from the key."""
+    """Batches forever from start_step: common.infinite_batches picks the items; keys per sample."""
     order = common.infinite_batches(range(len(data)), args.batch_size, args.seed, start_step,
                                     num_workers=0, rank=dist.rank, world_size=dist.world_size)
     first = dist.share(args.batch_size).start
@@ -447,15 +429,12 @@ def keyed_batches(data, args, start_step, dist):
 
 
 # ==== Models ====
-def glu(x):
-    """GLU(x) = x[:, :C/2] * sigmoid(x[:, C/2:]) (Sec. 4.1; official model.py GLU)."""
-    c = x.shape[1] // 2
-    return x[:, :c] * torch.sigmoid(x[:, c:])
-
-
 class GLU(nn.Module):
+    """GLU(x) = x[:, :C/2] * sigmoid(x[:, C/2:]) (Sec. 4.1; official model.py GLU)."""
+
     def forward(self, x):
-        return glu(x)
+        c = x.shape[1] // 2
+        return x[:, :c] * torch.sigmoid(x[:, c:])
 
 
 def conv3x3(c_in, c_out):
@@ -486,24 +465,23 @@ class ResBlock(nn.Module):
 
 
 class ConditioningAugmentation(nn.Module):
-    """Sec. 3.1: c ~ N(mu(phi_t), diag(sigma^2(phi_t))), reparameterised c = mu + sigma * eps.
-    Official CA_NET: GLU(Linear(1024 -> 4 Nc)) -> mu = first Nc, logvar = next Nc."""
+    """Sec. 3.1: c = mu + sigma * eps; official CA_NET: GLU(Linear(1024 -> 4 Nc)) -> mu, logvar."""
 
     def __init__(self, text_dim=1024, cond_dim=128):
         super().__init__()
         self.cond_dim = cond_dim
         self.fc = nn.Linear(text_dim, 4 * cond_dim)               # with bias (official)
+        self.glu = GLU()
 
     def forward(self, phi, eps=None):
-        h = glu(self.fc(phi))                                      # (B, 2 Nc)
+        h = self.glu(self.fc(phi))                                      # (B, 2 Nc)
         mu, logvar = h[:, : self.cond_dim], h[:, self.cond_dim:]
         eps = torch.randn_like(mu) if eps is None else eps
         return mu + torch.exp(0.5 * logvar) * eps, mu, logvar
 
 
 class InitStage(nn.Module):
-    """F_0 (official INIT_STAGE_G): Linear(no bias) -> BN1d -> GLU -> (16 Ng) x 4 x 4, then
-    log2(base/4) up-blocks halving the channels, to Ng x base x base = h_0."""
+    """F_0 (official INIT_STAGE_G): Linear, BN1d, GLU -> 16 Ng x 4 x 4, up-blocks to Ng x base^2."""
 
     def __init__(self, in_dim, c_top, n_up):
         super().__init__()
@@ -516,8 +494,7 @@ class InitStage(nn.Module):
 
 
 class NextStage(nn.Module):
-    """F_i, i >= 1 (official NEXT_STAGE_G): concat(c replicated, h_{i-1}) (condition first),
-    join conv, R_NUM residual blocks, up-block halving the channels."""
+    """F_i, i >= 1 (official NEXT_STAGE_G): concat(c, h_{i-1}), join conv, R_NUM res blocks, up."""
 
     def __init__(self, c_h, c_cond, r_num):
         super().__init__()
@@ -543,9 +520,8 @@ class ImageHead(nn.Module):
 
 
 class Generator(nn.Module):
-    """Sec. 4.1 tree G (official G_NET, 3 branches): h_0 = F_0(c, z), h_i = F_i(h_{i-1}, c),
-    s_i = G_i(h_i). One c per forward pass feeds every branch; unconditional (text=False): c = z
-    (card pitfall 7). forward -> ([s_0, s_1, s_2] smallest first, mu, logvar)."""
+    """Sec. 4.1 tree G (official G_NET): one c feeds every branch (unconditional: c = z, pitfall 7);
+    forward -> ([s_0, s_1, s_2] smallest first, mu, logvar)."""
 
     def __init__(self, z_dim=100, gf_dim=64, base_size=64, cond_dim=128, text_dim=1024, r_num=2,
                  text=True):
@@ -588,8 +564,7 @@ def block3x3_lrelu(c_in, c_out):
 
 
 def encode_image(df_dim, base_size):
-    """official encode_image_by_16times, for any base: log2(base/4) 4x4 stride-2 convs ending at
-    8 Nd channels (base 64: 3 -> Nd -> 2 Nd -> 4 Nd -> 8 Nd), no BN on the first."""
+    """official encode_image_by_16times: 4x4 stride-2 convs to 8 Nd x 4 x 4, no BN on the first."""
     n = int(math.log2(base_size // 4))
     widths = [8 * df_dim >> (n - 1 - k) for k in range(n)]
     layers = [nn.Conv2d(3, widths[0], 4, 2, 1, bias=False), lrelu()]
@@ -599,9 +574,8 @@ def encode_image(df_dim, base_size):
 
 
 class JointHeads(nn.Module):
-    """Sec. 4.2 heads on the 8 Nd x 4 x 4 code: unconditional logit = 4x4/stride-4 conv (with bias);
-    conditional (cond_dim > 0): concat(mu replicated 4x4, code) -> conv3x3, BN, LReLU -> 4x4 conv.
-    Logits, not the official sigmoid: BCE with logits is the same loss, numerically safe."""
+    """Sec. 4.2 heads on the 8 Nd x 4 x 4 code: unconditional 4x4 conv; conditional: concat(mu,
+    code), conv3x3, BN, LReLU, 4x4 conv. Logits (official: sigmoid; the same BCE, but safe)."""
 
     def __init__(self, df_dim, cond_dim):
         super().__init__()
@@ -609,16 +583,14 @@ class JointHeads(nn.Module):
         self.joint_conv = block3x3_lrelu(8 * df_dim + cond_dim, 8 * df_dim) if cond_dim else None
         self.cond_logits = nn.Conv2d(8 * df_dim, 1, 4, stride=4) if cond_dim else None
 
-    def heads(self, code, c=None):
+    def forward(self, x, c=None):
         """-> (conditional logits (B,) or None, unconditional logits (B,))."""
+        code = self.encode(x)                       # the subclass's encoder: (B, 8 Nd, 4, 4)
         uncond = self.uncond_logits(code).view(-1)
         if self.cond_logits is None:
             return None, uncond
         c = c[:, :, None, None].expand(-1, -1, 4, 4)                     # (B, Nc, 4, 4)
         return self.cond_logits(self.joint_conv(torch.cat([c, code], 1))).view(-1), uncond
-
-    def forward(self, x, c=None):                     # self.encode: the subclass's image encoder
-        return self.heads(self.encode(x), c)
 
 
 class Discriminator64(JointHeads):
@@ -652,8 +624,7 @@ class Discriminator256(JointHeads):
 
 
 def init_weights(net):
-    """official trainer.py weights_init: orthogonal (gain 1) conv and linear weights, linear
-    biases 0 (the logit convs keep torch's default bias), BN gamma ~ N(1, 0.02), beta 0."""
+    """official weights_init: orthogonal weights, linear biases 0, BN gamma ~ N(1, 0.02), beta 0."""
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.orthogonal_(m.weight, 1.0)
@@ -667,8 +638,7 @@ def init_weights(net):
 
 @torch.no_grad()
 def ema_update(G_ema, G, decay):
-    """official trainer.py: avg_p <- 0.999 avg_p + 0.001 p after every G step, parameters only;
-    BN running statistics are the live G's (official save_model copies parameters only)."""
+    """official trainer.py: avg_p <- 0.999 avg_p + 0.001 p; BN statistics are the live G's."""
     for p_ema, p in zip(G_ema.parameters(), G.parameters()):
         p_ema.lerp_(p, 1 - decay)
     for b_ema, b in zip(G_ema.buffers(), G.buffers()):
@@ -683,14 +653,12 @@ def bce(logits, target):
 
 
 def kl_loss(mu, logvar):
-    """Sec. 3.1, official KL_loss: -0.5 mean(1 + logvar - mu^2 - exp(logvar)), the element mean
-    over batch and Nc of KL(N(mu, exp(logvar)) || N(0, I)); weighted by --kl-coeff (2.0)."""
+    """Sec. 3.1, official KL_loss: element mean of KL(N(mu, exp(logvar)) || N(0, I))."""
     return -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
 
 
 def mean_covariance(x):
-    """Sec. 4.3: per image, the pixel mean mu (B, 3) and covariance Sigma (B, 3, 3), over the
-    N = H W pixels, normalised by N (official compute_mean_covariance)."""
+    """Sec. 4.3, official compute_mean_covariance: per-image mu (B, 3), Sigma (B, 3, 3) over N."""
     x = x.float().flatten(2)                                       # (B, 3, N)
     mu = x.mean(dim=2)
     d = x - mu[:, :, None]
@@ -698,9 +666,8 @@ def mean_covariance(x):
 
 
 def color_terms(x_low, x_high, form="code"):
-    """(mean term, covariance term) between consecutive scales, the lower one detached (only the
-    higher branch is pushed, official). PAPER-VS-CODE: code = MSE over the 3 / 9 entries; paper =
-    ||mu_i - mu_{i-1}||^2 and ||Sigma_i - Sigma_{i-1}||_F^2 per image, batch mean."""
+    """(mean term, covariance term), the lower scale detached (official). PAPER-VS-CODE 3: code =
+    MSE over the 3 / 9 entries; paper = squared L2 / Frobenius norms, batch mean."""
     mu_l, cov_l = mean_covariance(x_low.detach())
     mu_h, cov_h = mean_covariance(x_high)
     if form == "code":
@@ -715,10 +682,8 @@ def color_consistency_loss(x_low, x_high, lambda1=1.0, lambda2=5.0, form="code")
 
 
 def discriminator_loss(real, wrong, fake, uncond_coeff=1.0):
-    """L_Di of (cond, uncond) logit pairs. Unconditional D (cond None): Sec. 4.1, real 1, fake 0.
-    Text (Sec. 4.2 + PAPER-VS-CODE 1, official train_Dnet): conditional head real 1 / wrong 0 /
-    fake 0, unconditional head real 1 / wrong 1 (a wrong image is still real) / fake 0; with
-    uncond_coeff 0 the official cond(real) + 0.5 (cond(wrong) + cond(fake))."""
+    """L_Di of (cond, uncond) logits (Sec. 4.1, 4.2; PAPER-VS-CODE 1, official train_Dnet): cond
+    targets real 1 / wrong 0 / fake 0, uncond 1 / 1 / 0; uncond_coeff 0: the official 0.5 form."""
     if real[0] is None:
         return bce(real[1], 1.0) + bce(fake[1], 0.0)
     if uncond_coeff > 0:
@@ -729,8 +694,7 @@ def discriminator_loss(real, wrong, fake, uncond_coeff=1.0):
 
 
 def generator_loss(fake, uncond_coeff=1.0):
-    """L_Gi, non-saturating: -log D_i(s_i, c) - uncond_coeff log D_i(s_i) (Sec. 4.2); the
-    unconditional G: -log D_i(s_i) (Sec. 4.1)."""
+    """L_Gi, non-saturating: -log D_i(s_i, c) - uncond_coeff log D_i(s_i) (Sec. 4.1, 4.2)."""
     if fake[0] is None:
         return bce(fake[1], 1.0)
     return bce(fake[0], 1.0) + uncond_coeff * bce(fake[1], 1.0)
@@ -738,10 +702,8 @@ def generator_loss(fake, uncond_coeff=1.0):
 
 # ==== Train step ====
 def train_step(G, Ds, opt_G, opt_Ds, batch, args, dist, autocast=contextlib.nullcontext):
-    """One iteration of official trainer.py: G forward once; each D_i steps on its scale (fakes
-    detached, mu detached); then one G step on sum_i L_Gi + KL (+ alpha L_C). Returns detached
-    scalars. UNSPECIFIED: D sees real, wrong and fake in separate forwards (official), so its BN
-    normalises each set alone; under torchrun gradients are averaged after every backward."""
+    """official trainer.py: one G forward; each D_i steps; a G step on sum_i L_Gi + KL + alpha L_C.
+    UNSPECIFIED: D sees real, wrong and fake in separate forwards (official): BN per set."""
     device = next(G.parameters()).device
     text, sizes = args.cond == "text", [x.shape[-1] for x in batch[:3]]
     reals = [x.to(device, non_blocking=True) for x in batch[:3]]
@@ -854,6 +816,7 @@ def restore(state, G, G_ema, Ds, opt_G, opt_Ds, fixed):
 
 
 def snapshot(G, G_ema, Ds, opt_G, opt_Ds, fixed, G_kwargs):
+    """The ckpt.pt state: G, G_ema, the Ds, all Adams, the fixed sample inputs, RNG, G's kwargs."""
     return {"G": G.state_dict(), "G_ema": G_ema.state_dict(),
             "D": [D.state_dict() for D in Ds], "opt_G": opt_G.state_dict(),
             "opt_D": [o.state_dict() for o in opt_Ds], "fixed": fixed,
@@ -862,8 +825,7 @@ def snapshot(G, G_ema, Ds, opt_G, opt_Ds, fixed, G_kwargs):
 
 # ==== Eval ====
 def fixed_conditions(source, args, rows=8):
-    """Fixed z (one per column, shared by the rows) and, in text mode, one fixed caption per row
-    (item, caption index, embedding, text): the grid of every snapshot, from seed alone."""
+    """Fixed z per column and, in text mode, one fixed caption per row, from the seed alone."""
     gen = torch.Generator().manual_seed(args.seed)
     if args.cond != "text":
         return {"z": torch.randn(rows * rows, args.z_dim, generator=gen)}
@@ -886,9 +848,8 @@ def _tile(x, size):
 
 
 def caption_grid(rows, path, lines, captions=None, reals=None, are_real=False, text_w=240):
-    """PNG with one row per caption (its text drawn on the left), the row's real image framed
-    orange first if given, then the row's images framed green (orange if are_real); a title
-    strip with the colour key."""
+    """PNG, one row per caption (text on the left, then the row's real image if given), images
+    framed green (generated) or orange (real), under a title strip with the colour key."""
     t = max(64, rows[0].shape[-1])
     cols, text_w = rows[0].shape[0] + (reals is not None), text_w if captions else 0
     key = [("real", common.REAL_RGB)] * (are_real or reals is not None) + [
@@ -912,9 +873,8 @@ def caption_grid(rows, path, lines, captions=None, reals=None, are_real=False, t
 
 @torch.no_grad()
 def sample_grids(G_ema, fixed, data, step, args, device):
-    """samples/<step>_<size>.png per scale: G_ema (eval mode: official evaluate; its training
-    snapshots used batch statistics, UNSPECIFIED), rows = fixed captions with their real image,
-    columns = fixed z; unconditional: an 8 x 8 grid of fixed z."""
+    """samples/<step>_<size>.png per scale from G_ema in eval mode (official evaluate; training
+    snapshots: batch statistics, UNSPECIFIED); rows = fixed captions, columns = fixed z."""
     gen = torch.Generator().manual_seed(args.seed + 1)             # the same CA eps every time
     z = fixed["z"].to(device)
     if args.cond == "text":
@@ -937,8 +897,7 @@ def sample_grids(G_ema, fixed, data, step, args, device):
 
 
 def save_reals(fixed, data, args):
-    """reals.png: the multi-scale reals of the fixed rows (centre crop), every scale from the same
-    crop, nearest-upsampled to the largest size."""
+    """reals.png: the fixed rows' reals at every scale from one centre crop, nearest-upsampled."""
     items = fixed["items"] if args.cond == "text" else list(range(min(8, len(data))))
     top = args.base_size * 4
     rows = [torch.stack([F.interpolate(v[None], size=top, mode="nearest")[0]
@@ -950,9 +909,8 @@ def save_reals(fixed, data, args):
 
 
 def eval_sampler(G_ema, test, args, device, branch=None, seed=5):
-    """sample_fn(n) for fid.py and --export-samples: G_ema, eval mode. Text: the test split's
-    captions in order, all captions of an item with one z (official evaluate), CA eps random;
-    unconditional: i.i.d. z. Its own generator, re-seeded per evaluation. branch None: all."""
+    """sample_fn(n) of G_ema (eval mode) for fid.py; text: the test captions in order, one z per
+    item (official evaluate). Its own generator, seeded per call; branch None: all three."""
     gen = torch.Generator().manual_seed(args.seed + seed)
     k, z_item = [0], [None]
 
@@ -976,9 +934,8 @@ def eval_sampler(G_ema, test, args, device, branch=None, seed=5):
 
 
 def build_fid(args, device):
-    """One fid.TrainingFID at the largest scale (weights, reference statistics resolved now),
-    used for every branch: fid.py's Inception resizes every input to 299, so FID at 64 and 128
-    measures those branches against the full-size reference (DEVIATION 8); IS needs none."""
+    """One fid.TrainingFID at the largest scale, for every branch (Inception resizes to 299:
+    DEVIATION 8, the 64 and 128 branches against the full-size reference)."""
     try:
         import fid  # evaluation only: a copy of this script without fid.py still trains
     except ImportError:
@@ -989,19 +946,8 @@ def build_fid(args, device):
                            ref_split=args.fid_ref_split, ref_size=args.fid_ref_size)
 
 
-def evaluate(ev, G_ema, test, args, device):
-    """{"fid", "is", "is_std"} of the 256 branch and the same keys + _<size> for the others."""
-    out = {}
-    for b in range(3):
-        size = args.base_size * 2**b
-        res = ev(eval_sampler(G_ema, test, args, device, branch=b))
-        out.update({k if b == 2 else f"{k}_{size}": v for k, v in res.items()})
-    return out
-
-
 def export_samples(G_ema, test, args, device, chunk=24):
-    """samples_N.npz: 'images' (N, H, W, 3) uint8 of the largest branch (for fid.py), images_<size>
-    of the others, and in text mode the caption index order of the test split."""
+    """samples_N.npz: uint8 NHWC 'images' of the largest branch (fid.py), images_<size> others."""
     fn, n = eval_sampler(G_ema, test, args, device, seed=6), args.export_samples
     parts = [[common.quantize(x) for x in fn(min(chunk, n - i))] for i in range(0, n, chunk)]
     arrays = {f"images_{args.base_size * 2**b}": torch.cat([p[b] for p in parts]).numpy()
@@ -1062,7 +1008,9 @@ def main(argv=None):
             values = {**out, "epoch": step / per_epoch}
             if fid_now:      # every process scores rank 0's model (its BN statistics) on the
                 dist.broadcast_buffers(G, G_ema)  # same samples: identical values to average
-                values.update(evaluate(ev, G_ema, test, args, device))
+                for b, size in enumerate(sizes):   # fid, is, is_std; + _<size> below the top
+                    res = ev(eval_sampler(G_ema, test, args, device, branch=b))
+                    values.update({k if b == 2 else f"{k}_{size}": v for k, v in res.items()})
             run.log(step, values)
         if dist.main and args.sample_every and (step % args.sample_every == 0 or step == total):
             sample_grids(G_ema, fixed, data, step, args, device)

@@ -94,7 +94,7 @@ def test_minibatch_stddev_equals_the_hand_computed_statistic():
     assert torch.allclose(mbstd(x)[:, 3], want.expand(8, 4, 4), atol=1e-6)
 
 
-def test_minibatch_stddev_groups_are_strided_as_in_tf():
+def test_minibatch_stddev_groups_are_strided_as_in_tf(tmp_path):
     x = torch.randn(4, 2, 3, 3)
     out = progan.MinibatchStdDev(group_size=2)(x)[:, 2, 0, 0]
     for i in range(4):   # sample i is in the group {i mod 2, i mod 2 + 2}
@@ -102,8 +102,10 @@ def test_minibatch_stddev_groups_are_strided_as_in_tf():
         assert torch.allclose(out[i], (g.var(dim=0, unbiased=False) + 1e-8).sqrt().mean())
     with pytest.raises(ValueError):
         progan.MinibatchStdDev(group_size=4)(torch.randn(6, 2, 3, 3))
-    with pytest.raises(SystemExit):
-        progan.parse_args(["--dataset", "shapes", "--batch-size", "6", "--mbstd-group-size", "4"])
+    with pytest.raises(common.UserError, match="not divisible by --mbstd-group-size 4"):
+        progan.main(["--dataset", "shapes", "--device", "cpu", "--batch-size", "6",
+                     "--mbstd-group-size", "4", "--out-dir", str(tmp_path)])
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())     # refused before any write
 
 
 def test_d_head_is_mbstd_conv3x3_conv4x4_valid_dense():

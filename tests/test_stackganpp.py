@@ -87,7 +87,7 @@ def test_kl_closed_forms():
 
 def test_glu_and_ca_sample():
     a, b = torch.randn(4, 6, 2, 2), torch.randn(4, 6, 2, 2)
-    assert torch.allclose(sg.glu(torch.cat([a, b], 1)), a * torch.sigmoid(b))
+    assert torch.allclose(sg.GLU()(torch.cat([a, b], 1)), a * torch.sigmoid(b))
     G = sg.init_weights(sg.Generator(**_gkw(_args())))
     ca, nc = G.ca, 8
     assert ca.fc.in_features == 1024 and ca.fc.out_features == 4 * nc and ca.fc.bias is not None
