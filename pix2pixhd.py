@@ -87,11 +87,9 @@ MUTABLE = ("epochs", "niter_decay", "seg_every", "seg_images", "seg_model", "seg
 # ==== Args ====
 def parse_size(text):
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x1024, got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive HxW, got {text!r}")
+        h, w = (common.positive_int(v) for v in text.lower().split("x"))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected HxW > 0, e.g. 512x1024, got {text!r}") from None
     return [h, w]
 
 
