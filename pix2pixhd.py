@@ -17,28 +17,23 @@ Paper -> code
   App. A    Adam(2e-4, 0.5, 0.999), constant then linear decay ....... lr_at()
   Sec. 4.1  semantic-consistency score (pixel acc, mean IoU) ......... segmentation_scores()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  3 discriminators (paper, official 1024p scripts); the official 512p script
-     trains G1 with 2 (--num-D 2).
+  1. PAPER-VS-CODE  3 discriminators (paper, official 1024p); official 512p script: 2 (--num-D 2).
   2. PAPER-VS-CODE  FM weight lambda/num_D * 4/(n_layers_D + 1) per layer (official; Eq. 4 has no
      1/num_D); L_D halved, 0.5 (L_real + L_fake) (official train.py).
   3. PAPER-VS-CODE  VGG input in [-1, 1], not ImageNet-normalised (official; --vgg-imagenet-norm).
   4. PAPER-VS-CODE  after --niter-fix-global epochs a fresh Adam over G1 + G2 (+ E) is stepped and
      decayed (2017 train.py); today's official train.py keeps the first one (card item 8).
-  5. PAPER-VS-CODE  official lr rule: niter + 1 epochs at lr, then lr - lr/niter_decay per epoch,
-     the last epoch at lr/niter_decay ("decay linearly to zero", App. A).
+  5. PAPER-VS-CODE  lr: niter + 1 epochs at lr, then lr/niter_decay less per epoch (official rule).
   6. PAPER-VS-CODE  D: 4x4 convs with padding 2, strides 2, 2, 2, 1, 1 (official networks.py).
   7. DEVIATION  everything is resized to one --size H x W (official 512p: scale the width to 1024,
      keep the aspect): the same on Cityscapes' 2:1 frames; ADE20K frames are squeezed.
   8. DEVIATION  scipy kmeans2 (one k-means++ start) instead of sklearn KMeans (10 starts); an
      instance's class is the label at its median pixel (official: Cityscapes' id // 1000, equal).
-  9. DEVIATION  no PSPNet (Tab. 1): --seg-model takes the user's segmenter, else a small one the
-     script trains on the real training pairs first is the proxy (ours).
-  10. DEVIATION  local stage: D's scale k of the global run becomes scale k + 1 (same resolution);
-     the official loads by key name, the same mapping for its 2-D 512p -> 3-D 1024p scripts.
+  9. DEVIATION  no PSPNet (Tab. 1): the user's --seg-model, else a proxy trained on the real pairs.
+  10. DEVIATION  local stage: the global run's D scale k becomes scale k + 1 (same resolution).
   11. DEVIATION  --amp bf16 (paper fp32). Not here: RGB inputs (label_nc 0), precomputed
      features (--load_features), the image pool (official default pool_size 0), the editing UI.
-  12. DEVIATION  torchrun: --batch-size is the global batch, 1 per process at --batch-size N
-     (the official untested multi-GPU example: --batchSize 8 on 8 GPUs); the paper: batch 1.
+  12. DEVIATION  torchrun: --batch-size is global, 1 per process (official example: 8 on 8 GPUs).
 Run
   python pix2pixhd.py --dataset cityscapes              # G1 at 512x1024, 3 Ds, 100 + 100 epochs
   python pix2pixhd.py --dataset cityscapes --stage local --load-global runs/pix2pixhd-cityscapes-s0
