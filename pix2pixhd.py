@@ -17,30 +17,23 @@ Paper -> code
   App. A    Adam(2e-4, 0.5, 0.999), constant then linear decay ....... lr_at()
   Sec. 4.1  semantic-consistency score (pixel acc, mean IoU) ......... segmentation_scores()
 Deviations (each one also tagged in the code; grep DEVIATION|PAPER-VS-CODE)
-  1. PAPER-VS-CODE  3 discriminators (paper, official 1024p scripts); the official 512p script
-     trains G1 with 2 (--num-D 2).
+  1. PAPER-VS-CODE  3 discriminators (paper, official 1024p); official 512p script: 2 (--num-D 2).
   2. PAPER-VS-CODE  FM weight lambda/num_D * 4/(n_layers_D + 1) per layer (official; Eq. 4 has no
      1/num_D); L_D halved, 0.5 (L_real + L_fake) (official train.py).
-  3. PAPER-VS-CODE  VGG sees [-1, 1] images without ImageNet normalisation (official; the paper is
-     silent; --vgg-imagenet-norm normalises).
+  3. PAPER-VS-CODE  VGG input in [-1, 1], not ImageNet-normalised (official; --vgg-imagenet-norm).
   4. PAPER-VS-CODE  after --niter-fix-global epochs a fresh Adam over G1 + G2 (+ E) is stepped and
-     decayed (the intent, and the 2017 train.py); the current official train.py caches the first
-     optimizer, so its 1024p run never fine-tunes G1 and never decays G's lr.
-  5. PAPER-VS-CODE  official lr rule: niter + 1 epochs at lr, then lr - lr/niter_decay per epoch,
-     the last epoch at lr/niter_decay ("decay linearly to zero", App. A).
+     decayed (2017 train.py); today's official train.py keeps the first one (card item 8).
+  5. PAPER-VS-CODE  lr: niter + 1 epochs at lr, then lr/niter_decay less per epoch (official rule).
   6. PAPER-VS-CODE  D: 4x4 convs with padding 2, strides 2, 2, 2, 1, 1 (official networks.py).
   7. DEVIATION  everything is resized to one --size H x W (official 512p: scale the width to 1024,
      keep the aspect): the same on Cityscapes' 2:1 frames; ADE20K frames are squeezed.
   8. DEVIATION  scipy kmeans2 (one k-means++ start) instead of sklearn KMeans (10 starts); an
      instance's class is the label at its median pixel (official: Cityscapes' id // 1000, equal).
-  9. DEVIATION  no PSPNet (Tab. 1): --seg-model takes the user's segmenter, else a small one the
-     script trains on the real training pairs first is the proxy (ours).
-  10. DEVIATION  local stage: D's scale k of the global run becomes scale k + 1 (same resolution);
-     the official loads by key name, the same mapping for its 2-D 512p -> 3-D 1024p scripts.
+  9. DEVIATION  no PSPNet (Tab. 1): the user's --seg-model, else a proxy trained on the real pairs.
+  10. DEVIATION  local stage: the global run's D scale k becomes scale k + 1 (same resolution).
   11. DEVIATION  --amp bf16 (paper fp32). Not here: RGB inputs (label_nc 0), precomputed
      features (--load_features), the image pool (official default pool_size 0), the editing UI.
-  12. DEVIATION  torchrun: --batch-size is the global batch, 1 per process at --batch-size N
-     (the official untested multi-GPU example: --batchSize 8 on 8 GPUs); the paper: batch 1.
+  12. DEVIATION  torchrun: --batch-size is global, 1 per process (official example: 8 on 8 GPUs).
 Run
   python pix2pixhd.py --dataset cityscapes              # G1 at 512x1024, 3 Ds, 100 + 100 epochs
   python pix2pixhd.py --dataset cityscapes --stage local --load-global runs/pix2pixhd-cityscapes-s0
@@ -64,6 +57,7 @@ import contextlib
 import math
 import os
 import random
+import warnings
 
 import numpy as np
 import scipy.cluster.vq
@@ -88,11 +82,9 @@ MUTABLE = ("epochs", "niter_decay", "seg_every", "seg_images", "seg_model", "seg
 # ==== Args ====
 def parse_size(text):
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x1024, got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive HxW, got {text!r}")
+        h, w = (common.positive_int(v) for v in text.lower().split("x"))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected HxW > 0, e.g. 512x1024, got {text!r}") from None
     return [h, w]
 
 
@@ -201,7 +193,7 @@ def parse_args(argv=None):
                    help="bf16 autocast of the forwards [run; DEVIATION: paper fp32]")
     args = p.parse_args(argv)
 
-    # Derived defaults of the two stages (card Sec. 2.5), in one place
+    # Derived defaults of the two stages (card Sec. 2.5)
     if args.out_dir is None:
         args.out_dir = common.default_out_dir("pix2pixhd", args, vars(p.parse_args([])))
     local = args.stage == "local"
@@ -216,14 +208,11 @@ def parse_args(argv=None):
     if args.size is None:
         args.size = ([512, 512] if args.dataset == "ade20k" else [512, 1024])
         args.size = [2 * v for v in args.size] if local else args.size
-    if args.ngf is None:
-        args.ngf = 32 if local else 64
-    if args.epochs is None:
-        args.epochs = 100 if local else 200
+    for k, per_stage in (("ngf", (64, 32)), ("epochs", (200, 100)), ("niter_fix_global", (0, 10))):
+        if getattr(args, k) is None:                # (global, local)
+            setattr(args, k, per_stage[local])
     if args.niter_decay is None:
         args.niter_decay = args.epochs // 2
-    if args.niter_fix_global is None:
-        args.niter_fix_global = 10 if local else 0
     if max(args.betas) >= 1:
         p.error("--betas must be < 1")
     if args.niter_decay > args.epochs:
@@ -243,9 +232,7 @@ def parse_args(argv=None):
 
 # ==== Data ====
 class PairDataset(Dataset):
-    """(label, instance, image) triplets at --size: label and instance maps resized with nearest
-    neighbour, images bicubic (official base_dataset.py); flips happen per batch (flip_batch).
-    A label outside [0, label_nc) is a UserError naming the file, before any one-hot scatter."""
+    """(label, instance, image) at --size (official base_dataset.py); a bad label names its file."""
 
     def __init__(self, files, size, label_nc, shapes=None):
         self.files, self.size, self.label_nc, self.shapes = files, size, label_nc, shapes
@@ -256,8 +243,8 @@ class PairDataset(Dataset):
     def __getitem__(self, i):
         if self.shapes is not None:
             img, info = self.shapes.sample(i)
-            label, inst, img, name = info["label_map"], info["instance_map"], TF.to_pil_image(
-                img), f"shapes[{i}]"
+            label, inst, name = info["label_map"], info["instance_map"], f"shapes[{i}]"
+            img = TF.to_pil_image(img)
         else:
             name, inst_f, img_f = self.files[i]
             try:
@@ -282,8 +269,9 @@ class PairDataset(Dataset):
 
 def read_map(path):
     """A label or instance map PNG (8- or 16-bit, one channel) as an (H, W) int64 array."""
-    m = torchvision.io.decode_image(torchvision.io.read_file(path),
-                                    torchvision.io.ImageReadMode.UNCHANGED)
+    with warnings.catch_warnings():   # torchvision 0.29 deprecates its decoders (for TorchCodec)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        m = torchvision.io.decode_image(path, torchvision.io.ImageReadMode.UNCHANGED)
     if m.shape[0] != 1:
         raise common.UserError(f"{path!r} has {m.shape[0]} channels: a label or instance map "
                                "must be a one-channel PNG of ids (not a palette or RGB image)")
@@ -337,18 +325,15 @@ def load_pairs(args, train=True):
 
 
 def flip_batch(batch, dist):
-    """One shared random horizontal flip per pair for label, instance map and image (official
-    base_dataset.py); drawn from torch's CPU RNG, whose state the checkpoint keeps, for the
-    global batch on every process (torchrun), which keeps the rows of its share. Pinned where
-    CUDA is, so prepare's copies to the GPU do not wait for the previous step."""
+    """One random horizontal flip per pair, shared by label, instance map and image (official
+    base_dataset.py); drawn for the global batch on every process, each keeps its rows."""
     flip = dist.shard(torch.rand(len(batch["image"]) * dist.world_size) < 0.5).view(-1, 1, 1, 1)
     out = {k: torch.where(flip, v.flip(-1), v) for k, v in batch.items()}
     return {k: v.pin_memory() for k, v in out.items()} if torch.cuda.is_available() else out
 
 
 def one_hot_labels(label_map, label_nc, device=None):
-    """(B, 1, H, W) int labels -> (B, label_nc, H, W) float one-hot [Sec. 3.1]. The range check
-    runs where label_map lives (the host in training), never as a CUDA device-side assert."""
+    """(B, 1, H, W) int labels -> (B, label_nc, H, W) one-hot [Sec. 3.1], range checked on host."""
     lo, hi = int(label_map.min()), int(label_map.max())
     if lo < 0 or hi >= label_nc:
         raise common.UserError(f"label value {lo if lo < 0 else hi} outside [0, {label_nc})")
@@ -358,8 +343,7 @@ def one_hot_labels(label_map, label_nc, device=None):
 
 
 def boundary_map(instance_map):
-    """Sec. 3.3: 1 where a pixel's instance id differs from any of its 4 neighbours (both pixels
-    of a differing pair are marked, official get_edges), else 0. (B, 1, H, W) float."""
+    """Sec. 3.3: 1 where an instance id differs from a 4-neighbour's (both marked, get_edges)."""
     t = instance_map
     e = torch.zeros_like(t, dtype=torch.bool)
     dx = t[..., :, 1:] != t[..., :, :-1]            # (B, 1, H, W-1) horizontal neighbours
@@ -372,9 +356,7 @@ def boundary_map(instance_map):
 
 
 def instance_segments(instance_map):
-    """(B, 1, H, W) instance ids -> (B, H, W) int64 segment index, unique per (image, instance)
-    over the batch, and the number of segments. Host-side (torch.unique), so E's pooling on the
-    device needs no sync."""
+    """(B, 1, H, W) instance ids -> (B, H, W) segment index unique over the batch, and the count."""
     segs, n = [], 0
     for inst in instance_map[:, 0]:                 # per image of the batch, not per instance
         ids, inverse = torch.unique(inst, return_inverse=True)
@@ -384,8 +366,7 @@ def instance_segments(instance_map):
 
 
 def segment_stats(seg, n_seg, label):
-    """Per segment: area (pixels) and the flat index of its median pixel in row-major order (the
-    official encode_features reads E there) and its class (the label at that pixel)."""
+    """Per segment: area, flat index of its median pixel (official encode_features), its class."""
     flat = seg.reshape(-1)
     area = torch.zeros(n_seg, dtype=torch.long, device=seg.device).index_add_(
         0, flat, torch.ones_like(flat))
@@ -395,8 +376,7 @@ def segment_stats(seg, n_seg, label):
 
 
 def prepare(batch, args, device):
-    """Host-side checks and segment ids, then the device tensors: s (one-hot + boundary map),
-    the real image x, the segments and the label map."""
+    """Device tensors: s (one-hot + boundary map), real image x, segments, label map."""
     seg, n_seg = instance_segments(batch["inst"])
     s = one_hot_labels(batch["label"], args.label_nc, device)
     if args.instance:
@@ -469,14 +449,12 @@ class GlobalGenerator(nn.Module):
 
 
 def avg_down():
-    """Sec. 3.2: the 2x downsampling of G2's and D's input pyramids; border pixels average only
-    real pixels (count_include_pad=False), so a constant image stays constant."""
+    """Sec. 3.2: the 2x downsampling of G2's and D's inputs; borders average real pixels only."""
     return nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
 
 
 class LocalEnhancer(nn.Module):
-    """G = {G1, G2} (Sec. 3.2): G2's front end c7s1-32, d64 on the full-size s; G1 (width 2 ngf,
-    last c7s1-3 removed) on s downsampled 2x; their element-wise sum; 3 x R64, u32, c7s1-3."""
+    """G = {G1, G2} (Sec. 3.2): c7s1-32, d64 on s + G1 (2 ngf, no head) on s / 2; R64 x 3, u32."""
 
     def __init__(self, in_ch, out_ch=3, ngf=32, n_down_global=4, n_blocks_global=9,
                  n_blocks_local=3):
@@ -498,9 +476,8 @@ class LocalEnhancer(nn.Module):
 
 
 class NLayerDiscriminator(nn.Module):
-    """PatchGAN D_k (App. A): 4x4 convs, padding 2 (official), C64 s2 (no norm), C128 s2, C256
-    s2, C512 s1, then 1 channel s1; LReLU 0.2. Returns every block's output (FM uses all but the
-    last). PAPER-VS-CODE: padding 2 and the stride-1 C512 follow networks.py."""
+    """PatchGAN D_k (App. A): C64 s2 (no norm), C128 s2, C256 s2, C512 s1, 1 channel s1; LReLU
+    0.2; every block's output. PAPER-VS-CODE: padding 2 and the stride-1 C512 (networks.py)."""
 
     def __init__(self, in_ch, ndf=64, n_layers=3):
         super().__init__()
@@ -523,8 +500,7 @@ class NLayerDiscriminator(nn.Module):
 
 
 class MultiscaleDiscriminator(nn.Module):
-    """Eq. (2): num_D identical PatchGANs with separate weights; D_1 sees (s, x) at full size,
-    D_2 after one avg_down, D_3 after two. forward -> [per scale: [block outputs]]."""
+    """Eq. (2): num_D PatchGANs; D_k sees (s, x) after k - 1 avg_downs. -> [scale][block]."""
 
     def __init__(self, in_ch, ndf=64, n_layers=3, num_D=3):
         super().__init__()
@@ -541,8 +517,7 @@ class MultiscaleDiscriminator(nn.Module):
 
 
 def instance_average_pool(feat, seg, n_seg):
-    """Sec. 3.4 instance-wise average pooling: every pixel gets its instance's per-channel mean.
-    One scatter (index_add) over all segments, no loop (the official loops per instance)."""
+    """Sec. 3.4 instance-wise average pooling, one index_add (the official loops per instance)."""
     b, c, h, w = feat.shape
     f = feat.permute(0, 2, 3, 1).reshape(-1, c)     # (B*H*W, C)
     idx = seg.reshape(-1)                           # (B*H*W,) segment of each pixel
@@ -553,8 +528,7 @@ def instance_average_pool(feat, seg, n_seg):
 
 
 class Encoder(nn.Module):
-    """E (Sec. 3.4): c7s1-16, d32 .. d256, u128 .. u16, c7s1-feat_num with Tanh, then
-    instance_average_pool. Trained through G's optimizer; it has no loss of its own."""
+    """E (Sec. 3.4): c7s1-16, d32 .. d256, u128 .. u16, c7s1-3 Tanh, instance_average_pool."""
 
     def __init__(self, in_ch=3, feat_num=3, nef=16, n_down=4):
         super().__init__()
@@ -571,13 +545,13 @@ class Encoder(nn.Module):
 
 
 class VGG19Features(nn.Module):
-    """Sec. 4: frozen ImageNet VGG19 (torchvision layout); relu1_1, relu2_1, relu3_1, relu4_1,
-    relu5_1 = features[0:2], [2:7], [7:12], [12:21], [21:30] (official Vgg19)."""
+    """Sec. 4: frozen ImageNet VGG19 cut after relu1_1 .. relu5_1 (official Vgg19)."""
 
     CUTS = (2, 7, 12, 21, 30)
 
-    def __init__(self, path, device):
+    def __init__(self, path, device):             # path None: torch.hub's cache
         super().__init__()
+        path = path or os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(VGG_URL))
         with torch.device("meta"):
             features = torchvision.models.vgg19().features[:30]
         if not os.path.isfile(path):
@@ -612,8 +586,7 @@ class VGG19Features(nn.Module):
 
 # ==== Losses ====
 def gan_loss(preds, real, lsgan=True):
-    """Eq. (2) with Sec. 4's LSGAN: sum over scales of mean((D_k - target)^2) on every patch.
-    --no-lsgan: cross entropy on logits (official Sigmoid + BCELoss, same math)."""
+    """Eq. (2), Sec. 4's LSGAN: sum over scales of mean((D_k - target)^2); else BCE on logits."""
     loss = 0.0
     for p in preds:
         p = p[-1].float()
@@ -624,16 +597,14 @@ def gan_loss(preds, real, lsgan=True):
 
 
 def d_loss(pred_real, pred_fake, lsgan=True):
-    """D's side of Eq. (2). PAPER-VS-CODE: official train.py halves it, 0.5 (L_real + L_fake).
-    Returns (loss_D, L_real, L_fake)."""
+    """Eq. (2) for D: (loss_D, L_real, L_fake). PAPER-VS-CODE: halved (official train.py)."""
     real, fake = gan_loss(pred_real, True, lsgan), gan_loss(pred_fake, False, lsgan)
     return 0.5 * (real + fake), real, fake
 
 
 def feature_matching_loss(pred_fake, pred_real, lambda_feat=10.0):
-    """Eq. (3): sum_k sum_i (1/N_i) ||D_k^(i)(s, x) - D_k^(i)(s, G(s))||_1 over the n_layers + 1
-    intermediate outputs, real features detached. PAPER-VS-CODE: weight lambda * 1/num_D *
-    4/(n_layers + 1) per term (official; Eq. 4 has no 1/num_D)."""
+    """Eq. (3) over D's intermediate outputs, real detached. PAPER-VS-CODE: weight lambda/num_D
+    * 4/(n_layers + 1) (official; Eq. 4 has no 1/num_D)."""
     num_D, n_feats = len(pred_fake), len(pred_fake[0]) - 1
     w = lambda_feat / num_D * 4.0 / n_feats
     return sum(w * F.l1_loss(f.float(), r.detach().float())
@@ -654,8 +625,7 @@ def vgg_loss(vgg, x_fake, x_real, lambda_feat=10.0, imagenet_norm=False):
 
 # ==== Train step ====
 def lr_at(epoch, args):
-    """App. A: lr constant, then linearly to 0. Official rule: after every epoch > niter subtract
-    lr/niter_decay, so epoch e (1-based) runs at lr (1 - max(0, e - 1 - niter) / niter_decay)."""
+    """App. A, the official rule: epoch e (from 1) at lr (1 - max(0, e - 1 - niter) / decay)."""
     if not args.niter_decay:
         return args.lr
     niter = args.epochs - args.niter_decay
@@ -668,10 +638,8 @@ def g_input(s, E, b):
 
 
 def train_step(G, D, E, vgg, opt_G, opt_D, b, args, dist, autocast):
-    """One iteration of the official train.py at batch 1: fake = G(s); D on (s, fake.detach()),
-    (s, x) and (s, fake) from one G forward; step G (and E), then D (its grads zeroed first).
-    Under torchrun b is this process's share and the finished gradients are averaged; instance
-    norm and E's pooling are per image, so N processes give the updates of one with batch N."""
+    """One iteration of the official train.py: one G forward, step G (and E), then D; under
+    torchrun the finished gradients are averaged (IN and pooling are per image)."""
     with autocast():
         x_fake = G(g_input(b["s"], E, b))
         D.requires_grad_(False)                     # L_G's pass: gradients reach G only
@@ -710,23 +678,13 @@ def g_params(G, E, g1_fixed):
 
 
 def release_g1(G, E, args, lr, device, dist, epoch):
-    """Sec. 3.2's last phase, all of G trained jointly: G1 trains again and the returned optimizer
-    replaces G2's. PAPER-VS-CODE (card item 8): at the end of epoch niter_fix_global a fresh
-    Adam over G1 + G2 (+ E) is the one stepped and decayed from here on (the 2017 code). The
-    current official train.py keeps stepping the G2-only one."""
+    """Sec. 3.2's last phase: G1 trains again. PAPER-VS-CODE (card item 8): a fresh Adam over
+    G1 + G2 (+ E) is stepped and decayed from here (2017 code; today's keeps G2's)."""
     G.G1.requires_grad_(True)
     if dist.main:
         print(f"epoch {epoch} done: G1 joins training, fresh Adam over all of G"
               + (" and E" if E is not None else ""), flush=True)
     return make_opt(g_params(G, E, False), args, lr, device)
-
-
-def build_vgg(args, device):
-    """Sec. 4's frozen VGG19 (None with --no-vgg), from --vgg-weights or torch.hub's cache."""
-    if not args.vgg:
-        return None
-    return VGG19Features(args.vgg_weights or os.path.join(
-        torch.hub.get_dir(), "checkpoints", os.path.basename(VGG_URL)), device)
 
 
 def build_nets(args):
@@ -744,8 +702,7 @@ def build_nets(args):
 
 
 def load_global_run(G, D, E, args, device):
-    """Sec. 3.2: the local stage starts from a trained G1. G1 <- the global G (without its
-    c7s1-3 head); DEVIATION: D's scale k -> scale k + 1 (same resolution); E <- E."""
+    """Sec. 3.2: G1 <- the global G without its head, E <- E; DEVIATION: D scale k -> k + 1."""
     path = args.load_global
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     state = common.load_checkpoint(path, device)
@@ -816,8 +773,7 @@ def snapshot(G, D, E, opt_G, opt_D, segmenter, args):
 # ==== Eval ====
 @torch.no_grad()
 def generate(G, E, b, centres=None, gen=None):
-    """G(s) with E's pooled features of the real image (official --use_encoded_image), or with a
-    cluster centre drawn per instance (sample_features) when `centres` is given."""
+    """G(s) with E's features of the real image, or with a drawn cluster centre per instance."""
     if E is not None and centres is not None:
         return G(torch.cat([b["s"], sample_features(b, *centres, gen)], 1)).float()
     return G(g_input(b["s"], E, b)).float()
@@ -828,8 +784,7 @@ def val_batch(ds, i, args, device):
 
 
 def save_figure(G, E, val, args, device, path, title, centres=None, draws=1):
-    """Rows of val pairs: label map (bit-interleaved colours), real, then `draws` generated
-    images; readable (>= 512 px wide) with a title strip. Returns the rows."""
+    """Rows of val pairs: label map, real, `draws` generated; >= 512 px wide. Returns the rows."""
     i = torch.arange(args.label_nc)
     colors = sum(((i[:, None] >> (3 * j + torch.arange(3))) & 1) << (7 - j) for j in range(8))
     gen, rows = torch.Generator().manual_seed(args.seed + 4), []
@@ -849,8 +804,7 @@ def save_figure(G, E, val, args, device, path, title, centres=None, draws=1):
 
 
 class Segmenter(nn.Module):
-    """DEVIATION (ours): the proxy for the paper's PSPNet, a small conv net trained on the real
-    training pairs: c7s1-32, d64, d128, 2 x R128, u64, u32, conv 3x3 to the eval classes."""
+    """DEVIATION (ours): the proxy for the paper's PSPNet, trained on the real training pairs."""
 
     def __init__(self, n_classes, w=32):
         super().__init__()
@@ -869,8 +823,7 @@ def eval_classes(args):
 
 
 def train_segmenter(train, args, device, show=True):
-    """Ours: cross entropy on (real image, label map) training pairs, Adam 1e-3, batch 1, from
-    its own seeded stream (the GAN's RNG is untouched). show: print the progress line."""
+    """Ours: cross entropy on real training pairs, Adam 1e-3, batch 1, its own seeded stream."""
     emap, n_eval = eval_classes(args)
     seg = Segmenter(n_eval).to(device)
     opt = torch.optim.Adam(seg.parameters(), lr=1e-3)
@@ -888,27 +841,32 @@ def train_segmenter(train, args, device, show=True):
     return seg.eval()
 
 
-def build_segmenter(train, state, args, device, dist):
-    """Sec. 4.1: --seg-model (torch.export), else the proxy from the ckpt or trained now."""
+def build_segmenter(train, val, state, args, device, dist):
+    """Sec. 4.1: --seg-model (torch.export), else the proxy from the ckpt or trained now; and its
+    scores on the real val images (Tab. 1's "oracle" row). (None, None) without --seg-every."""
     if not args.seg_every:
-        return None
+        return None, None
     if args.seg_model:
         try:
-            return torch.export.load(args.seg_model).module().to(device)
+            segmenter = torch.export.load(args.seg_model).module().to(device)
         except Exception as err:  # missing file, foreign format: one line naming the file
             raise common.UserError(f"cannot load --seg-model {args.seg_model!r}: "
                                    f"{common._first_line(err)}") from None
-    if state and "segmenter" in state:
+    elif state and "segmenter" in state:
         segmenter = Segmenter(eval_classes(args)[1]).to(device).eval()
         segmenter.load_state_dict(state["segmenter"])
-        return segmenter
-    return train_segmenter(train, args, device, show=dist.main)
+    else:
+        segmenter = train_segmenter(train, args, device, show=dist.main)
+    seg_real = semantic_consistency(segmenter, None, None, val, args, device, real=True)
+    if dist.main:
+        print(f"segmenter on real val images: pixel acc {seg_real[0]:.4f}, mIoU "
+              f"{seg_real[1]:.4f}", flush=True)
+    return segmenter, seg_real
 
 
 @torch.no_grad()
 def segmentation_scores(segmenter, pairs, emap, n_eval):
-    """Sec. 4.1: segment each image, compare with its input label map: pixel accuracy and mean
-    IoU over the eval classes (Cityscapes: the 19 trainIds); ignored pixels are left out."""
+    """Sec. 4.1: pixel accuracy and mean IoU of the segmented images against their label maps."""
     conf = torch.zeros(n_eval * n_eval, dtype=torch.long)
     for x, label in pairs:
         logits = segmenter(x).float()
@@ -932,17 +890,6 @@ def semantic_consistency(segmenter, G, E, val, args, device, real=False):
     return segmentation_scores(segmenter, pairs(), *eval_classes(args))
 
 
-def real_scores(segmenter, val, args, device, dist):
-    """Tab. 1's "oracle" row: the segmenter on the real val images (None without one)."""
-    if segmenter is None:
-        return None
-    seg_real = semantic_consistency(segmenter, None, None, val, args, device, real=True)
-    if dist.main:
-        print(f"segmenter on real val images: pixel acc {seg_real[0]:.4f}, mIoU "
-              f"{seg_real[1]:.4f}", flush=True)
-    return seg_real
-
-
 def scores(G, E, val, args, device, segmenter, seg_real, ev_fid):
     """A log step's eval: the Sec. 4.1 score beside the real images' (segmenter), FID."""
     values = {}
@@ -957,8 +904,7 @@ def scores(G, E, val, args, device, segmenter, seg_real, ev_fid):
 
 @torch.no_grad()
 def encode_features(E, train, args, device, show=True):
-    """Sec. 3.4 (official encode_features): E on every training pair, unflipped; per instance
-    the feature at its median pixel and its class, kept if its area > H*W/64 (official)."""
+    """Sec. 3.4 (official encode_features): E's feature and class per training instance."""
     feats, classes = [], []
     prog = common.Progress("encode features", len(train), unit="img") if show else None
     for i in range(len(train)):
@@ -974,8 +920,7 @@ def encode_features(E, train, args, device, show=True):
 
 
 def kmeans(feats, classes, args):
-    """Sec. 3.4: K-means, K = 10 (or the number of points), per class -> centres (label_nc, K,
-    feat_num) and counts (label_nc,). DEVIATION: scipy kmeans2, k-means++ init, one start."""
+    """Sec. 3.4: K-means (K = 10) per class. DEVIATION: scipy kmeans2, k-means++, one start."""
     centres = torch.zeros(args.label_nc, args.n_clusters, args.feat_num)
     counts = torch.zeros(args.label_nc, dtype=torch.long)
     rng = np.random.default_rng(args.seed)
@@ -999,8 +944,7 @@ def sample_features(b, centres, counts, gen=None):
 
 
 def val_sampler(G, E, val, args, device, crop=False):
-    """sample_fn(n) for FID and --export-samples: G on the val label maps in order (cycling);
-    crop: the central min(H, W) square, as fid.py's reference transform (short side, centre)."""
+    """sample_fn(n): G on the val label maps in turn; crop: central square (fid.py's reference)."""
     seen, (h, w) = [0], args.size
     m = min(h, w)
 
@@ -1036,16 +980,12 @@ def build_fid(args, device):
     except ImportError:
         raise common.UserError("--fid-every needs fid.py (the project's metric file) next to "
                                "pix2pixhd.py") from None
-    folders = {"cityscapes": ("cityscapes", "leftImg8bit", "val"),
-               "ade20k": ("ADEChallengeData2016", "images", "validation")}
-    if args.dataset == "shapes":
-        if args.size[0] != args.size[1]:
-            raise common.UserError("FID on shapes needs a square --size (its reference images)")
-        ref = "shapes"
-    elif args.dataset in folders:
-        ref = "folder:" + os.path.join(args.data_root, *folders[args.dataset])
-    else:
-        ref = "folder:" + os.path.join(args.dataset[len("pix2pixhd:"):], "val_img")
+    if args.dataset == "shapes" and args.size[0] != args.size[1]:
+        raise common.UserError("FID on shapes needs a square --size (its reference images)")
+    folders = {"cityscapes": (args.data_root, "cityscapes", "leftImg8bit", "val"),
+               "ade20k": (args.data_root, "ADEChallengeData2016", "images", "validation")}
+    folder = folders.get(args.dataset, (args.dataset[len("pix2pixhd:"):], "val_img"))
+    ref = "shapes" if args.dataset == "shapes" else "folder:" + os.path.join(*folder)
     return fid.TrainingFID(ref, args.data_root, min(args.size), device, args.fid_samples,
                            weights=args.fid_weights)
 
@@ -1071,18 +1011,17 @@ def main(argv=None):
     run = common.Run(args, "pix2pixhd", total=total, mutable=MUTABLE, dist=dist)
     local = args.stage == "local"
     G, D, E = (None if n is None else n.to(device) for n in build_nets(args))
-    vgg = build_vgg(args, device)
+    vgg = VGG19Features(args.vgg_weights, device) if args.vgg else None
     state = run.load(device)
     step = state["step"] if state else 0
     g1_fixed = local and step // per_epoch < args.niter_fix_global
     opt_G = make_opt(g_params(G, E, g1_fixed), args, args.lr, device)
     opt_D = make_opt(D.parameters(), args, args.lr, device)
-    segmenter = build_segmenter(train, state, args, device, dist)
+    segmenter, seg_real = build_segmenter(train, val, state, args, device, dist)
     ev_fid = build_fid(args, device) if args.fid_every else None
     restore(state, G, D, E, opt_G, opt_D, args, device, dist)
     if local:
         G.G1.requires_grad_(not g1_fixed)           # no weight gradients for a fixed G1
-    seg_real = real_scores(segmenter, val, args, device, dist)
 
     run.start(step, device, G=G, D=D, **({"E": E} if E is not None else {}))
     if dist.main:
