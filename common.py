@@ -1,20 +1,15 @@
-"""What several paper scripts need and no paper has an opinion on (STYLE.md 2.5). Everything an
+"""What several paper scripts need and no paper has an opinion on (STYLE.md 2.5); everything an
 auditor needs to check a paper lives in the paper's own script.
 
-Data
-  load_dataset(name, root, img_size, train=True, extras=())  -> Dataset of (x, y), x in [-1, 1], CHW
-      cifar10 | cifar100 | stl10 | mnist | fashion-mnist | celeba | lsun-<category> | folder:<path>
-      | shapes
-  ShapesDataset     procedural, deterministic, learnable images: item i is a pure function of
-                    (seed, i); with extras also a label map, an instance map and a caption.
-  infinite_batches  endless, per-epoch seeded shuffling that can start at any step (exact resume).
-Checkpoints
-  save_checkpoint   atomic write: temp file, flush + fsync, os.replace
-  load_checkpoint   torch.load(weights_only=True), one clear message for a bad file
-  rng_state / set_rng_state   Python, numpy, torch CPU and CUDA generator states
-Run                 cli, argparse types, Run (args.json, metrics.jsonl, curves.png, ckpt.pt)
-Processes           Dist (torchrun data parallelism), single_process
-Figures             canvas, draw_text, title_strip, draw_curves: uint8 tensors, no PIL
+Data         load_dataset(name, root, img_size, train=True, extras=()) -> Dataset of (x in [-1, 1]
+             CHW, y): cifar10 | cifar100 | stl10 | mnist | fashion-mnist | celeba | lsun-<category>
+             | folder:<path> | shapes (ShapesDataset: procedural, deterministic, learnable; label
+             and instance maps, captions); infinite_batches (seeded per epoch, exact resume)
+Checkpoints  save_checkpoint (temp file, fsync, os.replace), load_checkpoint (weights_only, clear
+             messages), rng_state / set_rng_state (Python, numpy, torch CPU and CUDA)
+Run          cli, argparse types, Run (args.json, metrics.jsonl, curves.png, ckpt.pt)
+Processes    Dist (torchrun data parallelism), single_process
+Figures      canvas, draw_text, title_strip, draw_curves: uint8 tensors, no PIL
 """
 
 import argparse
@@ -403,10 +398,6 @@ def _first_line(e):
     return lines[0] if len(lines) == 1 else re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
 
 
-def _flag(key):
-    return key.replace("_", "-")
-
-
 _STOP = []  # signals received by cli()'s handler; Run.stopping tells the loop to save and stop
 _TRAINING = []  # a Run exists: a signal means "save after this step"; before one, nothing to save
 
@@ -598,12 +589,13 @@ class Run:
         refused = [k for k in self.changed if k not in self.mutable]
         if refused:
             raise UserError("--resume cannot change " + ", ".join(
-                f"--{_flag(k)} ({self.changed[k][0]!r} in the checkpoint, now "
+                f"--{k.replace('_', '-')} ({self.changed[k][0]!r} in the checkpoint, now "
                 f"{self.changed[k][1]!r})" for k in refused)
                 + ": pass the checkpoint's values, or start a new --out-dir")
         for k, (old, new) in self.changed.items():
             if k != "resume" and self.dist.main:
-                print(f"resume: --{_flag(k)} {old!r} -> {new!r} (takes effect)", flush=True)
+                print(f"resume: --{k.replace('_', '-')} {old!r} -> {new!r} (takes effect)",
+                      flush=True)
         return state
 
     def start(self, step, device=None, **nets):
@@ -638,29 +630,22 @@ class Run:
         row, bad = {"step": step, "time_s": round(self.offset + now - self.t0, 3)}, []
         for k, v in values.items():
             v = v.item() if hasattr(v, "item") else v
-            v = int(v) if isinstance(v, bool) else v
-            if not isinstance(v, int):
-                v = float(v)
-                if not math.isfinite(v):
-                    bad += [] if k in self.nonfinite_ok else [f"{k} = {v}"]
-            row[k] = v
+            row[k] = v = int(v) if isinstance(v, int) else float(v)    # bool -> int
+            if not math.isfinite(v) and k not in self.nonfinite_ok:
+                bad.append(f"{k} = {v}")
         self.rows.append(row)
-        if not self.dist.main:
-            if bad:
-                raise NonFiniteError(f"{self.unit} {step}: {', '.join(bad)}")
-            return row
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                                for k, v in row.items()}, allow_nan=False) + "\n")
-        rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
-        avg = (step - self.step0) / max(now - self.t0, 1e-9)
-        print(progress_line(self.unit, step, self.total, values and {k: row[k] for k in values},
-                            rate, "it/s" if self.unit == "step" else f"{self.unit}/s",
-                            row["time_s"], (self.total - step) / avg if avg > 0 else math.inf),
-              flush=True)
-        self.t_last, self.step_last = now, step
-        if now - self.t_curves > 30 or bad:
-            self.draw_curves()
+        if self.dist.main:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                    for k, v in row.items()}, allow_nan=False) + "\n")
+            rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
+            avg = (step - self.step0) / max(now - self.t0, 1e-9)
+            print(progress_line(self.unit, step, self.total, {k: row[k] for k in values}, rate,
+                                "it/s" if self.unit == "step" else f"{self.unit}/s", row["time_s"],
+                                (self.total - step) / avg if avg > 0 else math.inf), flush=True)
+            self.t_last, self.step_last = now, step
+            if now - self.t_curves > 30 or bad:
+                self.draw_curves()
         if bad:
             raise NonFiniteError(
                 f"{self.unit} {step}: {', '.join(bad)}; stopped without saving, so {self.ckpt!r} "
