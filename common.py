@@ -86,11 +86,8 @@ class ShapesDataset(Dataset):
         s = self.size
         bg = rng.uniform(0, 90, size=(2, 3)).astype(np.float32)        # dark: shapes stay visible
         style = rng.integers(0, 3)                  # 0 plain, 1 vertical gradient, 2 horizontal
-        if style == 0:
-            img = np.full((s, s, 3), bg[0], np.float32)
-        else:
-            t = (self._yy if style == 1 else self._xx)[..., None]           # (H, W, 1) in (0, 1)
-            img = bg[0] + (bg[1] - bg[0]) * t
+        t = (np.zeros_like(self._yy), self._yy, self._xx)[style][..., None]  # (H, W, 1) in [0, 1)
+        img = bg[0] + (bg[1] - bg[0]) * t                                    # (H, W, 3)
         n_shapes = int(rng.integers(1, 4))
         kinds = rng.integers(0, len(SHAPE_KINDS), size=n_shapes)
         colors = rng.choice(len(_COLOR_NAMES), size=n_shapes, replace=False)
@@ -123,8 +120,7 @@ class ShapesDataset(Dataset):
             rel = "above" if dy > 0 else "below"             # image y grows downwards
         else:
             rel = "to the left of" if dx > 0 else "to the right of"
-        text = f"{words[0]} {rel} {words[1]}"
-        return text + (f" and {words[2]}" if len(words) == 3 else "")
+        return f"{words[0]} {rel} " + " and ".join(words[1:])
 
     def __getitem__(self, i):
         if not 0 <= i < self.n:
@@ -189,17 +185,23 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
                                  seed=0 if train else 1, extras=extras)
         if extras:
             raise UserError(f"extras {extras} are only available for 'shapes', not {name!r}")
-        if name in ("cifar10", "cifar100"):
-            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+        if name in ("cifar10", "cifar100", "mnist", "fashion-mnist"):
+            cls = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "mnist": tv.MNIST,
+                   "fashion-mnist": tv.FashionMNIST}[name]
             return cls(root, train=train, download=download, transform=tf)
         if name == "stl10":  # the 100k unlabelled images (label -1), as in SN-GAN's STL-10 runs
             return tv.STL10(root, split="unlabeled" if train else "test", download=download,
                             transform=tf)
-        if name in ("mnist", "fashion-mnist"):
-            cls = tv.MNIST if name == "mnist" else tv.FashionMNIST
-            return cls(root, train=train, download=download, transform=tf)
-        if name == "celeba":
-            return _celeba(root, img_size, train, download)
+        if name == "celeba":  # 178x178 centre crop of the aligned 178x218 images, as GAN papers do
+            try:
+                return tv.CelebA(root, split="train" if train else "test", target_type="identity",
+                                 download=download, transform=_image_transform(img_size, crop=178))
+            except Exception as e:
+                where = os.path.join(root, "celeba")
+                raise UserError(f"CelebA could not be loaded from {where!r} ({e}); Drive quotas "
+                                "often block the download: put img_align_celeba.zip (unzipped), "
+                                "identity_CelebA.txt and the four list_*.txt files from the CelebA "
+                                "page there by hand") from None
         if name.startswith("lsun-"):
             cat = name[len("lsun-"):]
             path = os.path.join(root, "lsun", f"{cat}_{'train' if train else 'val'}")
@@ -214,19 +216,6 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
         raise UserError(f"could not load {name!r} from {root!r}: {e}. With internet access "
                            f"torchvision downloads it into --data-root.") from None
     raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-
-
-def _celeba(root, img_size, train, download):
-    try:  # 178x178 centre crop of the aligned 178x218 images, as in most GAN papers' CelebA runs
-        return torchvision.datasets.CelebA(root, split="train" if train else "test",
-                                           target_type="identity", download=download,
-                                           transform=_image_transform(img_size, crop=178))
-    except Exception as e:
-        where = os.path.join(root, "celeba")
-        raise UserError(f"CelebA could not be loaded from {where!r} ({e}); its Drive quota often "
-                        "blocks downloads: fetch img_align_celeba.zip (unzip it there) and "
-                        "list_eval_partition, identity_CelebA, list_attr_celeba, list_bbox_celeba, "
-                        f"list_landmarks_align_celeba .txt by hand into {where!r}") from None
 
 
 class _EpochBatches:
