@@ -174,8 +174,7 @@ def _image_transform(img_size, crop=None):
 
 
 def load_dataset(name, root="data", img_size=None, train=True, extras=(), download=True):
-    """(x, y): x a float (C, H, W) in [-1, 1] (img_size None: native size), y an int label (-1 if
-    none); `extras` for shapes only."""
+    """(x, y): x float (C, H, W) in [-1, 1] (img_size None: native), y int (-1: none)."""
     tf = _image_transform(img_size)
     tv = torchvision.datasets
     try:
@@ -338,8 +337,7 @@ def load_checkpoint(path, device="cpu"):
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():  # objects other than tensors and plain containers
             raise UserError(f"refusing to load {path!r}: it holds Python objects that "
-                            "weights_only=True will not run. Only checkpoints these scripts write "
-                            "can be resumed") from None
+                            "weights_only=True will not run (not one of our checkpoints)") from None
         raise UserError(f"{path!r} is not a torch checkpoint ({size:,} bytes; "
                         f"{_first_line(e)})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
@@ -499,8 +497,7 @@ def progress_line(unit, done, total, values, rate, rate_unit, elapsed, eta):
 
 
 class Progress:
-    """The progress line for long work outside the training loop, at most every `every` s and at
-    the end."""
+    """The progress line for long work outside the training loop: every `every` s and at the end."""
 
     def __init__(self, what, total, unit="it", every=10.0):
         self.what, self.total, self.unit, self.every = what, total, unit, every
@@ -539,9 +536,7 @@ class Run:
     def __init__(self, args, script, total, unit="step", mutable=(), nonfinite_ok=(), dist=None):
         self.args, self.script, self.total, self.unit = args, script, total, unit
         _TRAINING.append(script)
-        self.dist = dist if dist is not None else Dist.__new__(Dist)
-        if dist is None:
-            self.dist.rank, self.dist.world_size = 0, 1
+        self.dist = dist if dist is not None else Dist.__new__(Dist)   # one process: no setup
         self.mutable = set(RUN_FLAGS) | set(mutable)
         self.nonfinite_ok = set(nonfinite_ok)
         self.dir = args.out_dir
@@ -564,8 +559,7 @@ class Run:
         return self.dist.any(_STOP)
 
     def load(self, device="cpu"):
-        """On --resume the checkpoint's state (else None), if this script wrote it and every changed
-        flag may change; prints each change."""
+        """On --resume the checkpoint's state (else None), if its script and flag changes are ok."""
         if not self.args.resume:
             return None
         state = load_checkpoint(self.ckpt, device)
@@ -588,8 +582,7 @@ class Run:
         return state
 
     def start(self, step, device=None, **nets):
-        """Just before the loop: writes args.json or trims metrics.jsonl, prints the flags and a
-        header (device, torch, parameter counts of `nets`)."""
+        """Before the loop: writes args.json or trims metrics.jsonl; prints flags, device, sizes."""
         if self.args.resume:
             self.rows = [r for r in _read_jsonl(self.metrics) if r.get("step", 0) <= step]
         if self.dist.main:  # under torchrun only rank 0 prints and writes
@@ -656,22 +649,19 @@ class Run:
 
     def finish(self, step, device=None):
         """Draws curves.png and prints the closing line; returns the last logged row (with step)."""
-        last = self.rows[-1] if self.rows and self.rows[-1]["step"] == step else {"step": step}
-        if not self.dist.main:
-            return last
-        self.draw_curves()
-        dt = time.time() - self.t0
-        line = f"done: {step - self.step0:g} {self.unit}s in {_hms(dt)}"
-        if step > self.step0:
-            line += f" ({(step - self.step0) / max(dt, 1e-9):.3g}/s incl. logging and sampling)"
-        cuda = device is not None and torch.device(device).type == "cuda"
-        line += f" | peak memory {peak_memory_mib(device):,.0f} MiB"
-        line += " (CUDA allocated)" if cuda else " (process RSS)"
-        print(line, flush=True)
-        if _STOP:
-            print(f"stopped by {signal.Signals(_STOP[0]).name} at {self.unit} {step:g}: "
-                  f"{self.ckpt} is saved; continue with --resume", flush=True)
-        return last
+        if self.dist.main:
+            self.draw_curves()
+            dt = time.time() - self.t0
+            line = f"done: {step - self.step0:g} {self.unit}s in {_hms(dt)}"
+            if step > self.step0:
+                line += f" ({(step - self.step0) / max(dt, 1e-9):.3g}/s incl. logging and sampling)"
+            cuda = device is not None and torch.device(device).type == "cuda"
+            line += f" | peak memory {peak_memory_mib(device):,.0f} MiB"
+            print(line + (" (CUDA allocated)" if cuda else " (process RSS)"), flush=True)
+            if _STOP:
+                print(f"stopped by {signal.Signals(_STOP[0]).name} at {self.unit} {step:g}: "
+                      f"{self.ckpt} is saved; continue with --resume", flush=True)
+        return self.rows[-1] if self.rows and self.rows[-1]["step"] == step else {"step": step}
 
     def draw_curves(self):
         if self.rows:
@@ -723,6 +713,8 @@ class Dist:
     """Data parallelism under torchrun: one process per device (NCCL on CUDA, gloo on CPU),
     --batch-size the global batch; without torchrun rank 0 of 1 and every method a no-op."""
 
+    rank, world_size = 0, 1
+
     def __init__(self, device_name):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -756,8 +748,7 @@ class Dist:
         return x if self.world_size == 1 else x[self.share(len(x))]
 
     def average_gradients(self, *modules):
-        """Mean of every .grad over the processes after backward (one flat all-reduce): the gradient
-        of the global batch's mean loss, double backprop included."""
+        """Mean of every .grad over the processes after backward: one flat all-reduce."""
         if self.world_size == 1:
             return
         grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
@@ -768,8 +759,7 @@ class Dist:
             g.copy_(v.view_as(g))
 
     def broadcast_buffers(self, *modules):
-        """Rank 0's buffers (BN running statistics) to every process, so all score the model rank 0
-        saves; call at the same steps on every rank."""
+        """Rank 0's buffers (BN statistics) to every rank; call at the same steps on every rank."""
         if self.world_size > 1:
             for b in (b for m in modules for b in m.buffers()):
                 torch.distributed.broadcast(b, 0)
@@ -842,8 +832,7 @@ def save_png(img, path):
 
 
 def title_strip(img, lines, key=()):
-    """`img` ((3, H, W) uint8) under a white strip with the text `lines` and a colour key
-    [(label, rgb), ...], so a figure explains itself."""
+    """`img` ((3, H, W) uint8) under a white strip: text `lines`, a colour key [(label, rgb)]."""
     h = 14 * (len(lines) + (1 if key else 0)) + 8
     out = canvas(img.shape[1] + h, max(img.shape[2], 240))
     out[:, h:, :img.shape[2]] = img
