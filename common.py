@@ -613,7 +613,7 @@ class Run:
         for k, v in values.items():
             v = v.item() if hasattr(v, "item") else v
             row[k] = v = int(v) if isinstance(v, int) else float(v)    # bool -> int
-            if not math.isfinite(v) and k not in self.nonfinite_ok:
+            if isinstance(v, float) and not math.isfinite(v) and k not in self.nonfinite_ok:
                 bad.append(f"{k} = {v}")
         self.rows.append(row)
         if self.dist.main:
