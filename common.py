@@ -1,20 +1,15 @@
-"""What several paper scripts need and no paper has an opinion on (STYLE.md 2.5). Everything an
+"""What several paper scripts need and no paper has an opinion on (STYLE.md 2.5); everything an
 auditor needs to check a paper lives in the paper's own script.
 
-Data
-  load_dataset(name, root, img_size, train=True, extras=())  -> Dataset of (x, y), x in [-1, 1], CHW
-      cifar10 | cifar100 | stl10 | mnist | fashion-mnist | celeba | lsun-<category> | folder:<path>
-      | shapes
-  ShapesDataset     procedural, deterministic, learnable images: item i is a pure function of
-                    (seed, i); with extras also a label map, an instance map and a caption.
-  infinite_batches  endless, per-epoch seeded shuffling that can start at any step (exact resume).
-Checkpoints
-  save_checkpoint   atomic write: temp file, flush + fsync, os.replace
-  load_checkpoint   torch.load(weights_only=True), one clear message for a bad file
-  rng_state / set_rng_state   Python, numpy, torch CPU and CUDA generator states
-Run                 cli, argparse types, Run (args.json, metrics.jsonl, curves.png, ckpt.pt)
-Processes           Dist (torchrun data parallelism), single_process
-Figures             canvas, draw_text, title_strip, draw_curves: uint8 tensors, no PIL
+Data         load_dataset(name, root, img_size, train=True, extras=()) -> Dataset of (x in [-1, 1]
+             CHW, y): cifar10 | cifar100 | stl10 | mnist | fashion-mnist | celeba | lsun-<category>
+             | folder:<path> | shapes (ShapesDataset: procedural, deterministic, learnable; label
+             and instance maps, captions); infinite_batches (seeded per epoch, exact resume)
+Checkpoints  save_checkpoint (temp file, fsync, os.replace), load_checkpoint (weights_only, clear
+             messages), rng_state / set_rng_state (Python, numpy, torch CPU and CUDA)
+Run          cli, argparse types, Run (args.json, metrics.jsonl, curves.png, ckpt.pt)
+Processes    Dist (torchrun data parallelism), single_process
+Figures      canvas, draw_text, title_strip, draw_curves: uint8 tensors, no PIL
 """
 
 import argparse
@@ -51,14 +46,10 @@ _COLOR_RGB = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float32)
 
 # ==== Data ====
 class ShapesDataset(Dataset):
-    """One to three coloured shapes of six kinds on a plain or gradient background.
-
-    Item i is drawn from np.random.default_rng([seed, i]) alone, so it is the same in every process,
-    worker and run. y is the kind of the main (largest, front-most) shape. With `extras` y becomes a
-    dict holding "label" and any of "label_map" (H, W) int64 with 0 = background and 1 + kind for a
-    shape pixel, "instance_map" (H, W) int64 with 0 = background and k = k-th drawn shape, and
-    "caption", e.g. "a large red circle above a small blue square".
-    """
+    """One to three coloured shapes of six kinds on a plain or gradient background; item i comes
+    from np.random.default_rng([seed, i]) alone. y: the kind of the main (large, front-most) shape,
+    or with `extras` a dict of "label" and any of "label_map" (H, W) (0 background, 1 + kind),
+    "instance_map" (H, W) (k = k-th shape) and "caption" ("a large red circle above ...")."""
 
     num_classes = len(SHAPE_KINDS)
 
@@ -95,11 +86,8 @@ class ShapesDataset(Dataset):
         s = self.size
         bg = rng.uniform(0, 90, size=(2, 3)).astype(np.float32)        # dark: shapes stay visible
         style = rng.integers(0, 3)                  # 0 plain, 1 vertical gradient, 2 horizontal
-        if style == 0:
-            img = np.full((s, s, 3), bg[0], np.float32)
-        else:
-            t = (self._yy if style == 1 else self._xx)[..., None]           # (H, W, 1) in (0, 1)
-            img = bg[0] + (bg[1] - bg[0]) * t
+        t = (np.zeros_like(self._yy), self._yy, self._xx)[style][..., None]  # (H, W, 1) in [0, 1)
+        img = bg[0] + (bg[1] - bg[0]) * t                                    # (H, W, 3)
         n_shapes = int(rng.integers(1, 4))
         kinds = rng.integers(0, len(SHAPE_KINDS), size=n_shapes)
         colors = rng.choice(len(_COLOR_NAMES), size=n_shapes, replace=False)
@@ -132,8 +120,7 @@ class ShapesDataset(Dataset):
             rel = "above" if dy > 0 else "below"             # image y grows downwards
         else:
             rel = "to the left of" if dx > 0 else "to the right of"
-        text = f"{words[0]} {rel} {words[1]}"
-        return text + (f" and {words[2]}" if len(words) == 3 else "")
+        return f"{words[0]} {rel} " + " and ".join(words[1:])
 
     def __getitem__(self, i):
         if not 0 <= i < self.n:
@@ -149,8 +136,7 @@ class ShapesDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Images under `path`: one subfolder per class (labels in sorted order), or a flat folder
-    (every label 0). Unreadable files raise an error naming the file."""
+    """Images under `path`: one subfolder per class (sorted), or a flat folder (every label 0)."""
 
     def __init__(self, path, transform):
         if not os.path.isdir(path):
@@ -188,10 +174,7 @@ def _image_transform(img_size, crop=None):
 
 
 def load_dataset(name, root="data", img_size=None, train=True, extras=(), download=True):
-    """A Dataset of (x, y): x a float (C, H, W) tensor in [-1, 1], y an int label (-1 if none).
-
-    img_size=None keeps the native resolution (shapes: 32). MNIST-like sets have C = 1.
-    `extras` is for `shapes` only (see ShapesDataset)."""
+    """(x, y): x float (C, H, W) in [-1, 1] (img_size None: native), y int (-1: none)."""
     tf = _image_transform(img_size)
     tv = torchvision.datasets
     try:
@@ -201,27 +184,30 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
                                  seed=0 if train else 1, extras=extras)
         if extras:
             raise UserError(f"extras {extras} are only available for 'shapes', not {name!r}")
-        if name in ("cifar10", "cifar100"):
-            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+        if name in ("cifar10", "cifar100", "mnist", "fashion-mnist"):
+            cls = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "mnist": tv.MNIST,
+                   "fashion-mnist": tv.FashionMNIST}[name]
             return cls(root, train=train, download=download, transform=tf)
         if name == "stl10":  # the 100k unlabelled images (label -1), as in SN-GAN's STL-10 runs
             return tv.STL10(root, split="unlabeled" if train else "test", download=download,
                             transform=tf)
-        if name in ("mnist", "fashion-mnist"):
-            cls = tv.MNIST if name == "mnist" else tv.FashionMNIST
-            return cls(root, train=train, download=download, transform=tf)
-        if name == "celeba":
-            return _celeba(root, img_size, train, download)
+        if name == "celeba":  # 178x178 centre crop of the aligned 178x218 images, as GAN papers do
+            try:
+                return tv.CelebA(root, split="train" if train else "test", target_type="identity",
+                                 download=download, transform=_image_transform(img_size, crop=178))
+            except Exception as e:
+                where = os.path.join(root, "celeba")
+                raise UserError(f"CelebA could not be loaded from {where!r} ({e}); Drive quotas "
+                                "often block the download: put img_align_celeba.zip (unzipped), "
+                                "identity_CelebA.txt and the four list_*.txt files from the CelebA "
+                                "page there by hand") from None
         if name.startswith("lsun-"):
             cat = name[len("lsun-"):]
             path = os.path.join(root, "lsun", f"{cat}_{'train' if train else 'val'}")
-            if not os.path.isdir(path):
-                raise UserError(
-                    f"LSUN {cat!r} is not downloadable through torchvision without the lmdb "
-                    "package, which this project does not depend on. Download "
-                    f"{cat}_{'train' if train else 'val'}_lmdb.zip from the LSUN site, export its "
-                    "images (e.g. with the LSUN repo's data.py export), and put them in "
-                    f"{path!r} (or pass --dataset folder:<dir>).")
+            if not os.path.isdir(path):  # torchvision's LSUN needs lmdb, not a dependency here
+                raise UserError(f"LSUN needs the lmdb package: download {os.path.basename(path)}"
+                                f"_lmdb.zip from the LSUN site, export its images (LSUN repo's "
+                                f"data.py) into {path!r}, or pass --dataset folder:<dir>")
             return ImageFolderDataset(path, tf)
         if name.startswith("folder:"):
             return ImageFolderDataset(name[len("folder:"):], tf)
@@ -229,21 +215,6 @@ def load_dataset(name, root="data", img_size=None, train=True, extras=(), downlo
         raise UserError(f"could not load {name!r} from {root!r}: {e}. With internet access "
                            f"torchvision downloads it into --data-root.") from None
     raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-
-
-def _celeba(root, img_size, train, download):
-    try:  # 178x178 centre crop of the aligned 178x218 images, as in most GAN papers' CelebA runs
-        return torchvision.datasets.CelebA(root, split="train" if train else "test",
-                                           target_type="identity", download=download,
-                                           transform=_image_transform(img_size, crop=178))
-    except Exception as e:
-        raise UserError(
-            f"CelebA could not be loaded from {os.path.join(root, 'celeba')!r} ({e}). Its Google "
-            "Drive files often hit their download quota: download img_align_celeba.zip, "
-            "list_eval_partition.txt, identity_CelebA.txt, list_attr_celeba.txt, "
-            "list_bbox_celeba.txt and list_landmarks_align_celeba.txt from the CelebA page by "
-            f"hand, put them in {os.path.join(root, 'celeba')!r}, unzip the images there and run "
-            "again.") from None
 
 
 class _EpochBatches:
@@ -276,15 +247,10 @@ class _EpochBatches:
 
 def infinite_batches(dataset, batch_size, seed, start_step=0, num_workers=4, device=None, rank=0,
                      world_size=1, on_device=None):
-    """Yields batches forever. Batch k of the stream is the same whether the stream started at 0
-    or at start_step <= k, so a resumed run sees the batches an uninterrupted one would. With
-    `world_size` processes, batch_size is the global batch and each rank gets its own slice.
-
-    With a CUDA `device`, a small dataset of (image, int label) pairs (CIFAR, MNIST, STL-10 at
-    48 px, shapes: under 4 GiB as uint8) is decoded once into one uint8 tensor on the device and
-    each batch is indexed and converted there: the same values in the same order, no per-step
-    host work (on_device=None: on CUDA only; True: on any device; False: never). Other datasets
-    use the DataLoader with workers and pinned memory."""
+    """Batches forever; batch k is the same whether the stream started at 0 or at start_step <= k
+    (exact resume). batch_size is global: each of `world_size` ranks gets its slice. A dataset
+    device_cache accepts is indexed on `device` (on_device None: CUDA only; True: any; False:
+    never), the same values in the same order; else a DataLoader with workers, pinned memory."""
     sampler = _EpochBatches(len(dataset), batch_size, seed, start_step, rank, world_size)
     cache = None
     if device is not None and (on_device or (on_device is None
@@ -308,9 +274,8 @@ _TO_FLOAT = (lambda u: u.float().div_(255).sub_(0.5).div_(0.5),   # ToTensor, No
 
 
 def device_cache(dataset, device, num_workers=0, limit_bytes=4 << 30):
-    """(uint8 images, int64 labels, uint8 -> float) on `device` when every item is an image on
-    the uint8 grid with an int label and the whole set fits `limit_bytes`; else None. Exact: each
-    decoded batch is converted back and compared with the pipeline's floats."""
+    """(uint8 images, int64 labels, uint8 -> float) on `device` if every item is an image on the
+    uint8 grid (checked exactly) with an int label, all within `limit_bytes`; else None."""
     x0, y0 = dataset[0]
     if not (torch.is_tensor(x0) and isinstance(y0, int)) or len(dataset) * x0.numel() > limit_bytes:
         return None
@@ -334,8 +299,7 @@ def device_cache(dataset, device, num_workers=0, limit_bytes=4 << 30):
 
 # ==== Checkpoints ====
 def save_checkpoint(path, state):
-    """Writes `state` atomically: a kill mid-save leaves the previous file intact. A failed write
-    (full disk, quota) is a UserError that says so; the previous file is still intact."""
+    """Atomic write: a kill or a failed write (full disk: UserError) leaves the old file intact."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
@@ -361,8 +325,7 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, device="cpu"):
-    """torch.load(weights_only=True), with one clear message for a missing, empty, truncated or
-    foreign file."""
+    """torch.load(weights_only=True); a clear message for a missing, empty, bad, foreign file."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path!r} (nothing to resume; drop --resume)")
     size = os.path.getsize(path)
@@ -374,8 +337,7 @@ def load_checkpoint(path, device="cpu"):
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():  # objects other than tensors and plain containers
             raise UserError(f"refusing to load {path!r}: it holds Python objects that "
-                            "weights_only=True will not run. Only checkpoints these scripts write "
-                            "can be resumed") from None
+                            "weights_only=True will not run (not one of our checkpoints)") from None
         raise UserError(f"{path!r} is not a torch checkpoint ({size:,} bytes; "
                         f"{_first_line(e)})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
@@ -418,14 +380,9 @@ class NonFiniteError(UserError):
 
 
 def _first_line(e):
-    """The message of `e` on one line. An exception re-raised from a DataLoader worker carries the
-    worker's traceback: its last line holds the message."""
+    """The message of `e` on one line (from a DataLoader worker: its traceback's last line)."""
     lines = [s.strip() for s in str(e).splitlines() if s.strip()] or [type(e).__name__]
     return lines[0] if len(lines) == 1 else re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
-
-
-def _flag(key):
-    return key.replace("_", "-")
 
 
 _STOP = []  # signals received by cli()'s handler; Run.stopping tells the loop to save and stop
@@ -433,8 +390,8 @@ _TRAINING = []  # a Run exists: a signal means "save after this step"; before on
 
 
 def request_stop(signum):
-    """What SIGTERM/SIGINT do under cli(): in training the loop saves a checkpoint after this step
-    and stops; before a Run exists (--evaluate, loading) or on a second signal, stop at once."""
+    """SIGTERM/SIGINT under cli(): in training, save after this step and stop; before a Run exists
+    (--evaluate, loading) or on a second signal, stop at once."""
     _STOP.append(signum)
     if len(_STOP) > 1 or not _TRAINING:
         raise KeyboardInterrupt
@@ -507,16 +464,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def quantize(x):
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounded exactly as torchvision's save_image
-    (what scoring saved PNGs sees); for --export-samples."""
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounded as save_image (--export-samples)."""
     return ((x.detach().float() + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(
         0, 2, 3, 1).cpu()
 
 
 def default_out_dir(script, args, defaults):
-    """runs/<script>-<dataset>-s<seed>, plus a short hash of every other flag that differs from
-    `defaults` (the parser's), so a run with other flags gets its own folder; the run flags and
-    the length of training (--steps, --epochs, --kimg) keep the folder, so a run can be extended."""
+    """runs/<script>-<dataset>-s<seed>, plus a hash of the flags that differ from `defaults` except
+    the run flags and the length of training (so a run can be extended in its folder)."""
     keep = set(RUN_FLAGS) | {"dataset", "seed", "steps", "epochs", "kimg"}
     diff = {k: v for k, v in sorted(vars(args).items()) if k not in keep and defaults.get(k) != v}
     dataset = re.sub(r"[^A-Za-z0-9.-]+", "_", str(getattr(args, "dataset", "run"))).strip("_")
@@ -542,8 +497,7 @@ def progress_line(unit, done, total, values, rate, rate_unit, elapsed, eta):
 
 
 class Progress:
-    """The progress line for long work outside the training loop (FID extraction, AIS, a
-    classifier, K-means): printed at most every `every` seconds, and at the end."""
+    """The progress line for long work outside the training loop: every `every` s and at the end."""
 
     def __init__(self, what, total, unit="it", every=10.0):
         self.what, self.total, self.unit, self.every = what, total, unit, every
@@ -573,28 +527,16 @@ def _nonfinite(state, prefix=""):
 
 
 class Run:
-    """The run's own files in args.out_dir, the same for every script:
-      ckpt.pt        save(): atomic, with the script's name, the step and the flags; it refuses a
-                     state holding NaN/Inf, so a diverged run never replaces its last good
-                     checkpoint
-      args.json      the resolved flags, written by a fresh run (and on --resume only if a flag that
-                     is not a run flag, e.g. --steps, changed)
-      metrics.jsonl  log(): one strict-JSON row per log step with `step` and `time_s` (seconds of
-                     training, summed over resumes); on --resume trimmed to the checkpoint's step,
-                     so no step is logged twice, and a line cut off by a kill is dropped
-      curves.png     every logged scalar against the step, redrawn every ~30 s and at the end
-    plus the one progress line, and `stopping` (SIGTERM/SIGINT under cli(): save, then stop).
-
-    Refuses, before writing anything: a fresh run where ckpt.pt exists, a fresh run where a
-    metrics.jsonl without a checkpoint is left over, --resume without ckpt.pt, a checkpoint of
-    another script, and a changed flag that is neither a run flag nor in `mutable`."""
+    """The run's files in args.out_dir: ckpt.pt (save(): atomic, never a NaN/Inf state), args.json
+    (the flags), metrics.jsonl (log(): strict JSON with step and time_s, trimmed to the checkpoint's
+    step on resume) and curves.png; the progress line; `stopping`. Refuses, before writing: ckpt.pt
+    or a stale metrics.jsonl on a fresh run, --resume without ckpt.pt or with another script's, and
+    a changed flag that is neither a run flag nor in `mutable`."""
 
     def __init__(self, args, script, total, unit="step", mutable=(), nonfinite_ok=(), dist=None):
         self.args, self.script, self.total, self.unit = args, script, total, unit
         _TRAINING.append(script)
-        self.dist = dist if dist is not None else Dist.__new__(Dist)
-        if dist is None:
-            self.dist.rank, self.dist.world_size = 0, 1
+        self.dist = dist if dist is not None else Dist.__new__(Dist)   # one process: no setup
         self.mutable = set(RUN_FLAGS) | set(mutable)
         self.nonfinite_ok = set(nonfinite_ok)
         self.dir = args.out_dir
@@ -612,14 +554,12 @@ class Run:
 
     @property
     def stopping(self):
-        """True once SIGTERM or SIGINT arrived (at any process): save after this step, then stop.
-        Under torchrun a collective: read it on every rank equally often (never after a
-        `dist.main and`, which leaves rank 0 waiting alone)."""
+        """True once SIGTERM/SIGINT arrived at any process: save, then stop. Under torchrun a
+        collective: read it on every rank equally often (never after `dist.main and`)."""
         return self.dist.any(_STOP)
 
     def load(self, device="cpu"):
-        """On --resume the checkpoint's state (else None), after checking that this script wrote it
-        and that every changed flag may change; prints each change that takes effect."""
+        """On --resume the checkpoint's state (else None), if its script and flag changes are ok."""
         if not self.args.resume:
             return None
         state = load_checkpoint(self.ckpt, device)
@@ -632,17 +572,17 @@ class Run:
         refused = [k for k in self.changed if k not in self.mutable]
         if refused:
             raise UserError("--resume cannot change " + ", ".join(
-                f"--{_flag(k)} ({self.changed[k][0]!r} in the checkpoint, now "
+                f"--{k.replace('_', '-')} ({self.changed[k][0]!r} in the checkpoint, now "
                 f"{self.changed[k][1]!r})" for k in refused)
                 + ": pass the checkpoint's values, or start a new --out-dir")
         for k, (old, new) in self.changed.items():
             if k != "resume" and self.dist.main:
-                print(f"resume: --{_flag(k)} {old!r} -> {new!r} (takes effect)", flush=True)
+                print(f"resume: --{k.replace('_', '-')} {old!r} -> {new!r} (takes effect)",
+                      flush=True)
         return state
 
     def start(self, step, device=None, **nets):
-        """Call just before the loop: writes args.json or trims metrics.jsonl, prints the flags and
-        the header (device, torch, parameter counts of `nets`)."""
+        """Before the loop: writes args.json or trims metrics.jsonl; prints flags, device, sizes."""
         if self.args.resume:
             self.rows = [r for r in _read_jsonl(self.metrics) if r.get("step", 0) <= step]
         if self.dist.main:  # under torchrun only rank 0 prints and writes
@@ -665,37 +605,29 @@ class Run:
         self.step0 = self.step_last = step
 
     def log(self, step, values):
-        """Appends {step, time_s, **values} to metrics.jsonl and prints the progress line; returns
-        the row. A NaN/Inf value (except in `nonfinite_ok`) is written as null, then the run stops
-        with NonFiniteError naming the step and the terms, before anything else is saved."""
+        """Appends {step, time_s, **values} to metrics.jsonl, prints the progress line, returns the
+        row; a NaN/Inf (not in `nonfinite_ok`) is written as null, then raises NonFiniteError."""
         values = self.dist.average(values)
         now = time.time()
         row, bad = {"step": step, "time_s": round(self.offset + now - self.t0, 3)}, []
         for k, v in values.items():
             v = v.item() if hasattr(v, "item") else v
-            v = int(v) if isinstance(v, bool) else v
-            if not isinstance(v, int):
-                v = float(v)
-                if not math.isfinite(v):
-                    bad += [] if k in self.nonfinite_ok else [f"{k} = {v}"]
-            row[k] = v
+            row[k] = v = int(v) if isinstance(v, int) else float(v)    # bool -> int
+            if isinstance(v, float) and not math.isfinite(v) and k not in self.nonfinite_ok:
+                bad.append(f"{k} = {v}")
         self.rows.append(row)
-        if not self.dist.main:
-            if bad:
-                raise NonFiniteError(f"{self.unit} {step}: {', '.join(bad)}")
-            return row
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                                for k, v in row.items()}, allow_nan=False) + "\n")
-        rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
-        avg = (step - self.step0) / max(now - self.t0, 1e-9)
-        print(progress_line(self.unit, step, self.total, values and {k: row[k] for k in values},
-                            rate, "it/s" if self.unit == "step" else f"{self.unit}/s",
-                            row["time_s"], (self.total - step) / avg if avg > 0 else math.inf),
-              flush=True)
-        self.t_last, self.step_last = now, step
-        if now - self.t_curves > 30 or bad:
-            self.draw_curves()
+        if self.dist.main:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                    for k, v in row.items()}, allow_nan=False) + "\n")
+            rate = (step - self.step_last) / max(now - self.t_last, 1e-9)
+            avg = (step - self.step0) / max(now - self.t0, 1e-9)
+            print(progress_line(self.unit, step, self.total, {k: row[k] for k in values}, rate,
+                                "it/s" if self.unit == "step" else f"{self.unit}/s", row["time_s"],
+                                (self.total - step) / avg if avg > 0 else math.inf), flush=True)
+            self.t_last, self.step_last = now, step
+            if now - self.t_curves > 30 or bad:
+                self.draw_curves()
         if bad:
             raise NonFiniteError(
                 f"{self.unit} {step}: {', '.join(bad)}; stopped without saving, so {self.ckpt!r} "
@@ -704,8 +636,7 @@ class Run:
         return row
 
     def save(self, step, state):
-        """Atomically writes ckpt.pt = state + script, step and flags; refuses (NonFiniteError) a
-        state with NaN/Inf in a floating-point tensor, keeping the last good checkpoint."""
+        """ckpt.pt = state + script, step and flags; a NaN/Inf tensor raises NonFiniteError."""
         bad = _nonfinite(state)
         if bad:
             names = ", ".join(bad[:4]) + (" ..." if bad[4:] else "")
@@ -718,22 +649,19 @@ class Run:
 
     def finish(self, step, device=None):
         """Draws curves.png and prints the closing line; returns the last logged row (with step)."""
-        last = self.rows[-1] if self.rows and self.rows[-1]["step"] == step else {"step": step}
-        if not self.dist.main:
-            return last
-        self.draw_curves()
-        dt = time.time() - self.t0
-        line = f"done: {step - self.step0:g} {self.unit}s in {_hms(dt)}"
-        if step > self.step0:
-            line += f" ({(step - self.step0) / max(dt, 1e-9):.3g}/s incl. logging and sampling)"
-        cuda = device is not None and torch.device(device).type == "cuda"
-        line += f" | peak memory {peak_memory_mib(device):,.0f} MiB"
-        line += " (CUDA allocated)" if cuda else " (process RSS)"
-        print(line, flush=True)
-        if _STOP:
-            print(f"stopped by {signal.Signals(_STOP[0]).name} at {self.unit} {step:g}: "
-                  f"{self.ckpt} is saved; continue with --resume", flush=True)
-        return last
+        if self.dist.main:
+            self.draw_curves()
+            dt = time.time() - self.t0
+            line = f"done: {step - self.step0:g} {self.unit}s in {_hms(dt)}"
+            if step > self.step0:
+                line += f" ({(step - self.step0) / max(dt, 1e-9):.3g}/s incl. logging and sampling)"
+            cuda = device is not None and torch.device(device).type == "cuda"
+            line += f" | peak memory {peak_memory_mib(device):,.0f} MiB"
+            print(line + (" (CUDA allocated)" if cuda else " (process RSS)"), flush=True)
+            if _STOP:
+                print(f"stopped by {signal.Signals(_STOP[0]).name} at {self.unit} {step:g}: "
+                      f"{self.ckpt} is saved; continue with --resume", flush=True)
+        return self.rows[-1] if self.rows and self.rows[-1]["step"] == step else {"step": step}
 
     def draw_curves(self):
         if self.rows:
@@ -774,8 +702,7 @@ def _write_text(path, text):
 
 # ==== Processes (torchrun) ====
 def single_process(script):
-    """First line of the main of a script that stays one process (small data; DP noise is added
-    once): under torchrun with WORLD_SIZE > 1 it stops with a one-line UserError."""
+    """First line of a one-process script's main: a UserError under torchrun with WORLD_SIZE > 1."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n > 1:
         raise UserError(f"{script}.py runs as one process (WORLD_SIZE is {n}): start it with "
@@ -783,10 +710,10 @@ def single_process(script):
 
 
 class Dist:
-    """Data parallelism under `torchrun --nproc_per_node=N script.py ...` (and multi-node torchrun):
-    one process per device, torch.distributed underneath (NCCL on CUDA, gloo on CPU), --batch-size
-    the global batch. Without torchrun: one process, rank 0, and every method a no-op. Only the
-    bookkeeping lives here; where a script averages gradients is visible in its train step."""
+    """Data parallelism under torchrun: one process per device (NCCL on CUDA, gloo on CPU),
+    --batch-size the global batch; without torchrun rank 0 of 1 and every method a no-op."""
+
+    rank, world_size = 0, 1
 
     def __init__(self, device_name):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -817,14 +744,11 @@ class Dist:
         return slice(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
 
     def shard(self, x):
-        """x[share]: every rank draws the same global-batch noise (one RNG stream on every rank, so
-        the checkpoint of rank 0 is everyone's) and keeps its own rows."""
+        """x[share]: every rank draws the same global noise (one RNG stream) and keeps its rows."""
         return x if self.world_size == 1 else x[self.share(len(x))]
 
     def average_gradients(self, *modules):
-        """Mean of every .grad over the processes, once, after backward: the gradient of the global
-        batch's mean loss (double backprop included: the penalty graph stays local, only the
-        finished gradients travel). One flat all-reduce."""
+        """Mean of every .grad over the processes after backward: one flat all-reduce."""
         if self.world_size == 1:
             return
         grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
@@ -835,9 +759,7 @@ class Dist:
             g.copy_(v.view_as(g))
 
     def broadcast_buffers(self, *modules):
-        """Rank 0's buffers copied to every process: BN running statistics, which each process
-        updates from its own share, become one model to score on every rank (the one rank 0
-        saves). Call at the same steps on every rank; training itself never reads them."""
+        """Rank 0's buffers (BN statistics) to every rank; call at the same steps on every rank."""
         if self.world_size > 1:
             for b in (b for m in modules for b in m.buffers()):
                 torch.distributed.broadcast(b, 0)
@@ -852,7 +774,7 @@ class Dist:
         return dict(zip(values, (t / self.world_size).tolist()))
 
     def any(self, flag):
-        """True on every rank if it is true on one (e.g. a SIGTERM seen by one process first)."""
+        """True on every rank if true on one (a SIGTERM seen by one process first)."""
         if self.world_size == 1:
             return bool(flag)
         t = torch.tensor([int(bool(flag))])
@@ -879,10 +801,8 @@ def fill_rect(img, x0, y0, x1, y1, rgb):
 
 
 def draw_text(img, items, rgb=(0, 0, 0)):
-    """img with each (x, y, text) of `items` written with its top-left corner at (x, y), in
-    torchvision's default bitmap font: the label text of torchvision.utils.draw_bounding_boxes
-    around boxes of width 0 (which it places one pixel inside the box), the same pixels as PIL's
-    ImageDraw.text (checked in tests/test_common.py). Returns a new image."""
+    """A new img with each (x, y, text) of `items` at top-left (x, y): draw_bounding_boxes labels of
+    width-0 boxes (placed one pixel inside), PIL's ImageDraw.text pixels (tests/test_common.py)."""
     items = [(x, y, str(t)) for x, y, t in items if str(t)]
     if not items:
         return img
@@ -905,16 +825,14 @@ def draw_polyline(img, xy, rgb, width=2):
 
 
 def save_png(img, path):
-    """Writes a (3, H, W) uint8 image as PNG atomically (torchvision.utils.save_image of img / 255,
-    whose x 255 + 0.5 rounding gives back exactly these bytes)."""
+    """A (3, H, W) uint8 image as PNG, atomically (save_image of img / 255 gives these bytes)."""
     tmp = f"{path}.tmp-{os.getpid()}.png"
     torchvision.utils.save_image(img.float() / 255, tmp, format="png")
     os.replace(tmp, path)
 
 
 def title_strip(img, lines, key=()):
-    """`img` ((3, H, W) uint8) under a white strip holding the text `lines` (step, axis ranges, ...)
-    and a colour key [(label, rgb), ...], so a figure explains itself without the README."""
+    """`img` ((3, H, W) uint8) under a white strip: text `lines`, a colour key [(label, rgb)]."""
     h = 14 * (len(lines) + (1 if key else 0)) + 8
     out = canvas(img.shape[1] + h, max(img.shape[2], 240))
     out[:, h:, :img.shape[2]] = img

@@ -41,6 +41,9 @@ MUTANTS = {
         ("common.py", "    if len(_STOP) > 1 or not _TRAINING:\n", "    if len(_STOP) > 1:\n",
          "tests/test_common.py", "SIGTERM outside training (--evaluate) waits for a save that "
          "never comes"),
+        ("common.py", "if isinstance(v, float) and not math.isfinite(v) and k not in",
+         "if False and k not in", "tests/test_common.py",
+         "a NaN loss is logged as null and training goes on"),
     ],
     # ---- sngan.py ----
     "sngan.py": [
