@@ -165,11 +165,11 @@ def dequantize(x, noise):
 def load_data(args):
     """The labelled dataset; sets args.num_classes K (rows of V and CBN tables), img_channels."""
     name, labelled = args.dataset, ("shapes", "cifar10", "cifar100", "mnist", "fashion-mnist")
+    # DEVIATION: ImageNet through common's folder loader, not the official preprocess.sh
+    ds = common.load_dataset(name, args.data_root, args.img_size)   # an unknown name stops here
     if name not in labelled and not name.startswith("folder:"):
         raise common.UserError(f"projection.py needs class labels; {name!r} has none (use "
                                "cifar10, cifar100, folder:<dir with class subfolders> or shapes)")
-    # DEVIATION: ImageNet through common's folder loader, not the official preprocess.sh
-    ds = common.load_dataset(name, args.data_root, args.img_size)
     args.num_classes = common.ShapesDataset.num_classes if name == "shapes" else len(ds.classes)
     args.img_channels = int(ds[0][0].shape[0])
     if args.morph and max(args.morph) >= args.num_classes:
