@@ -178,7 +178,7 @@ def parse_args(argv=None):
     e("--fid-weights", type=str, help="Inception weight file for fid.py [run]")
     e("--fid-ref-split", default="train", choices=["train", "test"], help="FID reference [run]")
     e("--fid-ref-size", type=pos, help="reference images; default: the split [run]")
-    e("--export-samples", type=nonneg, default=0, help="N to samples_N.npz at the end [run]")
+    e("--export-samples", type=nonneg, default=0, help="N to samples_N.npz, 0 = off [run]")
     r = p.add_argument_group("run").add_argument
     r("--data-root", type=str, default="data", help="dataset folder [run]")
     r("--out-dir", type=str, help="default: runs/wgan_gp-<dataset>-s<seed>[-<hash of the other "
@@ -187,10 +187,11 @@ def parse_args(argv=None):
     r("--device", default="cuda", help="cuda or cpu; no silent fallback [run]")
     r("--num-workers", type=nonneg, default=4, help="DataLoader workers [run]")
     r("--log-every", type=pos, default=100, help="G iterations per log line [run]")
-    r("--sample-every", type=nonneg, default=1000, help="G iterations per sample grid [run]")
+    r("--sample-every", type=nonneg, default=1000, help="G its per grid, 0 = off [run]")
     r("--ckpt-every", type=pos, default=5000, help="G iterations per checkpoint [run]")
     r("--resume", action="store_true", help="continue out_dir/ckpt.pt [run]")
-    r("--deterministic", action="store_true", help="deterministic kernels (and cuBLAS) [run]")
+    r("--deterministic", action="store_true",
+      help="deterministic kernels; CUDA: CUBLAS_WORKSPACE_CONFIG=:4096:8 [run]")
     r("--amp", default="off", choices=["off", "bf16"], help="autocast forwards [run]")
     r("--sync-bn", action="store_true", help="under torchrun (CUDA): SyncBatchNorm in G and the "
       "baselines' BN critic [run; DEVIATION: per-GPU BN, as the official 2-GPU split]")
